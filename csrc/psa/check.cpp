@@ -1,0 +1,116 @@
+#include "check.h"
+
+#include <cstdio>
+
+namespace psa {
+namespace detail {
+
+std::string text(double value) {
+  char buffer[32];
+  std::snprintf(buffer, sizeof(buffer), "%g", value);
+  return buffer;
+}
+
+template <typename T>
+std::string join(at::ArrayRef<T> values) {
+  std::string out = "[";
+  for (size_t i = 0; i < values.size(); ++i) out += (i ? ", " : "") + text(values[i]);
+  return out + "]";
+}
+
+std::string text(at::IntArrayRef values) { return join(values); }
+std::string text(at::ArrayRef<double> values) { return join(values); }
+
+std::string text(const at::Tensor& values) {
+  const auto flat = values.flatten().narrow(0, 0, std::min<int64_t>(values.numel(), 8)).to(at::kCPU, at::kLong);
+  std::vector<int64_t> items(flat.data_ptr<int64_t>(), flat.data_ptr<int64_t>() + flat.numel());
+  return text(items);
+}
+
+}  // namespace detail
+
+namespace {
+
+bool is_supported_dtype(const at::Tensor& t) {
+  const auto dtype = t.scalar_type();
+  if (t.is_cuda()) return dtype == at::kBFloat16 || dtype == at::kHalf;
+  return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
+}
+
+void check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+  PSA_CHECK(t.dim() == 4, op, ": ", name, " must have 4 dims [B, H, L, D], got shape ", t.sizes());
+  PSA_CHECK(t.device() == like.device(), op, ": ", name, " must be on the same device as q (",
+              like.device(), "), got ", t.device());
+  PSA_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have the same dtype as q (",
+              like.scalar_type(), "), got ", t.scalar_type());
+  PSA_CHECK(t.size(-1) == 0 || t.stride(-1) == 1, op, ": ", name,
+              " must be contiguous in its last dim (stride 1), got strides ", t.strides());
+  PSA_CHECK(t.size(2) >= 1, op, ": ", name, " must hold at least one token, got shape ", t.sizes());
+}
+
+}  // namespace
+
+bool is_supported_block_size(int64_t block) { return block == 32 || block == 64 || block == 128; }
+
+void check_qk(const char* op, const at::Tensor& q, const at::Tensor& k) {
+  check_tensor(op, "q", q, q);
+  check_tensor(op, "k", k, q);
+  PSA_CHECK(is_supported_dtype(q), op, ": q must be ",
+              q.is_cuda() ? "bfloat16 or float16 on CUDA" : "float32, float64, bfloat16 or float16 on the CPU",
+              ", got ", q.scalar_type());
+  PSA_CHECK(k.size(0) == q.size(0), op, ": k must have the batch size of q (", q.size(0), "), got ",
+              k.size(0));
+  PSA_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, op,
+              ": the head count of q must be a multiple of that of k (GQA), got ", q.size(1), " and ", k.size(1));
+  PSA_CHECK(k.size(3) == q.size(3), op, ": k must have the head_dim of q (", q.size(3), "), got ", k.size(3));
+  if (q.is_cuda()) {
+    PSA_CHECK(q.size(3) == 64 || q.size(3) == 128, op, ": head_dim must be 64 or 128 on CUDA, got ",
+                q.size(3));
+  } else {
+    PSA_CHECK(q.size(3) >= 1, op, ": head_dim must be positive, got ", q.size(3));
+  }
+}
+
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
+  check_qk(op, q, k);
+  check_tensor(op, "v", v, q);
+  PSA_CHECK(v.sizes() == k.sizes(), op, ": v must have the shape of k (", k.sizes(), "), got ", v.sizes());
+}
+
+void check_block_sizes(const char* op, int64_t block_m, int64_t block_n) {
+  PSA_CHECK(is_supported_block_size(block_m), op, ": block_m must be 32, 64 or 128, got ", block_m);
+  PSA_CHECK(is_supported_block_size(block_n), op, ": block_n must be 32, 64 or 128, got ", block_n);
+}
+
+void check_levels(const char* op, const at::Tensor& levels, const at::Tensor& q, const at::Tensor& k,
+                  int64_t block_m, int64_t block_n) {
+  PSA_CHECK(levels.scalar_type() == at::kChar, op, ": levels must be int8, got ", levels.scalar_type());
+  PSA_CHECK(levels.device() == q.device(), op, ": levels must be on the device of q (", q.device(),
+              "), got ", levels.device());
+  const std::vector<int64_t> expected = {q.size(0), q.size(1), ceil_div(q.size(2), block_m),
+                                         ceil_div(k.size(2), block_n)};
+  PSA_CHECK(levels.sizes() == at::IntArrayRef(expected), op,
+              ": levels must have shape [B, Hq, ceil(Lq/block_m), ceil(Lk/block_n)] = ", expected, ", got ",
+              levels.sizes());
+  if (!levels.is_cuda()) {
+    // On the GPU a value check would cost a host sync; the CUDA kernels treat unknown values as skip.
+    const auto valid = levels.eq(0) | levels.eq(1) | levels.eq(2) | levels.eq(4) | levels.eq(8);
+    PSA_CHECK(valid.all().item<bool>(), op, ": levels values must be in {0, 1, 2, 4, 8}, got ",
+                std::get<0>(at::_unique(levels.masked_select(valid.logical_not()))));
+  }
+}
+
+void check_position_mask(const char* op, const char* name, const c10::optional<at::Tensor>& mask,
+                         int64_t batch, int64_t length, const at::Device& device) {
+  if (!mask.has_value()) return;
+  const auto& m = *mask;
+  PSA_CHECK(m.scalar_type() == at::kBool, op, ": ", name, " must be a bool mask of positions, got ",
+              m.scalar_type());
+  PSA_CHECK(m.device() == device, op, ": ", name, " must be on device ", device, ", got ", m.device());
+  const bool shape_ok = (m.dim() == 1 && m.size(0) == length) ||
+                        (m.dim() == 2 && (m.size(0) == batch || m.size(0) == 1) && m.size(1) == length);
+  PSA_CHECK(shape_ok, op, ": ", name, " must have shape [", length, "] or [", batch, ", ", length, "], got ",
+              m.sizes());
+}
+
+}  // namespace psa

@@ -1,0 +1,59 @@
+// Input validation shared by every backend of every op. Messages name the op, the argument, what was
+// expected and what arrived, so a user can fix the call without reading this code.
+#pragma once
+
+#include <ATen/ATen.h>
+
+#include <string>
+#include <type_traits>
+#include <vector>
+
+// PSA_CHECK(cond, parts...) is TORCH_CHECK with a message assembled by psa::detail::message. Numbers
+// and shapes are formatted with std::to_string rather than streamed: streaming an integer from this
+// library crashed inside libstdc++'s num_put on the GPU machine's torch 2.11 / g++ 13 environment.
+#define PSA_CHECK(cond, ...) TORCH_CHECK(cond, ::psa::detail::message(__VA_ARGS__))
+
+namespace psa {
+namespace detail {
+
+inline std::string text(const char* s) { return s; }
+inline std::string text(const std::string& s) { return s; }
+template <typename T, std::enable_if_t<std::is_integral_v<T>, int> = 0>
+std::string text(T value) {
+  return std::to_string(value);
+}
+std::string text(double value);
+std::string text(at::IntArrayRef values);
+std::string text(at::ArrayRef<double> values);
+inline std::string text(const std::vector<int64_t>& values) { return text(at::IntArrayRef(values)); }
+inline std::string text(at::ScalarType dtype) { return c10::toString(dtype); }
+inline std::string text(const at::Device& device) { return device.str(); }
+// The first few values of an integer tensor, e.g. "[3, 5, 7]".
+std::string text(const at::Tensor& values);
+
+template <typename... Parts>
+std::string message(const Parts&... parts) {
+  std::string out;
+  ((out += text(parts)), ...);
+  return out;
+}
+
+}  // namespace detail
+
+// Block sizes the kernels are instantiated for.
+bool is_supported_block_size(int64_t block);
+
+// q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D]: rank, dtype, device, last-dim contiguity, GQA, D.
+void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
+void check_qk(const char* op, const at::Tensor& q, const at::Tensor& k);
+void check_block_sizes(const char* op, int64_t block_m, int64_t block_n);
+// levels int8 [B, Hq, ceil(Lq/block_m), ceil(Lk/block_n)] with values in {0, 1, 2, 4, 8}.
+void check_levels(const char* op, const at::Tensor& levels, const at::Tensor& q, const at::Tensor& k,
+                  int64_t block_m, int64_t block_n);
+// An optional bool mask of positions, [length] or [batch, length], on `device`.
+void check_position_mask(const char* op, const char* name, const c10::optional<at::Tensor>& mask,
+                         int64_t batch, int64_t length, const at::Device& device);
+
+inline int64_t ceil_div(int64_t a, int64_t b) { return (a + b - 1) / b; }
+
+}  // namespace psa

@@ -1,0 +1,125 @@
+// CPU reference kernels of the three block-importance estimators (spec section 4). The logits of a
+// few query blocks at a time are materialised, so memory stays bounded at any length.
+#include <algorithm>
+#include <limits>
+
+#include "../blocks.h"
+#include "../check.h"
+#include "../ops.h"
+
+namespace psa::cpu {
+namespace {
+
+// Elements of logits materialised at once (128 MiB of fp32).
+constexpr int64_t kChunkElements = int64_t{1} << 25;
+
+at::ScalarType compute_dtype(const at::Tensor& q) {
+  return q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// Query blocks per chunk so that one chunk's logits stay under kChunkElements.
+int64_t blocks_per_chunk(int64_t rows_per_block, int64_t columns, int64_t batch_heads) {
+  return std::max<int64_t>(1, kChunkElements / std::max<int64_t>(1, rows_per_block * columns * batch_heads));
+}
+
+at::Tensor repeat_kv_heads(const at::Tensor& x, int64_t q_heads) {
+  return x.repeat_interleave(q_heads / x.size(1), 1);
+}
+
+// Rows j*block + offsets of every block, clamped into the last (possibly partial) block.
+at::Tensor sample_positions(int64_t length, int64_t block, const at::Tensor& offsets) {
+  const auto starts = at::arange(0, length, block, offsets.options());
+  return at::clamp_max(starts.unsqueeze(1) + offsets.unsqueeze(0), length - 1).flatten();
+}
+
+// Means over blocks of consecutive rows (real rows only): [B, H, ceil(L/block), D].
+at::Tensor block_means(const at::Tensor& x, int64_t block) {
+  const int64_t length = x.size(2), blocks = ceil_div(length, block);
+  const auto sums = at::constant_pad_nd(x, {0, 0, 0, blocks * block - length}).unflatten(2, {blocks, block}).sum(3);
+  const auto counts = at::clamp_max(length - at::arange(0, length, block, x.options()), block);
+  return sums / counts.unsqueeze(-1);
+}
+
+// Softmax over the last dim that leaves rows with no finite logit at zero instead of NaN.
+at::Tensor masked_softmax(const at::Tensor& logits) {
+  const auto has_key = at::isfinite(logits).any(-1, true);
+  return at::where(has_key, at::softmax(logits, -1), at::zeros_like(logits));
+}
+
+}  // namespace
+
+at::Tensor estimate_sampled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
+                            double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets) {
+  const int64_t batch = q.size(0), q_heads = q.size(1), q_len = q.size(2), k_len = k.size(2);
+  const int64_t n_q = ceil_div(q_len, block_m), n_k = ceil_div(k_len, block_n);
+  const int64_t q_samples = q_offsets.numel(), k_samples = k_offsets.numel();
+  const auto dtype = compute_dtype(q);
+  const auto q_rows = q.index_select(2, sample_positions(q_len, block_m, q_offsets)).to(dtype);
+  const auto k_rows = repeat_kv_heads(k.index_select(2, sample_positions(k_len, block_n, k_offsets)), q_heads)
+                          .to(dtype).transpose(-1, -2);               // [B, Hq, D, n_k * s_k]
+  const auto hidden = candidate_blocks(q_len, k_len, block_m, block_n, causal, q.options()).logical_not();
+
+  auto relative = at::empty({batch, q_heads, n_q, n_k}, q.options().dtype(dtype));
+  const int64_t chunk = blocks_per_chunk(q_samples, n_k * k_samples, batch * q_heads);
+  for (int64_t first = 0; first < n_q; first += chunk) {
+    const int64_t blocks = std::min(chunk, n_q - first);
+    auto logits = at::matmul(q_rows.narrow(2, first * q_samples, blocks * q_samples), k_rows).mul_(scale);
+    // [B, Hq, blocks * s_q, n_k]: per sampled row, the max logit within each key block.
+    auto block_max = logits.unflatten(-1, {n_k, k_samples}).amax(-1);
+    block_max.masked_fill_(hidden.narrow(0, first, blocks).repeat_interleave(q_samples, 0),
+                           -std::numeric_limits<double>::infinity());
+    auto row_max = block_max.amax(-1, true);
+    row_max.masked_fill_(at::isinf(row_max), 0.0);
+    relative.narrow(2, first, blocks).copy_((block_max - row_max).exp_().unflatten(2, {blocks, q_samples}).amax(3));
+  }
+  return normalize_rows(relative).to(at::kFloat);
+}
+
+at::Tensor estimate_antidiagonal(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
+                                 double scale, bool causal, int64_t stride) {
+  const int64_t batch = q.size(0), q_heads = q.size(1), q_len = q.size(2), k_len = k.size(2);
+  const int64_t n_q = ceil_div(q_len, block_m), n_k = ceil_div(k_len, block_n);
+  const int64_t q_tiles = ceil_div(q_len, stride), k_tiles = ceil_div(k_len, stride);
+  const int64_t rows_per_block = block_m / stride, cols_per_block = block_n / stride;
+  const auto dtype = compute_dtype(q);
+  // Row i' of q_anti holds q[S*i' + S-1-t] for t = 0..S-1 and row j' of k_anti holds k[S*j' + t]: their
+  // dot product is the sum of the antidiagonal of tile (i', j') of Q K^T. Zero padding adds nothing.
+  const auto q_anti = at::constant_pad_nd(q.to(dtype), {0, 0, 0, n_q * block_m - q_len})
+                          .unflatten(2, {n_q * rows_per_block, stride}).flip(3).flatten(3);
+  const auto k_anti = repeat_kv_heads(at::constant_pad_nd(k.to(dtype), {0, 0, 0, k_tiles * stride - k_len})
+                                          .unflatten(2, {k_tiles, stride}).flatten(3), q_heads)
+                          .transpose(-1, -2);                         // [B, Hq, S*D, k_tiles]
+  const auto tile_index = q.options().dtype(at::kLong);
+  const auto last_query = at::clamp_max(at::arange(1, n_q * rows_per_block + 1, tile_index) * stride, q_len) - 1;
+  const auto first_key = at::arange(k_tiles, tile_index) * stride;
+  // Padded tile rows (past the last query) see nothing; causal tiles see keys up to the diagonal.
+  auto visible = (at::arange(n_q * rows_per_block, tile_index) < q_tiles).unsqueeze(1).expand({-1, k_tiles});
+  if (causal) visible = visible & (first_key.unsqueeze(0) <= (last_query + (k_len - q_len)).unsqueeze(1));
+
+  auto sums = at::empty({batch, q_heads, n_q, n_k}, q.options().dtype(dtype));
+  const int64_t chunk = blocks_per_chunk(rows_per_block, k_tiles, batch * q_heads);
+  for (int64_t first = 0; first < n_q; first += chunk) {
+    const int64_t blocks = std::min(chunk, n_q - first);
+    const int64_t tile_rows = blocks * rows_per_block;
+    auto logits = at::matmul(q_anti.narrow(2, first * rows_per_block, tile_rows), k_anti).mul_(scale / stride);
+    logits.masked_fill_(visible.narrow(0, first * rows_per_block, tile_rows).logical_not(),
+                        -std::numeric_limits<double>::infinity());
+    const auto probs = at::constant_pad_nd(masked_softmax(logits), {0, n_k * cols_per_block - k_tiles});
+    sums.narrow(2, first, blocks)
+        .copy_(probs.unflatten(3, {n_k, cols_per_block}).sum(4).unflatten(2, {blocks, rows_per_block}).sum(3));
+  }
+  return normalize_rows(sums).to(at::kFloat);
+}
+
+at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
+                           double scale, bool causal) {
+  const auto dtype = compute_dtype(q);
+  const auto q_mean = block_means(q.to(dtype), block_m);
+  const auto k_mean = repeat_kv_heads(block_means(k.to(dtype), block_n), q.size(1));
+  auto logits = at::matmul(q_mean, k_mean.transpose(-1, -2)).mul_(scale);
+  const auto candidates = candidate_blocks(q.size(2), k.size(2), block_m, block_n, causal, q.options());
+  logits.masked_fill_(candidates.logical_not(), -std::numeric_limits<double>::infinity());
+  return masked_softmax(logits).to(at::kFloat);
+}
+
+}  // namespace psa::cpu

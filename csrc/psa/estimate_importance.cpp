@@ -1,0 +1,58 @@
+#include <cmath>
+
+#include "check.h"
+#include "ops.h"
+
+namespace psa {
+namespace {
+
+// block // 4 offsets, evenly strided, each in the middle of its stride (spec section 4: deterministic).
+at::Tensor default_sample_offsets(int64_t block, const at::TensorOptions& options) {
+  const int64_t count = block / 4, step = block / count;
+  return at::arange(count, options.dtype(at::kLong)) * step + step / 2;
+}
+
+at::Tensor checked_offsets(const char* name, const std::optional<at::Tensor>& offsets, int64_t block,
+                           const at::Tensor& q) {
+  if (!offsets.has_value()) return default_sample_offsets(block, q.options());
+  const auto& t = *offsets;
+  PSA_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.numel() >= 1 && t.numel() <= block,
+              "psa.estimate_importance: ", name, " must be a 1-D int64 tensor of 1 to ", block,
+              " offsets into a block, got ", t.scalar_type(), " of shape ", t.sizes());
+  PSA_CHECK(t.device() == q.device(), "psa.estimate_importance: ", name, " must be on the device of q (",
+              q.device(), "), got ", t.device());
+  if (!t.is_cuda()) {
+    PSA_CHECK(t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < block, "psa.estimate_importance: ",
+                name, " must lie in [0, ", block, "), got ", t);
+  }
+  return t;
+}
+
+}  // namespace
+
+at::Tensor estimate_importance(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& q_offsets,
+                               const std::optional<at::Tensor>& k_offsets, int64_t block_m, int64_t block_n,
+                               const std::string& method, std::optional<double> scale, bool causal,
+                               int64_t stride) {
+  constexpr const char* op = "psa.estimate_importance";
+  check_qk(op, q, k);
+  check_block_sizes(op, block_m, block_n);
+  const double softmax_scale = scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3))));
+  PSA_CHECK(std::isfinite(softmax_scale), op, ": scale must be finite, got ", softmax_scale);
+  if (method == "sampled") {
+    return cpu::estimate_sampled(q, k, block_m, block_n, softmax_scale, causal,
+                                 checked_offsets("q_offsets", q_offsets, block_m, q),
+                                 checked_offsets("k_offsets", k_offsets, block_n, q));
+  }
+  PSA_CHECK(!q_offsets.has_value() && !k_offsets.has_value(), op,
+              ": q_offsets and k_offsets apply to the 'sampled' method only, got method '", method, "'");
+  if (method == "antidiagonal") {
+    PSA_CHECK(stride >= 1 && block_m % stride == 0 && block_n % stride == 0, op,
+                ": stride must be a positive divisor of block_m and block_n, got ", stride);
+    return cpu::estimate_antidiagonal(q, k, block_m, block_n, softmax_scale, causal, stride);
+  }
+  if (method == "pooled") return cpu::estimate_pooled(q, k, block_m, block_n, softmax_scale, causal);
+  PSA_CHECK(false, op, ": method must be 'sampled', 'antidiagonal' or 'pooled', got '", method, "'");
+}
+
+}  // namespace psa

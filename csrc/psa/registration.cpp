@@ -1,0 +1,31 @@
+// The psa operator family: every schema, once. Fake (meta) kernels and autograd live in psa/ops.py.
+#include <torch/library.h>
+
+#include "ops.h"
+
+TORCH_LIBRARY(psa, m) {
+  m.def("kv_pyramid(Tensor k, Tensor v) -> (Tensor k2, Tensor v2, Tensor k4, Tensor v4, Tensor k8, Tensor v8)");
+  m.def(
+      "estimate_importance(Tensor q, Tensor k, Tensor? q_offsets=None, Tensor? k_offsets=None, *, int block_m, "
+      "int block_n, str method, float? scale=None, bool causal=False, int stride=8) -> Tensor");
+  m.def(
+      "assign_levels(Tensor scores, Tensor? force_keys=None, Tensor? force_queries=None, Tensor? k=None, *, "
+      "str mode, float[] bounds, int block_m, int block_n, SymInt q_len, SymInt k_len, float min_full=0.06, "
+      "bool causal=False, bool sink=True, float[]? sim_thresholds=None) -> Tensor");
+  m.def(
+      "attention_with_levels(Tensor q, Tensor k, Tensor v, Tensor levels, *, int block_m, int block_n, "
+      "float? scale=None, bool causal=False) -> (Tensor out, Tensor lse)");
+  m.def(
+      "sparse_attention(Tensor q, Tensor k, Tensor v, Tensor? force_keys=None, Tensor? force_queries=None, "
+      "Tensor? q_offsets=None, Tensor? k_offsets=None, *, int block_m, int block_n, str mode, float[] bounds, "
+      "str estimator, float min_full, float[]? sim_thresholds, bool causal, bool sink, int stride, "
+      "float? scale=None) -> (Tensor out, Tensor lse, Tensor levels)");
+}
+
+TORCH_LIBRARY_IMPL(psa, CPU, m) {
+  m.impl("kv_pyramid", &psa::kv_pyramid);
+  m.impl("estimate_importance", &psa::estimate_importance);
+  m.impl("assign_levels", &psa::assign_levels);
+  m.impl("attention_with_levels", &psa::attention_with_levels);
+  m.impl("sparse_attention", &psa::sparse_attention);
+}

@@ -1,0 +1,215 @@
+"""Typed wrappers over `torch.ops.psa`, with their fake kernels and autograd registrations.
+
+The wrappers only convert arguments and fill defaults from a `PSAConfig`: no device queries, no
+`.item()`, no prints, so they trace under `torch.compile(fullgraph=True)`. All validation of tensors
+happens once, in the C++ entry points.
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Optional, Sequence, Tuple, Union
+
+import torch
+
+from .config import PSAConfig
+
+_ops = torch.ops.psa
+Positions = Union[None, torch.Tensor, Sequence[int], range]
+
+
+def _ceil_div(a, b):
+    return (a + b - 1) // b
+
+
+def _config(config: Optional[PSAConfig]) -> PSAConfig:
+    if config is None:
+        return PSAConfig()
+    if not isinstance(config, PSAConfig):
+        raise ValueError(f"config must be a psa.PSAConfig, got {type(config).__name__}")
+    return config
+
+
+def _position_mask(name: str, positions: Positions, length: int, device) -> Optional[torch.Tensor]:
+    """A bool mask `[L]` or `[B, L]` from a mask, an index tensor, a range or a list of positions."""
+    if positions is None:
+        return None
+    if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
+        return positions
+    if isinstance(positions, torch.Tensor):
+        if positions.dtype not in (torch.int32, torch.int64) or positions.dim() != 1:
+            raise ValueError(f"{name} must be a bool mask or a 1-D integer tensor of positions, got "
+                             f"{positions.dtype} of shape {tuple(positions.shape)}")
+        index = positions.to(device=device, dtype=torch.long)
+    else:
+        index = torch.as_tensor(list(positions), dtype=torch.long, device=device)
+    return torch.zeros(length, dtype=torch.bool, device=device).index_fill_(0, index, True)
+
+
+def _sample_offsets(block: int, generator: Optional[torch.Generator], device) -> Optional[torch.Tensor]:
+    """`block // 4` distinct offsets drawn from `generator`, sorted (None: the op's strided default)."""
+    if generator is None:
+        return None
+    draw = torch.randperm(block, generator=generator, device=generator.device)[: block // 4]
+    return torch.sort(draw).values.to(device)
+
+
+# --------------------------------------------------------------------------------------------------
+# Public wrappers
+# --------------------------------------------------------------------------------------------------
+
+def kv_pyramid(k: torch.Tensor, v: torch.Tensor) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
+    """`{l: (K_l, V_l)}` for l in 1, 2, 4, 8 (level 1 is `k, v` themselves)."""
+    k2, v2, k4, v4, k8, v8 = _ops.kv_pyramid(k, v)
+    return {1: (k, v), 2: (k2, v2), 4: (k4, v4), 8: (k8, v8)}
+
+
+def estimate_importance(q: torch.Tensor, k: torch.Tensor, config: Optional[PSAConfig] = None, *,
+                        scale: Optional[float] = None,
+                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """Block scores, float32 `[B, Hq, n_q, n_k]`; rows sum to 1 over their candidate blocks.
+
+    `generator` (sampled estimator only) draws the sampled offsets; without it they are evenly strided,
+    so the same inputs always give the same scores.
+    """
+    c = _config(config)
+    if generator is not None and c.estimator != "sampled":
+        raise ValueError(f"generator applies to the 'sampled' estimator only, got estimator={c.estimator!r}")
+    return _ops.estimate_importance(
+        q, k, block_m=c.block_m, block_n=c.block_n, method=c.estimator, scale=scale, causal=c.causal,
+        stride=c.stride, q_offsets=_sample_offsets(c.block_m, generator, q.device),
+        k_offsets=_sample_offsets(c.block_n, generator, q.device))
+
+
+def assign_levels(scores: torch.Tensor, config: Optional[PSAConfig] = None, *, k: Optional[torch.Tensor] = None,
+                  q_len: Optional[int] = None, k_len: Optional[int] = None, force_keys: Positions = None,
+                  force_queries: Positions = None) -> torch.Tensor:
+    """int8 level map `[B, Hq, n_q, n_k]` with values in {0, 1, 2, 4, 8} (spec section 5).
+
+    `q_len`/`k_len` default to `k`'s length when `k` is given, else to whole blocks; causal maps need
+    the true lengths (give `q_len`, and `k` or `k_len`). `force_keys`/`force_queries` are positions
+    (mask, index tensor, list or range) whose key blocks / query rows are kept at level 1.
+    The similarity cap (`config.sim_thresholds`) needs `k`.
+    """
+    c = _config(config)
+    n_q, n_k = scores.shape[-2], scores.shape[-1]
+    if k_len is None:
+        k_len = k.shape[-2] if k is not None else n_k * c.block_n
+    if q_len is None:
+        if c.causal and k is None:
+            raise ValueError("assign_levels: a causal config needs the sequence lengths: pass q_len and k or k_len")
+        q_len = k_len if c.causal else n_q * c.block_m
+    if c.sim_thresholds is not None and k is None:
+        raise ValueError("assign_levels: config.sim_thresholds (the similarity cap) needs k")
+    return _ops.assign_levels(
+        scores, mode=c.mode, bounds=list(c.bounds), block_m=c.block_m, block_n=c.block_n, q_len=q_len,
+        k_len=k_len, min_full=c.min_full, causal=c.causal, sink=c.sink,
+        force_keys=_position_mask("force_keys", force_keys, k_len, scores.device),
+        force_queries=_position_mask("force_queries", force_queries, q_len, scores.device), k=k,
+        sim_thresholds=None if c.sim_thresholds is None else list(c.sim_thresholds))
+
+
+def estimate_levels(q: torch.Tensor, k: torch.Tensor, config: Optional[PSAConfig] = None, *,
+                    scale: Optional[float] = None, force_keys: Positions = None, force_queries: Positions = None,
+                    generator: Optional[torch.Generator] = None) -> torch.Tensor:
+    """`assign_levels(estimate_importance(q, k))`: the level map psa would use for these inputs."""
+    scores = estimate_importance(q, k, config, scale=scale, generator=generator)
+    return assign_levels(scores, config, k=k, q_len=q.shape[-2], force_keys=force_keys,
+                         force_queries=force_queries)
+
+
+def attention_with_levels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, levels: torch.Tensor, *,
+                          block_m: int, block_n: int, scale: Optional[float] = None, causal: bool = False,
+                          return_lse: bool = False):
+    """Attention over a given level map (spec section 3). q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lk, D]`.
+
+    Returns `out` (and float32 `lse [B, Hq, Lq]` with `return_lse`). Rows that see no key get zeros
+    and `lse = -inf`.
+    """
+    out, lse = _ops.attention_with_levels(q, k, v, levels, block_m=block_m, block_n=block_n, scale=scale,
+                                          causal=causal)
+    return (out, lse) if return_lse else out
+
+
+def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Optional[PSAConfig] = None, *,
+                     scale: Optional[float] = None, force_keys: Positions = None, force_queries: Positions = None,
+                     generator: Optional[torch.Generator] = None, return_lse: bool = False,
+                     return_levels: bool = False):
+    """Pyramid sparse attention: a drop-in for `F.scaled_dot_product_attention(q, k, v)` on long inputs.
+
+    Returns `out`, or a tuple `(out, lse?, levels?)` with the `return_*` flags.
+    """
+    c = _config(config)
+    out, lse, levels = _ops.sparse_attention(
+        q, k, v, block_m=c.block_m, block_n=c.block_n, mode=c.mode, bounds=list(c.bounds),
+        estimator=c.estimator, min_full=c.min_full,
+        sim_thresholds=None if c.sim_thresholds is None else list(c.sim_thresholds), causal=c.causal,
+        sink=c.sink, stride=c.stride, scale=scale,
+        force_keys=_position_mask("force_keys", force_keys, k.shape[-2], q.device),
+        force_queries=_position_mask("force_queries", force_queries, q.shape[-2], q.device),
+        q_offsets=_sample_offsets(c.block_m, generator, q.device) if c.estimator == "sampled" else None,
+        k_offsets=_sample_offsets(c.block_n, generator, q.device) if c.estimator == "sampled" else None)
+    if not (return_lse or return_levels):
+        return out
+    return (out,) + ((lse,) if return_lse else ()) + ((levels,) if return_levels else ())
+
+
+# --------------------------------------------------------------------------------------------------
+# Fake kernels: output shapes only, so torch.compile traces without running anything
+# --------------------------------------------------------------------------------------------------
+
+@torch.library.register_fake("psa::kv_pyramid")
+def _kv_pyramid_fake(k, v):
+    batch, heads, length, dim = k.shape
+    return tuple(x.new_empty(batch, heads, _ceil_div(length, level), dim)
+                 for level in (2, 4, 8) for x in (k, v))
+
+
+@torch.library.register_fake("psa::estimate_importance")
+def _estimate_importance_fake(q, k, q_offsets=None, k_offsets=None, *, block_m, block_n, method, scale=None,
+                              causal=False, stride=8):
+    return q.new_empty(q.shape[0], q.shape[1], _ceil_div(q.shape[2], block_m), _ceil_div(k.shape[2], block_n),
+                       dtype=torch.float32)
+
+
+@torch.library.register_fake("psa::assign_levels")
+def _assign_levels_fake(scores, force_keys=None, force_queries=None, k=None, *, mode, bounds, block_m, block_n,
+                        q_len, k_len, min_full=0.06, causal=False, sink=True, sim_thresholds=None):
+    return scores.new_empty(scores.shape, dtype=torch.int8)
+
+
+def _attention_outputs(q):
+    return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
+
+
+@torch.library.register_fake("psa::attention_with_levels")
+def _attention_with_levels_fake(q, k, v, levels, *, block_m, block_n, scale=None, causal=False):
+    return _attention_outputs(q)
+
+
+@torch.library.register_fake("psa::sparse_attention")
+def _sparse_attention_fake(q, k, v, force_keys=None, force_queries=None, q_offsets=None, k_offsets=None, *,
+                           block_m, block_n, mode, bounds, estimator, min_full, sim_thresholds, causal, sink, stride,
+                           scale=None):
+    out, lse = _attention_outputs(q)
+    levels = q.new_empty(q.shape[0], q.shape[1], _ceil_div(q.shape[2], block_m), _ceil_div(k.shape[2], block_n),
+                         dtype=torch.int8)
+    return out, lse, levels
+
+
+# --------------------------------------------------------------------------------------------------
+# Autograd: no backward yet; a gradient through any op says so instead of silently returning nothing
+# --------------------------------------------------------------------------------------------------
+
+def _register_not_differentiable(name: str) -> None:
+    def backward(ctx, *grads):
+        raise RuntimeError(f"psa.{name} is not differentiable yet: run it under torch.no_grad() or on "
+                           "inputs that do not require grad (the backward pass is planned, spec section 7)")
+
+    def setup_context(ctx, inputs, output, keyword_only_inputs=None):
+        pass
+
+    torch.library.register_autograd(f"psa::{name}", backward, setup_context=setup_context)
+
+
+for _name in ("kv_pyramid", "estimate_importance", "assign_levels", "attention_with_levels", "sparse_attention"):
+    _register_not_differentiable(_name)

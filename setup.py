@@ -1,0 +1,160 @@
+"""Builds `psa._C` against the installed torch: `pip install --no-build-isolation -e .`
+
+Knobs (environment variables):
+  PSA_BUILD_CUDA   1 / 0 / unset (auto: build CUDA sources when nvcc is found)
+  PSA_CUDA_ARCHS   CUDA architectures, default "8.0;9.0a"; 9.0a is needed for Hopper's wgmma/TMA
+  MAX_JOBS         parallel compile jobs, default from free memory and cores
+  NVCC_THREADS     threads per nvcc process, default 2
+  DEBUG            1 builds with -O0 -g
+"""
+
+import glob
+import json
+import os
+import re
+import shutil
+import sys
+
+from setuptools import setup
+
+
+def _locate_cuda_toolkit():
+    """CUDA_HOME for torch's build helpers, which otherwise take the parent of a `nvcc` wrapper script
+    (e.g. /usr/local for /usr/local/bin/nvcc) and then cannot find libcudart."""
+    if os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH"):
+        return
+    nvcc = shutil.which("nvcc")
+    candidates = [os.path.dirname(os.path.dirname(os.path.realpath(nvcc)))] if nvcc else []
+    candidates += ["/usr/local/cuda"] + sorted(glob.glob("/usr/local/cuda-*"), reverse=True)
+    for home in candidates:
+        if os.path.exists(os.path.join(home, "bin", "nvcc")) and os.path.exists(
+                os.path.join(home, "include", "cuda_runtime.h")):
+            os.environ["CUDA_HOME"] = home
+            return
+
+
+_locate_cuda_toolkit()
+
+import torch  # noqa: E402
+from torch.utils import cpp_extension  # noqa: E402
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# The torch this project is developed and tested with. Other 2.x releases build too (with a warning);
+# the extension then only loads under the torch it was built against.
+DEVELOPED_WITH_TORCH = "2.14.1"
+DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+SUPPORTED_CUDA_ARCHS = ("8.0", "8.6", "8.9", "9.0", "9.0a")
+
+
+def log(message):
+    print(f"[psa build] {message}", file=sys.stderr)
+
+
+def want_cuda():
+    flag = os.environ.get("PSA_BUILD_CUDA", "auto").lower()
+    if flag in ("0", "false", "no", "off") or not cuda_sources():
+        return False
+    found = cpp_extension.CUDA_HOME is not None and torch.version.cuda is not None
+    if flag in ("1", "true", "yes", "on") and not found:
+        raise RuntimeError("PSA_BUILD_CUDA=1 but no nvcc/CUDA_HOME or a CPU-only torch was found")
+    return found
+
+
+def cuda_archs():
+    archs = [a.strip() for a in os.environ.get("PSA_CUDA_ARCHS", DEFAULT_CUDA_ARCHS).replace(",", ";").split(";")]
+    archs = [a for a in archs if a]
+    unknown = [a for a in archs if a not in SUPPORTED_CUDA_ARCHS]
+    if not archs or unknown:
+        raise RuntimeError(f"PSA_CUDA_ARCHS must list architectures from {SUPPORTED_CUDA_ARCHS}, got {archs}")
+    return archs
+
+
+def gencode_flags(archs):
+    flags = []
+    for arch in archs:
+        number = arch.replace(".", "")
+        flags.append(f"-gencode=arch=compute_{number},code=sm_{number}")
+    # PTX of the newest generic arch so that newer GPUs can still JIT the portable kernels.
+    newest = max(a for a in archs if not a.endswith("a")) if any(not a.endswith("a") for a in archs) else None
+    if newest:
+        number = newest.replace(".", "")
+        flags.append(f"-gencode=arch=compute_{number},code=compute_{number}")
+    return flags
+
+
+def default_max_jobs():
+    try:
+        available_gib = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") / 2**30
+    except (ValueError, OSError):
+        available_gib = 8
+    # nvcc on these kernels peaks near 3 GiB per process.
+    return max(1, min(os.cpu_count() or 1, int(available_gib // 3)))
+
+
+def cpu_sources():
+    return sorted(glob.glob("csrc/psa/*.cpp") + glob.glob("csrc/psa/cpu/*.cpp"))
+
+
+def cuda_sources():
+    return sorted(glob.glob("csrc/psa/cuda/*.cpp") + glob.glob("csrc/kernels/**/*.cu", recursive=True))
+
+
+def build_info(with_cuda, archs):
+    return {
+        "torch": torch.__version__,
+        "cuda": torch.version.cuda if with_cuda else None,
+        "cuda_archs": archs if with_cuda else [],
+        "developed_with_torch": DEVELOPED_WITH_TORCH,
+    }
+
+
+class BuildWithInfo(cpp_extension.BuildExtension):
+    """Writes psa/_build_info.json beside _C, so that import can name a torch mismatch."""
+
+    build_info = {}
+
+    def run(self):
+        super().run()
+        info = json.dumps(self.build_info, indent=2)
+        for target in {os.path.join(ROOT, "psa"), os.path.join(self.build_lib, "psa")}:
+            if os.path.isdir(target):
+                with open(os.path.join(target, "_build_info.json"), "w") as f:
+                    f.write(info + "\n")
+
+
+def main():
+    with_cuda = want_cuda()
+    archs = cuda_archs() if with_cuda else []
+    debug = os.environ.get("DEBUG", "0") == "1"
+    os.environ.setdefault("MAX_JOBS", str(default_max_jobs()))
+    base_version = re.match(r"[\d.]+", torch.__version__).group(0)
+    if base_version != DEVELOPED_WITH_TORCH:
+        log(f"warning: building against torch {torch.__version__}; psa is developed with {DEVELOPED_WITH_TORCH}")
+    log(f"torch {torch.__version__}, CUDA build: {with_cuda} (CUDA_HOME={cpp_extension.CUDA_HOME}), "
+        f"archs: {archs or 'none'}, "
+        f"MAX_JOBS={os.environ['MAX_JOBS']}")
+
+    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
+    cxx_flags += (["-DPSA_WITH_CUDA"] if with_cuda else [])
+    extra = {"cxx": cxx_flags}
+    if with_cuda:
+        extra["nvcc"] = ["-O3", "-DPSA_WITH_CUDA", "--use_fast_math", "--expt-relaxed-constexpr",
+                         f"--threads={os.environ.get('NVCC_THREADS', '2')}"] + gencode_flags(archs)
+        # The arch list is ours, not torch's guess from the visible GPU.
+        os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(a.replace("9.0a", "9.0") for a in archs)
+    extension_cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
+    extension = extension_cls(
+        name="psa._C",
+        sources=cpu_sources() + (cuda_sources() if with_cuda else []),
+        include_dirs=[os.path.join(ROOT, "csrc")],
+        extra_compile_args=extra,
+    )
+    BuildWithInfo.build_info = build_info(with_cuda, archs)
+    setup(
+        ext_modules=[extension],
+        cmdclass={"build_ext": BuildWithInfo.with_options(use_ninja=shutil.which("ninja") is not None)},
+    )
+
+
+if __name__ == "__main__":
+    main()

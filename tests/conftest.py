@@ -1,0 +1,37 @@
+import os
+
+import pytest
+import torch
+
+import psa  # noqa: F401  (registers torch.ops.psa)
+
+
+def cuda_backend_available() -> bool:
+    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+        "psa::attention_with_levels", "CUDA")
+
+
+DEVICES = ["cpu"] + (["cuda"] if cuda_backend_available() else [])
+
+
+@pytest.fixture
+def rng(request):
+    """A generator with a fresh seed per test, printed so that a failure can be replayed (PSA_SEED=...)."""
+    seed = int(os.environ.get("PSA_SEED", int.from_bytes(os.urandom(4), "little")))
+    print(f"{request.node.nodeid}: PSA_SEED={seed}")
+    generator = torch.Generator().manual_seed(seed)
+    torch.manual_seed(seed)
+    return generator
+
+
+def randn(rng, *shape, dtype=torch.float32, device="cpu"):
+    return torch.randn(*shape, generator=rng, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def assert_attention_close(out, ref64, ref_lowp):
+    """The FlashAttention rule: the error is at most twice that of the same reference run in the input
+    dtype, plus a small floor."""
+    assert torch.isfinite(out).all(), "output has NaN/inf"
+    error = (out.double() - ref64.double()).abs().max().item()
+    budget = 2 * (ref_lowp.double() - ref64.double()).abs().max().item() + 1e-5
+    assert error <= budget, f"max error {error:.3e} exceeds budget {budget:.3e}"

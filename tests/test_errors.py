@@ -1,0 +1,144 @@
+"""Every validated condition raises a clear error that names the argument."""
+
+import pytest
+import torch
+
+import psa
+from psa import PSAConfig
+from conftest import cuda_backend_available
+
+
+def qkv(q_heads=4, kv_heads=2, length=100, dim=32, dtype=torch.float32):
+    return (torch.randn(1, q_heads, length, dim, dtype=dtype), torch.randn(1, kv_heads, length, dim, dtype=dtype),
+            torch.randn(1, kv_heads, length, dim, dtype=dtype))
+
+
+def levels_for(q, k, block=64):
+    return torch.ones(q.shape[0], q.shape[1], -(-q.shape[2] // block), -(-k.shape[2] // block), dtype=torch.int8)
+
+
+def attend(q, k, v, levels=None, block=64, **kwargs):
+    levels = levels_for(q, k, block) if levels is None else levels
+    return psa.attention_with_levels(q, k, v, levels, block_m=block, block_n=block, **kwargs)
+
+
+def test_wrong_dtype():
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match="q must be float32, float64, bfloat16 or float16"):
+        attend(q.to(torch.int32), k.to(torch.int32), v.to(torch.int32))
+    with pytest.raises(RuntimeError, match="k must have the same dtype as q"):
+        attend(q, k.double(), v)
+    with pytest.raises(RuntimeError, match="v must have the same dtype as q"):
+        attend(q, k, v.double())
+
+
+@pytest.mark.skipif(not cuda_backend_available(), reason="needs a CUDA device and psa's CUDA backend")
+def test_device_mismatch():
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match="k must be on the same device as q"):
+        attend(q.cuda(), k, v.cuda(), levels=levels_for(q, k).cuda())
+
+
+def test_rank():
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match=r"q must have 4 dims \[B, H, L, D\]"):
+        attend(q[0], k, v, levels=levels_for(q, k))
+
+
+def test_head_count_not_divisible():
+    q, k, v = qkv(q_heads=3, kv_heads=2)
+    with pytest.raises(RuntimeError, match="head count of q must be a multiple of that of k"):
+        attend(q, k, v)
+
+
+def test_head_dim_mismatch():
+    q, _, _ = qkv(dim=32)
+    _, k, v = qkv(dim=64)
+    with pytest.raises(RuntimeError, match="k must have the head_dim of q"):
+        attend(q, k, v)
+
+
+def test_kv_shape_mismatch():
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match="v must have the shape of k"):
+        attend(q, k, v[:, :, :50])
+
+
+def test_last_dim_not_contiguous():
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match="q must be contiguous in its last dim"):
+        attend(q.transpose(-1, -2).contiguous().transpose(-1, -2)[..., :32], k, v)
+    with pytest.raises(RuntimeError, match="k must be contiguous in its last dim"):
+        psa.estimate_importance(q, torch.randn(1, 2, 32, 100).transpose(-1, -2))
+
+
+def test_empty_sequence():
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match="k must hold at least one token"):
+        attend(q, k[:, :, :0], v[:, :, :0], levels=torch.ones(1, 4, 2, 0, dtype=torch.int8))
+
+
+def test_level_values():
+    q, k, v = qkv()
+    levels = levels_for(q, k)
+    levels[0, 0, 0, 0] = 3
+    with pytest.raises(RuntimeError, match=r"levels values must be in \{0, 1, 2, 4, 8\}"):
+        attend(q, k, v, levels=levels)
+
+
+def test_level_map_shape_and_dtype():
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match="levels must have shape"):
+        attend(q, k, v, levels=torch.ones(1, 4, 3, 2, dtype=torch.int8))
+    with pytest.raises(RuntimeError, match="levels must be int8"):
+        attend(q, k, v, levels=levels_for(q, k).int())
+
+
+def test_block_sizes():
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match="block_m must be 32, 64 or 128"):
+        psa.attention_with_levels(q, k, v, levels_for(q, k, 48), block_m=48, block_n=64)
+    with pytest.raises(RuntimeError, match="block_n must be 32, 64 or 128"):
+        torch.ops.psa.estimate_importance(q, k, block_m=64, block_n=16, method="pooled")
+
+
+def test_bad_op_arguments():
+    q, k, _ = qkv()
+    with pytest.raises(RuntimeError, match="method must be 'sampled', 'antidiagonal' or 'pooled'"):
+        torch.ops.psa.estimate_importance(q, k, block_m=64, block_n=64, method="magic")
+    with pytest.raises(RuntimeError, match="stride must be a positive divisor"):
+        torch.ops.psa.estimate_importance(q, k, block_m=64, block_n=64, method="antidiagonal", stride=3)
+    with pytest.raises(RuntimeError, match=r"q_offsets must lie in \[0, 64\)"):
+        torch.ops.psa.estimate_importance(q, k, torch.tensor([70]), block_m=64, block_n=64, method="sampled")
+    scores = torch.rand(1, 4, 2, 2)
+    common = dict(block_m=64, block_n=64, q_len=100, k_len=100)
+    with pytest.raises(RuntimeError, match="mode must be 'topk' or 'threshold'"):
+        torch.ops.psa.assign_levels(scores, mode="all", bounds=[0.1, 0.2, 0.3, 0.4], **common)
+    with pytest.raises(RuntimeError, match="bounds must be non-decreasing"):
+        torch.ops.psa.assign_levels(scores, mode="topk", bounds=[0.4, 0.2, 0.3, 0.4], **common)
+    with pytest.raises(RuntimeError, match="bounds must hold 4 values"):
+        torch.ops.psa.assign_levels(scores, mode="topk", bounds=[0.4], **common)
+    with pytest.raises(RuntimeError, match="scores must have n_q"):
+        torch.ops.psa.assign_levels(torch.rand(1, 4, 3, 2), mode="topk", bounds=[0.1, 0.2, 0.3, 0.4], **common)
+    with pytest.raises(RuntimeError, match="similarity cap .* needs k"):
+        torch.ops.psa.assign_levels(scores, mode="topk", bounds=[0.1, 0.2, 0.3, 0.4], sim_thresholds=[0.1, 0.1, 0.1],
+                                    **common)
+    with pytest.raises(RuntimeError, match="scores must be non-negative"):
+        torch.ops.psa.assign_levels(-scores, mode="topk", bounds=[0.1, 0.2, 0.3, 0.4], **common)
+    with pytest.raises(RuntimeError, match="force_keys must have shape"):
+        torch.ops.psa.assign_levels(scores, torch.zeros(7, dtype=torch.bool), mode="topk",
+                                    bounds=[0.1, 0.2, 0.3, 0.4], **common)
+
+
+def test_bad_wrapper_arguments():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match="config must be a psa.PSAConfig"):
+        psa.sparse_attention(q, k, v, {"block_m": 64})
+    with pytest.raises(ValueError, match="needs k"):
+        psa.assign_levels(torch.rand(1, 4, 1, 1), PSAConfig(sim_thresholds=(0.7, 0.6, 0.5)))
+    with pytest.raises(ValueError, match="causal config needs the sequence lengths"):
+        psa.assign_levels(torch.rand(1, 4, 1, 1), PSAConfig(causal=True))
+    with pytest.raises(ValueError, match="generator applies to the 'sampled' estimator only"):
+        psa.estimate_importance(q, k, PSAConfig(estimator="pooled"), generator=torch.Generator())
+    with pytest.raises(ValueError, match="force_keys must be a bool mask or a 1-D integer tensor"):
+        psa.sparse_attention(q, k, v, force_keys=torch.ones(3))

@@ -1,0 +1,117 @@
+import math
+
+import pytest
+import torch
+
+import psa
+from psa import PSAConfig, reference
+from conftest import DEVICES, randn
+
+METHODS = ["sampled", "antidiagonal", "pooled"]
+
+
+def naive_sampled(q, k, block_m, block_n, scale, causal):
+    """Spec section 4 'sampled', one query block at a time, in float64."""
+    q_len, k_len = q.shape[-2], k.shape[-2]
+    n_q, n_k = -(-q_len // block_m), -(-k_len // block_n)
+    q_off = reference.default_sample_offsets(block_m)
+    k_off = reference.default_sample_offsets(block_n)
+    scores = torch.zeros(n_q, n_k, dtype=torch.float64)
+    for i in range(n_q):
+        last_query = min((i + 1) * block_m, q_len) - 1
+        blocks = [j for j in range(n_k) if not causal or j * block_n <= last_query + k_len - q_len]
+        if not blocks:
+            continue
+        rows = [min(i * block_m + int(o), q_len - 1) for o in q_off]
+        for r in rows:
+            block_max = {j: max(scale * float(q[r] @ k[min(j * block_n + int(o), k_len - 1)]) for o in k_off)
+                         for j in blocks}
+            row_max = max(block_max.values())
+            for j in blocks:
+                scores[i, j] = max(scores[i, j], math.exp(block_max[j] - row_max))
+        scores[i] /= scores[i].sum()
+    return scores
+
+
+def naive_pooled(q, k, block_m, block_n, scale):
+    q_means = torch.stack([q[i:i + block_m].mean(0) for i in range(0, q.shape[0], block_m)])
+    k_means = torch.stack([k[j:j + block_n].mean(0) for j in range(0, k.shape[0], block_n)])
+    return torch.softmax(scale * q_means @ k_means.T, -1)
+
+
+def naive_antidiagonal(q, k, block_m, block_n, scale, stride):
+    """Non-causal antidiagonal scores from the full Q K^T, summing each tile's antidiagonal."""
+    q_len, k_len = q.shape[0], k.shape[0]
+    q_tiles, k_tiles = -(-q_len // stride), -(-k_len // stride)
+    full = torch.zeros(q_tiles * stride, k_tiles * stride, dtype=torch.float64)
+    full[:q_len, :k_len] = q @ k.T
+    anti = torch.zeros(q_tiles, k_tiles, dtype=torch.float64)
+    for t in range(stride):  # tile entry (S-1-t, t) lies on the antidiagonal
+        anti += full[stride - 1 - t::stride, t::stride]
+    probs = torch.softmax(anti * scale / stride, -1)
+    n_q, n_k = -(-q_len // block_m), -(-k_len // block_n)
+    scores = torch.zeros(n_q, n_k, dtype=torch.float64)
+    for i in range(q_tiles):
+        for j in range(k_tiles):
+            scores[i * stride // block_m, j * stride // block_n] += probs[i, j]
+    return scores / scores.sum(-1, keepdim=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16])
+def test_estimators_match_reference(rng, device, method, causal, dtype):
+    q = randn(rng, 2, 4, 333, 32, dtype=dtype, device=device)
+    k = randn(rng, 2, 2, 301, 32, dtype=dtype, device=device)
+    config = PSAConfig(block_m=64, block_n=32, estimator=method, causal=causal)
+    scores = psa.estimate_importance(q, k, config)
+    expected = reference.estimate_importance(q.double().cpu(), k.double().cpu(), method=method, block_m=64,
+                                             block_n=32, causal=causal)
+    assert scores.shape == (2, 4, 6, 10) and scores.dtype == torch.float32
+    tolerance = 1e-5 if dtype != torch.bfloat16 else 5e-2
+    torch.testing.assert_close(scores.cpu().double(), expected.double(), atol=tolerance, rtol=tolerance)
+    candidates = reference.candidate_blocks(333, 301, 64, 32, causal)
+    assert (scores.cpu()[..., ~candidates] == 0).all()
+    row_sums = scores.sum(-1).cpu()
+    assert torch.allclose(row_sums[..., candidates.any(-1)], torch.ones(()), atol=1e-5)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sampled_matches_literal_spec(rng, causal):
+    q = randn(rng, 1, 1, 150, 16, dtype=torch.float64)
+    k = randn(rng, 1, 1, 170, 16, dtype=torch.float64)
+    scores = psa.estimate_importance(q, k, PSAConfig(block_m=64, block_n=32, estimator="sampled", causal=causal))
+    expected = naive_sampled(q[0, 0], k[0, 0], 64, 32, 0.25, causal)
+    torch.testing.assert_close(scores[0, 0].double(), expected, atol=1e-6, rtol=1e-6)
+
+
+def test_pooled_and_antidiagonal_match_literal_spec(rng):
+    q = randn(rng, 1, 1, 150, 16, dtype=torch.float64)
+    k = randn(rng, 1, 1, 170, 16, dtype=torch.float64)
+    pooled = psa.estimate_importance(q, k, PSAConfig(block_m=64, block_n=32, estimator="pooled"))
+    torch.testing.assert_close(pooled[0, 0].double(), naive_pooled(q[0, 0], k[0, 0], 64, 32, 0.25))
+    anti = psa.estimate_importance(q, k, PSAConfig(block_m=64, block_n=32, estimator="antidiagonal", stride=4))
+    torch.testing.assert_close(anti[0, 0].double(), naive_antidiagonal(q[0, 0], k[0, 0], 64, 32, 0.25, 4),
+                               atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_estimators_are_deterministic(rng, method):
+    q = randn(rng, 1, 2, 500, 32)
+    k = randn(rng, 1, 2, 500, 32)
+    config = PSAConfig(estimator=method)
+    assert torch.equal(psa.estimate_importance(q, k, config), psa.estimate_importance(q, k, config))
+
+
+def test_sampled_offsets_from_an_explicit_generator(rng):
+    q = randn(rng, 1, 2, 600, 32, dtype=torch.float64)
+    k = randn(rng, 1, 2, 600, 32, dtype=torch.float64)
+    config = PSAConfig(estimator="sampled")
+    first = psa.estimate_importance(q, k, config, generator=torch.Generator().manual_seed(7))
+    again = psa.estimate_importance(q, k, config, generator=torch.Generator().manual_seed(7))
+    assert torch.equal(first, again)
+    generator = torch.Generator().manual_seed(7)   # query offsets are drawn first, then key offsets
+    q_offsets, k_offsets = (torch.sort(torch.randperm(128, generator=generator)[:32]).values for _ in range(2))
+    expected = reference.estimate_sampled(q, k, block_m=128, block_n=128, q_offsets=q_offsets, k_offsets=k_offsets)
+    torch.testing.assert_close(first.double(), expected.double(), atol=1e-6, rtol=1e-6)

@@ -1,0 +1,64 @@
+"""torch.library.opcheck on every op of torch.ops.psa (schema, fake kernel, autograd registration)."""
+
+import pytest
+import torch
+
+import psa  # noqa: F401
+from conftest import DEVICES
+
+TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
+
+
+def samples(device):
+    g = torch.Generator().manual_seed(0)
+
+    def rand(*shape, dtype=torch.float32):
+        return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
+
+    q, k, v = rand(1, 4, 100, 64), rand(1, 2, 90, 64), rand(1, 2, 90, 64)
+    levels = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)[torch.randint(0, 5, (1, 4, 2, 3), generator=g)]
+    scores = torch.rand(1, 4, 2, 3, generator=g).to(device)
+    keys = torch.zeros(90, dtype=torch.bool, device=device)
+    keys[80:] = True
+    return {
+        "kv_pyramid": [((k, v), {})],
+        "estimate_importance": [
+            ((q, k), dict(block_m=64, block_n=32, method=method, causal=causal))
+            for method in ("sampled", "antidiagonal", "pooled") for causal in (False, True)],
+        "assign_levels": [
+            ((scores,), dict(mode="topk", bounds=[0.2, 0.4, 0.6, 0.8], block_m=64, block_n=32, q_len=100, k_len=90)),
+            ((scores, keys, None, k), dict(mode="threshold", bounds=[0.5, 0.6, 0.7, 0.8], block_m=64, block_n=32,
+                                           q_len=100, k_len=90, causal=True, sim_thresholds=[0.1, 0.0, -0.1])),
+        ],
+        "attention_with_levels": [
+            ((q, k, v, levels.to(device)), dict(block_m=64, block_n=32, causal=causal)) for causal in (False, True)],
+        "sparse_attention": [
+            ((q, k, v, keys), dict(block_m=64, block_n=32, mode="topk", bounds=[0.2, 0.4, 0.6, 0.8],
+                                   estimator="sampled", min_full=0.06, sim_thresholds=None, causal=False, sink=True,
+                                   stride=8)),
+        ],
+    }
+
+
+def registered_ops():
+    return sorted(name.split("::")[1] for name in torch._C._dispatch_get_all_op_names() if name.startswith("psa::"))
+
+
+def test_every_op_has_samples():
+    assert registered_ops() == sorted(samples("cpu"))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("name", sorted(samples("cpu")))
+def test_opcheck(device, name):
+    op = getattr(torch.ops.psa, name).default
+    for args, kwargs in samples(device)[name]:
+        torch.library.opcheck(op, args, kwargs, test_utils=TESTS)
+
+
+def test_gradients_say_not_differentiable():
+    q = torch.randn(1, 1, 40, 16, requires_grad=True)
+    k, v = torch.randn(1, 1, 40, 16), torch.randn(1, 1, 40, 16)
+    out = psa.attention_with_levels(q, k, v, torch.ones(1, 1, 1, 1, dtype=torch.int8), block_m=64, block_n=64)
+    with pytest.raises(RuntimeError, match="not differentiable yet"):
+        out.sum().backward()

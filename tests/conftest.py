@@ -6,9 +6,13 @@ import torch
 import psa  # noqa: F401  (registers torch.ops.psa)
 
 
+def has_cuda_kernel(op: str) -> bool:
+    """True when a GPU is present and psa was built with a CUDA kernel for `op`."""
+    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(f"psa::{op}", "CUDA")
+
+
 def cuda_backend_available() -> bool:
-    return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "psa::attention_with_levels", "CUDA")
+    return has_cuda_kernel("attention_with_levels")
 
 
 DEVICES = ["cpu"] + (["cuda"] if cuda_backend_available() else [])

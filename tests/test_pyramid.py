@@ -3,7 +3,7 @@ import torch
 
 import psa
 from psa import reference
-from conftest import DEVICES, randn
+from conftest import DEVICES, has_cuda_kernel, randn
 
 TOLERANCE = {torch.float64: 1e-12, torch.float32: 1e-6, torch.bfloat16: 1e-2, torch.float16: 1e-3}
 
@@ -46,3 +46,34 @@ def test_identical_groups_pool_to_themselves(rng):
     for level in (2, 4, 8):
         pooled = psa.kv_pyramid(k, k)[level][0]
         torch.testing.assert_close(pooled, k[:, :, ::level])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not has_cuda_kernel("kv_pyramid"), reason="needs a GPU and psa's CUDA kv_pyramid")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("length", [1, 7, 13, 1000, 4099])
+def test_cuda_pyramid_matches_naive_means(rng, dtype, head_dim, length):
+    # [B, L, H, D] storage seen as [B, H, L, D], as video DiTs hand it over.
+    k = randn(rng, 2, length, 3, head_dim, dtype=dtype, device="cuda").transpose(1, 2)
+    v = randn(rng, 2, length, 3, head_dim, dtype=dtype, device="cuda").transpose(1, 2)
+    torch.cuda.set_sync_debug_mode("error")   # no host synchronisation inside the op
+    try:
+        pyramid = psa.kv_pyramid(k, v)
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+    cpu = psa.kv_pyramid(k.cpu(), v.cpu())
+    for level in (2, 4, 8):
+        for got, on_cpu, source in zip(pyramid[level], cpu[level], (k, v)):
+            assert got.is_cuda and got.dtype == dtype and got.is_contiguous()
+            torch.testing.assert_close(got.cpu().double(), naive_pool(source.cpu(), level),
+                                       atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+            torch.testing.assert_close(got.cpu(), on_cpu, atol=TOLERANCE[dtype], rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not has_cuda_kernel("kv_pyramid"), reason="needs a GPU and psa's CUDA kv_pyramid")
+def test_cuda_pyramid_rejects_float32():
+    k = torch.randn(1, 1, 16, 64, device="cuda")
+    with pytest.raises(RuntimeError, match="q must be bfloat16 or float16 on CUDA"):
+        psa.kv_pyramid(k, k)

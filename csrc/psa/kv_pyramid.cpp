@@ -13,7 +13,11 @@ PyramidTensors kv_pyramid(const at::Tensor& k, const at::Tensor& v) {
               ": v must have the device and dtype of k (", k.device(), ", ", k.scalar_type(), "), got ",
               v.device(), ", ", v.scalar_type());
   PSA_CHECK(v.stride(-1) == 1, op, ": v must be contiguous in its last dim, got strides ", v.strides());
+#ifdef PSA_WITH_CUDA
+  const auto levels = k.is_cuda() ? cuda::kv_pyramid(k, v) : cpu::kv_pyramid(k, v);
+#else
   const auto levels = cpu::kv_pyramid(k, v);
+#endif
   return {levels[0], levels[1], levels[2], levels[3], levels[4], levels[5]};
 }
 

@@ -64,4 +64,12 @@ std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q, co
                                                          bool causal);
 }  // namespace cpu
 
+#ifdef PSA_WITH_CUDA
+// The CUDA backend. Inputs arrive validated and on one device.
+namespace cuda {
+// {k2, v2, k4, v4, k8, v8}
+std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v);
+}  // namespace cuda
+#endif
+
 }  // namespace psa

@@ -29,3 +29,10 @@ TORCH_LIBRARY_IMPL(psa, CPU, m) {
   m.impl("attention_with_levels", &psa::attention_with_levels);
   m.impl("sparse_attention", &psa::sparse_attention);
 }
+
+#ifdef PSA_WITH_CUDA
+// CUDA kernels so far: kv_pyramid. The other ops raise the dispatcher's "no CUDA backend" error.
+TORCH_LIBRARY_IMPL(psa, CUDA, m) {
+  m.impl("kv_pyramid", &psa::kv_pyramid);
+}
+#endif

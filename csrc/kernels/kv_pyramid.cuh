@@ -1,0 +1,87 @@
+// KV pyramid kernel: one pass over K and V writes all pooled levels.
+//
+// A thread owns one feature d of one aligned group of 8 tokens: it reads the 8 values once, forms the
+// pair sums, then the sums of 4 and of 8 in fp32, and writes every level's means. Consecutive threads
+// take consecutive features, so each warp reads and writes contiguous rows. The last group may be
+// partial: sums cover real tokens only and are divided by how many there are.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "params.h"
+
+namespace psa::kernels {
+
+constexpr int kPyramidThreads = 256;
+
+// Explicit conversions: torch builds with __CUDA_NO_{HALF,BF16}_CONVERSIONS__, which removes the implicit ones.
+__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
+__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
+template <typename T>
+__device__ __forceinline__ T from_float(float x);
+template <>
+__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
+template <>
+__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
+
+template <typename T>
+__global__ void __launch_bounds__(kPyramidThreads) kv_pyramid_kernel(PyramidParams p) {
+  const int64_t groups = (p.length + 7) / 8;
+  const int64_t work = groups * p.head_dim;
+  const int64_t index = static_cast<int64_t>(blockIdx.x) * kPyramidThreads + threadIdx.x;
+  if (index >= work) return;
+  const int bh = blockIdx.y;
+  const int b = bh / p.heads, h = bh % p.heads;
+  const int64_t group = index / p.head_dim;
+  const int d = static_cast<int>(index % p.head_dim);
+  const int64_t first = group * 8;
+  const int real = p.length - first < 8 ? static_cast<int>(p.length - first) : 8;
+
+#pragma unroll
+  for (int tensor = 0; tensor < 2; ++tensor) {
+    const T* src = static_cast<const T*>(tensor == 0 ? p.k : p.v);
+    const int64_t* stride = tensor == 0 ? p.k_stride : p.v_stride;
+    const T* row = src + b * stride[0] + h * stride[1] + first * stride[2] + d;
+    float x[8];
+#pragma unroll
+    for (int t = 0; t < 8; ++t) x[t] = t < real ? to_float(row[t * stride[2]]) : 0.f;
+    float s2[4], s4[2];
+#pragma unroll
+    for (int t = 0; t < 4; ++t) s2[t] = x[2 * t] + x[2 * t + 1];
+    s4[0] = s2[0] + s2[1];
+    s4[1] = s2[2] + s2[3];
+    const float s8 = s4[0] + s4[1];
+
+    void* const* out = tensor == 0 ? p.k_out : p.v_out;
+    const int64_t head_base = static_cast<int64_t>(bh);
+    // Level l has ceil(L/l) tokens; this group holds tokens [first/l, first/l + 8/l) of it.
+    const int64_t tokens2 = (p.length + 1) / 2, tokens4 = (p.length + 3) / 4, tokens8 = groups;
+    T* out2 = static_cast<T*>(out[0]) + (head_base * tokens2 + first / 2) * p.head_dim + d;
+    T* out4 = static_cast<T*>(out[1]) + (head_base * tokens4 + first / 4) * p.head_dim + d;
+    T* out8 = static_cast<T*>(out[2]) + (head_base * tokens8 + group) * p.head_dim + d;
+#pragma unroll
+    for (int t = 0; t < 4; ++t) {
+      const int count = min(2, real - 2 * t);
+      if (count > 0) out2[t * p.head_dim] = from_float<T>(s2[t] / count);
+    }
+#pragma unroll
+    for (int t = 0; t < 2; ++t) {
+      const int count = min(4, real - 4 * t);
+      if (count > 0) out4[t * p.head_dim] = from_float<T>(s4[t] / count);
+    }
+    out8[0] = from_float<T>(s8 / real);
+  }
+}
+
+template <typename T>
+cudaError_t launch_kv_pyramid(const PyramidParams& p, cudaStream_t stream) {
+  const int64_t work = (p.length + 7) / 8 * static_cast<int64_t>(p.head_dim);
+  const dim3 grid(static_cast<unsigned>((work + kPyramidThreads - 1) / kPyramidThreads),
+                  static_cast<unsigned>(p.batch * p.heads));
+  kv_pyramid_kernel<T><<<grid, kPyramidThreads, 0, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace psa::kernels

@@ -142,3 +142,15 @@ def test_bad_wrapper_arguments():
         psa.estimate_importance(q, k, PSAConfig(estimator="pooled"), generator=torch.Generator())
     with pytest.raises(ValueError, match="force_keys must be a bool mask or a 1-D integer tensor"):
         psa.sparse_attention(q, k, v, force_keys=torch.ones(3))
+
+
+def test_pyramid_errors_name_k_and_v():
+    k = torch.randn(1, 2, 40, 16)
+    with pytest.raises(RuntimeError, match="k must be float32, float64, bfloat16 or float16"):
+        psa.kv_pyramid(k.int(), k.int())
+    with pytest.raises(RuntimeError, match="v must have the same dtype as k"):
+        psa.kv_pyramid(k, k.double())
+    with pytest.raises(RuntimeError, match="v must have the shape of k"):
+        psa.kv_pyramid(k, k[:, :, :20])
+    with pytest.raises(RuntimeError, match="v must be contiguous in its last dim"):
+        psa.kv_pyramid(k, torch.randn(1, 2, 16, 40).transpose(-1, -2))

@@ -75,5 +75,5 @@ def test_cuda_pyramid_matches_naive_means(rng, dtype, head_dim, length):
 @pytest.mark.skipif(not has_cuda_kernel("kv_pyramid"), reason="needs a GPU and psa's CUDA kv_pyramid")
 def test_cuda_pyramid_rejects_float32():
     k = torch.randn(1, 1, 16, 64, device="cuda")
-    with pytest.raises(RuntimeError, match="q must be bfloat16 or float16 on CUDA"):
+    with pytest.raises(RuntimeError, match="k must be bfloat16 or float16 on CUDA"):
         psa.kv_pyramid(k, k)

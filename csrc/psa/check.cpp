@@ -37,15 +37,29 @@ bool is_supported_dtype(const at::Tensor& t) {
   return dtype == at::kFloat || dtype == at::kDouble || dtype == at::kBFloat16 || dtype == at::kHalf;
 }
 
-void check_tensor(const char* op, const char* name, const at::Tensor& t, const at::Tensor& like) {
+// `like` (named `like_name`) is the argument whose device and dtype every other one must share.
+void check_tensor(const char* op, const char* name, const at::Tensor& t, const char* like_name,
+                  const at::Tensor& like) {
   PSA_CHECK(t.dim() == 4, op, ": ", name, " must have 4 dims [B, H, L, D], got shape ", t.sizes());
-  PSA_CHECK(t.device() == like.device(), op, ": ", name, " must be on the same device as q (",
+  PSA_CHECK(t.device() == like.device(), op, ": ", name, " must be on the same device as ", like_name, " (",
               like.device(), "), got ", t.device());
-  PSA_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have the same dtype as q (",
-              like.scalar_type(), "), got ", t.scalar_type());
+  PSA_CHECK(t.scalar_type() == like.scalar_type(), op, ": ", name, " must have the same dtype as ", like_name,
+              " (", like.scalar_type(), "), got ", t.scalar_type());
   PSA_CHECK(t.size(-1) == 0 || t.stride(-1) == 1, op, ": ", name,
               " must be contiguous in its last dim (stride 1), got strides ", t.strides());
   PSA_CHECK(t.size(2) >= 1, op, ": ", name, " must hold at least one token, got shape ", t.sizes());
+}
+
+// The dtype and head_dim the backend of `t`'s device supports.
+void check_dtype_and_head_dim(const char* op, const char* name, const at::Tensor& t) {
+  PSA_CHECK(is_supported_dtype(t), op, ": ", name, " must be ",
+              t.is_cuda() ? "bfloat16 or float16 on CUDA" : "float32, float64, bfloat16 or float16 on the CPU",
+              ", got ", t.scalar_type());
+  if (t.is_cuda()) {
+    PSA_CHECK(t.size(3) == 64 || t.size(3) == 128, op, ": head_dim must be 64 or 128 on CUDA, got ", t.size(3));
+  } else {
+    PSA_CHECK(t.size(3) >= 1, op, ": head_dim must be positive, got ", t.size(3));
+  }
 }
 
 }  // namespace
@@ -53,28 +67,35 @@ void check_tensor(const char* op, const char* name, const at::Tensor& t, const a
 bool is_supported_block_size(int64_t block) { return block == 32 || block == 64 || block == 128; }
 
 void check_qk(const char* op, const at::Tensor& q, const at::Tensor& k) {
-  check_tensor(op, "q", q, q);
-  check_tensor(op, "k", k, q);
-  PSA_CHECK(is_supported_dtype(q), op, ": q must be ",
-              q.is_cuda() ? "bfloat16 or float16 on CUDA" : "float32, float64, bfloat16 or float16 on the CPU",
-              ", got ", q.scalar_type());
+  check_tensor(op, "q", q, "q", q);
+  check_tensor(op, "k", k, "q", q);
+  check_dtype_and_head_dim(op, "q", q);
   PSA_CHECK(k.size(0) == q.size(0), op, ": k must have the batch size of q (", q.size(0), "), got ",
               k.size(0));
   PSA_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, op,
               ": the head count of q must be a multiple of that of k (GQA), got ", q.size(1), " and ", k.size(1));
   PSA_CHECK(k.size(3) == q.size(3), op, ": k must have the head_dim of q (", q.size(3), "), got ", k.size(3));
-  if (q.is_cuda()) {
-    PSA_CHECK(q.size(3) == 64 || q.size(3) == 128, op, ": head_dim must be 64 or 128 on CUDA, got ",
-                q.size(3));
-  } else {
-    PSA_CHECK(q.size(3) >= 1, op, ": head_dim must be positive, got ", q.size(3));
-  }
 }
+
+namespace {
+
+void check_kv(const char* op, const at::Tensor& k, const at::Tensor& v, const char* like_name,
+              const at::Tensor& like) {
+  check_tensor(op, "v", v, like_name, like);
+  PSA_CHECK(v.sizes() == k.sizes(), op, ": v must have the shape of k (", k.sizes(), "), got ", v.sizes());
+}
+
+}  // namespace
 
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v) {
   check_qk(op, q, k);
-  check_tensor(op, "v", v, q);
-  PSA_CHECK(v.sizes() == k.sizes(), op, ": v must have the shape of k (", k.sizes(), "), got ", v.sizes());
+  check_kv(op, k, v, "q", q);
+}
+
+void check_pyramid_inputs(const char* op, const at::Tensor& k, const at::Tensor& v) {
+  check_tensor(op, "k", k, "k", k);
+  check_dtype_and_head_dim(op, "k", k);
+  check_kv(op, k, v, "k", k);
 }
 
 void check_block_sizes(const char* op, int64_t block_m, int64_t block_n) {

@@ -46,6 +46,8 @@ bool is_supported_block_size(int64_t block);
 // q [B, Hq, Lq, D], k and v [B, Hkv, Lk, D]: rank, dtype, device, last-dim contiguity, GQA, D.
 void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v);
 void check_qk(const char* op, const at::Tensor& q, const at::Tensor& k);
+// k and v [B, H, L, D] of one shape, dtype and device, as kv_pyramid takes them.
+void check_pyramid_inputs(const char* op, const at::Tensor& k, const at::Tensor& v);
 void check_block_sizes(const char* op, int64_t block_m, int64_t block_n);
 // levels int8 [B, Hq, ceil(Lq/block_m), ceil(Lk/block_n)] with values in {0, 1, 2, 4, 8}.
 void check_levels(const char* op, const at::Tensor& levels, const at::Tensor& q, const at::Tensor& k,

@@ -13,6 +13,8 @@ namespace psa::cuda {
 std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v) {
   const c10::cuda::CUDAGuard device_guard(k.device());
   const int64_t batch = k.size(0), heads = k.size(1), length = k.size(2), dim = k.size(3);
+  // B * H indexes gridDim.y.
+  PSA_CHECK(batch * heads <= 65535, "psa.kv_pyramid: B * H must be at most 65535 on CUDA, got ", batch * heads);
   kernels::PyramidParams params{};
   params.k = k.data_ptr();
   params.v = v.data_ptr();
@@ -27,7 +29,6 @@ std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v) {
     params.k_out[i] = outputs[2 * i].data_ptr();
     params.v_out[i] = outputs[2 * i + 1].data_ptr();
   }
-  PSA_CHECK(batch * heads <= 65535, "psa.kv_pyramid: B * H must be at most 65535 on CUDA, got ", batch * heads);
   params.batch = static_cast<int>(batch);
   params.heads = static_cast<int>(heads);
   params.length = static_cast<int>(length);

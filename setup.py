@@ -92,7 +92,7 @@ def default_max_jobs():
 
 
 def cpu_sources():
-    return sorted(glob.glob("csrc/psa/*.cpp") + glob.glob("csrc/psa/cpu/*.cpp"))
+    return sorted(glob.glob("csrc/psa/*.cpp") + glob.glob("csrc/psa/aten/*.cpp") + glob.glob("csrc/psa/cpu/*.cpp"))
 
 
 def cuda_sources():

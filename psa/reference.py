@@ -285,9 +285,12 @@ def assign_levels(scores: torch.Tensor, *, mode: str, bounds: Sequence[float], b
 
     level_per_rank = torch.zeros(batch, q_heads, n_q, n_k, dtype=torch.long, device=device)
     if mode == "threshold":
-        mass = torch.gather(_normalize_rows(scores), -1, order)
-        mass_before = torch.cat([torch.zeros_like(mass[..., :1]),
-                                 torch.cumsum(mass, dim=-1)[..., :-1]], dim=-1)
+        # The mass ahead is (sum of the scores ranked ahead) / (row total): one division at the end,
+        # so sums of exactly representable scores compare exactly in every backend.
+        ranked = torch.gather(scores, -1, order)
+        total = scores.sum(-1, keepdim=True)
+        ahead = torch.cat([torch.zeros_like(ranked[..., :1]), torch.cumsum(ranked, dim=-1)[..., :-1]], dim=-1)
+        mass_before = torch.where(total > 0, ahead / torch.where(total > 0, total, 1.0), 0.0)
         for level, bound in reversed(list(zip((1, 2, 4, 8), bounds))):
             level_per_rank = torch.where(mass_before < bound, level, level_per_rank)
     elif mode == "topk":

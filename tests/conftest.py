@@ -15,7 +15,13 @@ def cuda_backend_available() -> bool:
     return has_cuda_kernel("attention_with_levels")
 
 
-DEVICES = ["cpu"] + (["cuda"] if cuda_backend_available() else [])
+# Devices of the backend-generic tests, which run in float64/float32 at small head dims: the CPU
+# reference backend. The CUDA backend (bf16/fp16, head_dim 64/128) has its own tests, test_cuda_*.py.
+DEVICES = ["cpu"]
+
+requires_cuda = pytest.mark.skipif(not cuda_backend_available(), reason="needs a CUDA GPU and psa's CUDA backend")
+CUDA_DTYPES = [torch.bfloat16, torch.float16]
+CUDA_HEAD_DIMS = [64, 128]
 
 
 @pytest.fixture
@@ -30,6 +36,16 @@ def rng(request):
 
 def randn(rng, *shape, dtype=torch.float32, device="cpu"):
     return torch.randn(*shape, generator=rng, dtype=torch.float64).to(device=device, dtype=dtype)
+
+
+def reference_attention_pair(q, k, v, levels, **kwargs):
+    """psa.reference attention on the CPU in float64 (out, lse) and in the inputs' dtype (out): the
+    references of the FlashAttention error rule."""
+    from psa import reference
+    ref64, lse64 = reference.attention_with_levels(q.double().cpu(), k.double().cpu(), v.double().cpu(),
+                                                   levels.cpu(), **kwargs)
+    ref_lowp, _ = reference.attention_with_levels(q.cpu(), k.cpu(), v.cpu(), levels.cpu(), **kwargs)
+    return ref64, lse64, ref_lowp
 
 
 def assert_attention_close(out, ref64, ref_lowp):

@@ -9,10 +9,11 @@ from conftest import DEVICES
 TESTS = ("test_schema", "test_autograd_registration", "test_faketensor", "test_aot_dispatch_dynamic")
 
 
-def samples(device):
+def samples(device, dtype=torch.float32):
+    """Sample arguments for every op (CUDA takes bf16/fp16; test_cuda_pipeline.py passes bfloat16)."""
     g = torch.Generator().manual_seed(0)
 
-    def rand(*shape, dtype=torch.float32):
+    def rand(*shape):
         return torch.randn(*shape, generator=g).to(device=device, dtype=dtype)
 
     q, k, v = rand(1, 4, 100, 64), rand(1, 2, 90, 64), rand(1, 2, 90, 64)

@@ -6,25 +6,12 @@
 // partial: sums cover real tokens only and are divided by how many there are.
 #pragma once
 
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-#include <cuda_runtime.h>
-
+#include "device_utils.cuh"
 #include "params.h"
 
 namespace psa::kernels {
 
 constexpr int kPyramidThreads = 256;
-
-// Explicit conversions: torch builds with __CUDA_NO_{HALF,BF16}_CONVERSIONS__, which removes the implicit ones.
-__device__ __forceinline__ float to_float(__nv_bfloat16 x) { return __bfloat162float(x); }
-__device__ __forceinline__ float to_float(__half x) { return __half2float(x); }
-template <typename T>
-__device__ __forceinline__ T from_float(float x);
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { return __float2bfloat16_rn(x); }
-template <>
-__device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
 template <typename T>
 __global__ void __launch_bounds__(kPyramidThreads) kv_pyramid_kernel(PyramidParams p) {

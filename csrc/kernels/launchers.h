@@ -1,14 +1,28 @@
 // Declarations of the kernel launchers, for host code. Each is defined in its .cuh and explicitly
-// instantiated per dtype in instantiations/ (see generate_instantiations.py).
+// instantiated per variant in instantiations/ (see generate_instantiations.py, the list of variants).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include "params.h"
+#include "shapes.h"
 
 namespace psa::kernels {
 
+// T: __nv_bfloat16 or __half.
 template <typename T>
 cudaError_t launch_kv_pyramid(const PyramidParams& params, cudaStream_t stream);
+
+// kHeadDim 64 or 128; kBlockM 32, 64 or 128 (one warp per 16 query rows).
+template <typename T, int kHeadDim, int kBlockM>
+cudaError_t launch_attention_with_levels(const AttentionParams& params, cudaStream_t stream);
+
+// kWarps 4 or 2: 64 or 32 sampled query rows per CTA (the host picks what fits in shared memory).
+template <typename T, int kHeadDim, int kWarps>
+cudaError_t launch_estimate_sampled(const SampledParams& params, cudaStream_t stream);
+
+// Score: float or double.
+template <typename Score>
+cudaError_t launch_assign_levels(const AssignParams& params, cudaStream_t stream);
 
 }  // namespace psa::kernels

@@ -17,3 +17,56 @@ struct PyramidParams {
 };
 
 }  // namespace psa::kernels
+
+namespace psa::kernels {
+
+constexpr int kNumLevels = 4;  // pooling factors 1, 2, 4, 8 = 1 << level index
+
+// Attention over a level map (spec section 3).
+struct AttentionParams {
+  const void* q;                      // [B, Hq, Lq, D]
+  const void* k[kNumLevels];          // level index L: [B, Hkv, ceil(Lk / 2^L), D]
+  const void* v[kNumLevels];
+  int64_t q_stride[3];                // batch, head, token strides in elements (token stride % 8 == 0)
+  int64_t k_stride[kNumLevels][3];
+  int64_t v_stride[kNumLevels][3];
+  const int8_t* levels;               // [B, Hq, n_q, n_k], contiguous
+  void* out;                          // [B, Hq, Lq, D], contiguous
+  float* lse;                         // [B, Hq, Lq], contiguous
+  int batch, q_heads, kv_heads, q_len, k_len;
+  int block_n, n_q, n_k;
+  float scale_log2;                   // softmax scale * log2(e)
+  bool causal;
+};
+
+// The fused sampled estimator (spec section 4, "sampled").
+struct SampledParams {
+  const void* q;                      // [B, Hq, Lq, D]
+  const void* k;                      // [B, Hkv, Lk, D]
+  int64_t q_stride[3];
+  int64_t k_stride[3];
+  const int64_t* q_offsets;           // [q_samples], offsets into a query block
+  const int64_t* k_offsets;           // [k_samples], offsets into a key block
+  float* scores;                      // [B, Hq, n_q, n_k], contiguous
+  int batch, q_heads, kv_heads, q_len, k_len;
+  int block_m, block_n, n_q, n_k;
+  int q_samples, k_samples;           // 8, 16 or 32 each
+  float scale_log2;
+  bool causal;
+};
+
+// Per-row ranking and level choice (spec section 5).
+struct AssignParams {
+  const void* scores;                 // float or double [B, Hq, n_q, n_k], contiguous
+  const bool* force_key_blocks;       // [B, n_k]
+  const bool* force_query_blocks;     // [B, n_q]
+  const int64_t* cap;                 // [B, Hkv_cap, n_k] or nullptr
+  int8_t* levels;                     // [B, Hq, n_q, n_k], contiguous
+  double bounds[4];
+  double min_full;
+  int batch, q_heads, cap_heads, q_len, k_len;
+  int block_m, block_n, n_q, n_k;
+  bool threshold_mode, causal, sink;
+};
+
+}  // namespace psa::kernels

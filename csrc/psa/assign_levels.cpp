@@ -81,6 +81,12 @@ at::Tensor assign_levels(const at::Tensor& scores, const std::optional<at::Tenso
   }
   const auto key_blocks = blocks_or_none(force_keys, batch, k_len, block_n, scores.options());
   const auto query_blocks = blocks_or_none(force_queries, batch, q_len, block_m, scores.options());
+#ifdef PSA_WITH_CUDA
+  if (scores.is_cuda()) {
+    return cuda::assign_levels(scores, mode == "threshold", bounds, block_m, block_n, q_len, k_len, min_full, causal,
+                               sink, key_blocks, query_blocks, cap);
+  }
+#endif
   return cpu::assign_levels(scores, mode == "threshold", bounds, block_m, block_n, q_len, k_len, min_full, causal,
                             sink, key_blocks, query_blocks, cap);
 }

@@ -15,6 +15,9 @@ std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q, co
   check_levels(op, levels, q, k, block_m, block_n);
   const double softmax_scale = scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3))));
   PSA_CHECK(std::isfinite(softmax_scale), op, ": scale must be finite, got ", softmax_scale);
+#ifdef PSA_WITH_CUDA
+  if (q.is_cuda()) return cuda::attention_with_levels(q, k, v, levels, block_m, block_n, softmax_scale, causal);
+#endif
   return cpu::attention_with_levels(q, k, v, levels, block_m, block_n, softmax_scale, causal);
 }
 

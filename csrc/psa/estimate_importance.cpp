@@ -21,6 +21,7 @@ at::Tensor checked_offsets(const char* name, const std::optional<at::Tensor>& of
               " offsets into a block, got ", t.scalar_type(), " of shape ", t.sizes());
   PSA_CHECK(t.device() == q.device(), "psa.estimate_importance: ", name, " must be on the device of q (",
               q.device(), "), got ", t.device());
+  // On the GPU a range check would cost a host sync; the CUDA kernel clamps offsets into the block.
   if (!t.is_cuda()) {
     PSA_CHECK(t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < block, "psa.estimate_importance: ",
                 name, " must lie in [0, ", block, "), got ", t);
@@ -40,18 +41,23 @@ at::Tensor estimate_importance(const at::Tensor& q, const at::Tensor& k, const s
   const double softmax_scale = scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3))));
   PSA_CHECK(std::isfinite(softmax_scale), op, ": scale must be finite, got ", softmax_scale);
   if (method == "sampled") {
-    return cpu::estimate_sampled(q, k, block_m, block_n, softmax_scale, causal,
-                                 checked_offsets("q_offsets", q_offsets, block_m, q),
-                                 checked_offsets("k_offsets", k_offsets, block_n, q));
+    const auto q_samples = checked_offsets("q_offsets", q_offsets, block_m, q);
+    const auto k_samples = checked_offsets("k_offsets", k_offsets, block_n, q);
+#ifdef PSA_WITH_CUDA
+    if (q.is_cuda()) {
+      return cuda::estimate_sampled(q, k, block_m, block_n, softmax_scale, causal, q_samples, k_samples);
+    }
+#endif
+    return aten::estimate_sampled(q, k, block_m, block_n, softmax_scale, causal, q_samples, k_samples);
   }
   PSA_CHECK(!q_offsets.has_value() && !k_offsets.has_value(), op,
               ": q_offsets and k_offsets apply to the 'sampled' method only, got method '", method, "'");
   if (method == "antidiagonal") {
     PSA_CHECK(stride >= 1 && block_m % stride == 0 && block_n % stride == 0, op,
                 ": stride must be a positive divisor of block_m and block_n, got ", stride);
-    return cpu::estimate_antidiagonal(q, k, block_m, block_n, softmax_scale, causal, stride);
+    return aten::estimate_antidiagonal(q, k, block_m, block_n, softmax_scale, causal, stride);
   }
-  if (method == "pooled") return cpu::estimate_pooled(q, k, block_m, block_n, softmax_scale, causal);
+  if (method == "pooled") return aten::estimate_pooled(q, k, block_m, block_n, softmax_scale, causal);
   PSA_CHECK(false, op, ": method must be 'sampled', 'antidiagonal' or 'pooled', got '", method, "'");
 }
 

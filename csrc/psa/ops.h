@@ -43,16 +43,21 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention(
     std::optional<at::ArrayRef<double>> sim_thresholds, bool causal, bool sink, int64_t stride,
     std::optional<double> scale);
 
-// The CPU reference backend. Inputs arrive validated.
-namespace cpu {
-// {k2, v2, k4, v4, k8, v8}
-std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v);
+// The estimators as device-generic ATen code (aten/estimators.cpp): the CPU backend's kernels and the
+// CUDA backend's fallback. Inputs arrive validated.
+namespace aten {
 at::Tensor estimate_sampled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
                             double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets);
 at::Tensor estimate_antidiagonal(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
                                  double scale, bool causal, int64_t stride);
 at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
                            double scale, bool causal);
+}  // namespace aten
+
+// The CPU reference backend. Inputs arrive validated.
+namespace cpu {
+// {k2, v2, k4, v4, k8, v8}
+std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v);
 // force_key_blocks [B, n_k] and force_query_blocks [B, n_q] are bool; cap [B, Hkv, n_k] int64 or undefined.
 at::Tensor assign_levels(const at::Tensor& scores, bool threshold_mode, at::ArrayRef<double> bounds,
                          int64_t block_m, int64_t block_n, int64_t q_len, int64_t k_len, double min_full,
@@ -69,6 +74,18 @@ std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q, co
 namespace cuda {
 // {k2, v2, k4, v4, k8, v8}
 std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v);
+// The fused kernel for 8, 16 or 32 offsets per block when its table fits in shared memory, else aten::.
+at::Tensor estimate_sampled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
+                            double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets);
+// Arguments as cpu::assign_levels.
+at::Tensor assign_levels(const at::Tensor& scores, bool threshold_mode, at::ArrayRef<double> bounds,
+                         int64_t block_m, int64_t block_n, int64_t q_len, int64_t k_len, double min_full,
+                         bool causal, bool sink, const at::Tensor& force_key_blocks,
+                         const at::Tensor& force_query_blocks, const at::Tensor& cap);
+std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q, const at::Tensor& k,
+                                                         const at::Tensor& v, const at::Tensor& levels,
+                                                         int64_t block_m, int64_t block_n, double scale,
+                                                         bool causal);
 }  // namespace cuda
 #endif
 

@@ -31,8 +31,12 @@ TORCH_LIBRARY_IMPL(psa, CPU, m) {
 }
 
 #ifdef PSA_WITH_CUDA
-// CUDA kernels so far: kv_pyramid. The other ops raise the dispatcher's "no CUDA backend" error.
+// The same entry points: each validates, then picks the backend of its inputs' device.
 TORCH_LIBRARY_IMPL(psa, CUDA, m) {
   m.impl("kv_pyramid", &psa::kv_pyramid);
+  m.impl("estimate_importance", &psa::estimate_importance);
+  m.impl("assign_levels", &psa::assign_levels);
+  m.impl("attention_with_levels", &psa::attention_with_levels);
+  m.impl("sparse_attention", &psa::sparse_attention);
 }
 #endif

@@ -53,18 +53,20 @@ at::Tensor assign_levels(const at::Tensor& scores, bool threshold_mode, at::Arra
       const int64_t full_floor = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(min_full * m - kCountEps)));
       if (threshold_mode) {
         // A block takes the finest level whose bound exceeds the mass ranked ahead of it, so the
-        // block that crosses a bound is kept at that level.
+        // block that crosses a bound is kept at that level. The mass ahead is (sum of the scores ahead)
+        // / total, divided once, as in psa/reference.py and the CUDA kernel.
         double total = 0.0;
         for (const int64_t j : ranked) total += score[j];
-        double before = 0.0;
+        double ahead = 0.0;
         for (int64_t r = 0; r < m; ++r) {
           const int64_t j = ranked[r];
+          const double before = total > 0.0 ? ahead / total : 0.0;
           int8_t chosen = 0;
           for (int l = 3; l >= 0; --l) {
             if (before < bounds[l]) chosen = kLevels[l];
           }
           level[j] = r < full_floor ? 1 : chosen;
-          before += total > 0.0 ? score[j] / total : 0.0;
+          ahead += score[j];
         }
       } else {
         int64_t quota[4];

@@ -1,5 +1,7 @@
-// CPU reference kernels of the three block-importance estimators (spec section 4). The logits of a
-// few query blocks at a time are materialised, so memory stays bounded at any length.
+// The three block-importance estimators (spec section 4) as device-generic ATen code: the CPU
+// backend's kernels and the CUDA backend's fallback for what its fused kernel does not cover. The
+// logits of a few query blocks at a time are materialised, so memory stays bounded at any length;
+// nothing here reads a device value on the host, so on CUDA it runs without a synchronisation.
 #include <algorithm>
 #include <limits>
 
@@ -7,7 +9,7 @@
 #include "../check.h"
 #include "../ops.h"
 
-namespace psa::cpu {
+namespace psa::aten {
 namespace {
 
 // Elements of logits materialised at once (128 MiB of fp32).
@@ -122,4 +124,4 @@ at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, int64_t blo
   return masked_softmax(logits).to(at::kFloat);
 }
 
-}  // namespace psa::cpu
+}  // namespace psa::aten

@@ -1,0 +1,110 @@
+"""psa on the GPU against dense SDPA (cuDNN, flash) and FlexAttention block-sparse at the same density.
+
+One run, one GPU, bf16, B=1, random inputs, `triton.testing.do_bench` medians. For every model shape and
+density 0.15 / 0.30 / 1.0 (all level 1) it prints:
+  - psa total (`sparse_attention`) and its stages: pyramid (`kv_pyramid`), estimate, assign, and attend
+    (`attention_with_levels`, which builds the pyramid itself, so attend includes pyramid);
+  - dense SDPA with the cuDNN and the flash backend;
+  - FlexAttention with a block mask that keeps, per query block, the `round(density * n_k)` key blocks
+    psa's estimator ranks highest (binary block-sparse at equal compute);
+  - effective TFLOP/s = 4 * B * H * Lq * Lk * D * density / time (density measured from the level map;
+    dense and flex at their own density) and speedups over cuDNN.
+
+Usage: python benchmarks/bench_attention.py [--shapes wan1.3b_480p,...] [--densities 0.15,0.3,1.0]
+"""
+
+import argparse
+import datetime
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+import triton.testing
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.nn.attention.flex_attention import BlockMask, flex_attention
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import psa  # noqa: E402
+from shapes import SHAPES  # noqa: E402
+
+GPU_SHAPES = ("wan1.3b_480p", "cogvideox5b", "wan14b_720p")
+
+
+def config_for(density: float) -> psa.PSAConfig:
+    """Top-k configs whose nominal density is `density`: the default mix of levels (0.15) scaled up,
+    and all blocks at level 1 for 1.0."""
+    if density >= 1.0:
+        return psa.PSAConfig(bounds=(1.0, 1.0, 1.0, 1.0))
+    base = psa.PSAConfig()
+    factor = density / base.nominal_density
+    return psa.PSAConfig(bounds=tuple(min(1.0, b * factor) for b in base.bounds))
+
+
+def bench(fn) -> float:
+    return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def flex_block_mask(scores: torch.Tensor, density: float, length: int, block: int) -> BlockMask:
+    """Binary block mask keeping the top round(density * n_k) key blocks of every query block."""
+    n_k = scores.shape[-1]
+    keep = max(1, min(n_k, round(density * n_k)))
+    order = torch.argsort(scores, dim=-1, descending=True).to(torch.int32)
+    indices = torch.sort(order[..., :keep], dim=-1).values
+    kv_indices = torch.cat([indices, order[..., keep:]], dim=-1).contiguous()
+    counts = torch.full(scores.shape[:-1], keep, dtype=torch.int32, device=scores.device)
+    return BlockMask.from_kv_blocks(torch.zeros_like(counts), kv_indices, counts, kv_indices,
+                                    BLOCK_SIZE=block, seq_lengths=(length, length))
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--shapes", default=",".join(GPU_SHAPES))
+    parser.add_argument("--densities", default="0.15,0.3,1.0")
+    args = parser.parse_args()
+    densities = [float(d) for d in args.densities.split(",")]
+    flex = torch.compile(flex_attention, dynamic=False)
+
+    print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, B=1, "
+          f"{datetime.date.today().isoformat()}")
+    header = ("shape", "dens", "psa ms", "pyr", "est", "asg", "attend", "cudnn", "flash", "flex", "attend TF/s", "psa TF/s",
+              "cudnn TF/s", "flex TF/s", "psa x", "flex x", "est+asg %")
+    print("|" + "|".join(header) + "|")
+    print("|" + "|".join("---" for _ in header) + "|")
+    for name in args.shapes.split(","):
+        shape = SHAPES[name]
+        length, heads, dim = shape.tokens, shape.heads, shape.head_dim
+        q, k, v = (torch.randn(1, heads, length, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+        dense_flops = 4 * heads * length * length * dim
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            cudnn_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            flash_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        for density in densities:
+            config = config_for(density)
+            scores = psa.estimate_importance(q, k, config)
+            levels = psa.assign_levels(scores, config, k=k, q_len=length)
+            measured = psa.level_stats(levels)["density"]
+            pyramid_ms = bench(lambda: psa.kv_pyramid(k, v))
+            estimate_ms = bench(lambda: psa.estimate_importance(q, k, config))
+            assign_ms = bench(lambda: psa.assign_levels(scores, config, k=k, q_len=length))
+            attend_ms = bench(lambda: psa.attention_with_levels(q, k, v, levels, block_m=config.block_m,
+                                                                block_n=config.block_n))
+            total_ms = bench(lambda: psa.sparse_attention(q, k, v, config))
+            mask = flex_block_mask(scores, density, length, config.block_n)
+            flex_density = mask.sparsity() if hasattr(mask, "sparsity") else None
+            flex_density = density if flex_density is None else 1 - flex_density / 100
+            flex_ms = bench(lambda: flex(q, k, v, block_mask=mask))
+            row = (name, f"{measured:.3f}", f"{total_ms:.2f}", f"{pyramid_ms:.2f}", f"{estimate_ms:.2f}",
+                   f"{assign_ms:.2f}", f"{attend_ms:.2f}", f"{cudnn_ms:.2f}", f"{flash_ms:.2f}", f"{flex_ms:.2f}",
+                   f"{dense_flops * measured / attend_ms / 1e9:.0f}", f"{dense_flops * measured / total_ms / 1e9:.0f}", f"{dense_flops / cudnn_ms / 1e9:.0f}",
+                   f"{dense_flops * flex_density / flex_ms / 1e9:.0f}", f"{cudnn_ms / total_ms:.2f}",
+                   f"{cudnn_ms / flex_ms:.2f}", f"{100 * (estimate_ms + assign_ms) / cudnn_ms:.1f}")
+            print("|" + "|".join(row) + "|", flush=True)
+        del q, k, v
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,307 @@
+// Block-tile attention over a level map (spec section 3), for sm80+ with mma.sync.
+//
+// One CTA owns one query block of kBlockM rows (one warp per 16 rows) and runs one online softmax
+// over every key tile its level-map row selects:
+//
+//   1. Schedule. Warp 0 reads the row of the level map and compacts the key block ids into shared
+//      memory grouped by level (ballot + popc, two passes), with per-level counts: a fixed-size
+//      schedule built on the device, so nothing returns to the host.
+//   2. Tiles. Level L's blocks (block_n >> L pooled tokens each) are concatenated and cut into
+//      tiles of kTileN = 64 tokens: four level-8 blocks of a 128-key block fill one tile, one
+//      level-1 block fills two. Every tile is a full-width MMA tile; only the level's last tile
+//      can be partly empty, and its empty rows are zero-filled and masked.
+//   3. Per tile: QK^T (Q fragments stay in registers), + log2(count) bias per column (masks
+//      empty slots and tokens past Lk with -inf), causal mask only on tiles that reach past the
+//      block's first row, online softmax in the exp2 domain, PV with P reused from registers.
+//
+// K/V tiles stream through a two-stage cp.async ring. Rows are gathered token by token from the
+// level's tensor, so level 1 reads the caller's K/V in place (any strides, GQA by head index).
+#pragma once
+
+#include <cfloat>
+#include <climits>
+
+#include "device_utils.cuh"
+#include "params.h"
+#include "shapes.h"
+
+namespace psa::kernels {
+
+// Where tile `index` of a row's schedule lives: level, tile within the level, and the level geometry.
+struct TileRef {
+  int level;         // level index L (pool factor 1 << L)
+  int tile;          // tile index within the level's run
+  int per_block;     // pooled tokens per key block at this level
+  int shift;         // log2(per_block)
+};
+
+template <typename T, int kHeadDim, int kBlockM>
+__global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads, 1)
+    attention_with_levels_kernel(const AttentionParams p) {
+  using Shape = AttentionShape<kHeadDim, kBlockM>;
+  using Rows = SwizzledRows<kHeadDim>;
+  constexpr int kTileN = Shape::kTileN;
+
+  extern __shared__ __align__(128) unsigned char smem[];
+  T* s_q = reinterpret_cast<T*>(smem);
+  T* s_k = s_q + Shape::kQElements;                       // [kStages][kTileN x kHeadDim]
+  T* s_v = s_k + Shape::kStages * Shape::kTileElements;   // [kStages][kTileN x kHeadDim]
+  float* s_bias = reinterpret_cast<float*>(s_v + Shape::kStages * Shape::kTileElements);  // [kStages][kTileN]
+  int* s_last = reinterpret_cast<int*>(s_bias + Shape::kStages * kTileN);                  // [kStages][kTileN]
+  uint16_t* s_ids = reinterpret_cast<uint16_t*>(s_last + Shape::kStages * kTileN);         // [n_k]
+  __shared__ int s_count[kNumLevels], s_start[kNumLevels];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int block = blockIdx.x, bh = blockIdx.y;
+  const int b = bh / p.q_heads, h = bh % p.q_heads;
+  const int kv_head = h / (p.q_heads / p.kv_heads);
+  const int row_begin = block * kBlockM;
+  const int causal_offset = p.k_len - p.q_len;
+
+  // ---- Q tile: rows past Lq are zero-filled.
+  {
+    const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
+    for (int c = tid; c < kBlockM * Shape::kChunks; c += Shape::kThreads) {
+      const int row = c / Shape::kChunks, chunk = c % Shape::kChunks;
+      const bool valid = row_begin + row < p.q_len;
+      const T* src = q + (valid ? static_cast<int64_t>(row_begin + row) * p.q_stride[2] + chunk * 8 : 0);
+      cp_async_16(s_q + Rows::offset(row, chunk), src, valid);
+    }
+    cp_async_commit();
+  }
+
+  // ---- Schedule: key block ids grouped by level (unknown level values count as skip).
+  if (warp == 0) {
+    const int8_t* row_levels = p.levels + (static_cast<int64_t>(bh) * p.n_q + block) * p.n_k;
+    int count[kNumLevels] = {0, 0, 0, 0};
+    for (int base = 0; base < p.n_k; base += 32) {
+      const int8_t level = base + lane < p.n_k ? row_levels[base + lane] : 0;
+#pragma unroll
+      for (int L = 0; L < kNumLevels; ++L) count[L] += __popc(__ballot_sync(0xffffffffu, level == (1 << L)));
+    }
+    int position[kNumLevels];
+    position[0] = 0;
+#pragma unroll
+    for (int L = 1; L < kNumLevels; ++L) position[L] = position[L - 1] + count[L - 1];
+    if (lane < kNumLevels) {
+      s_count[lane] = count[lane];
+      s_start[lane] = position[lane];
+    }
+    const unsigned lanes_below = (1u << lane) - 1u;
+    for (int base = 0; base < p.n_k; base += 32) {
+      const int8_t level = base + lane < p.n_k ? row_levels[base + lane] : 0;
+#pragma unroll
+      for (int L = 0; L < kNumLevels; ++L) {
+        const unsigned hits = __ballot_sync(0xffffffffu, level == (1 << L));
+        if (level == (1 << L)) s_ids[position[L] + __popc(hits & lanes_below)] = static_cast<uint16_t>(base + lane);
+        position[L] += __popc(hits);
+      }
+    }
+  }
+  __syncthreads();
+
+  int level_tiles[kNumLevels];
+  int n_tiles = 0;
+#pragma unroll
+  for (int L = 0; L < kNumLevels; ++L) {
+    level_tiles[L] = (s_count[L] * (p.block_n >> L) + kTileN - 1) / kTileN;
+    n_tiles += level_tiles[L];
+  }
+  auto locate = [&](int index) {
+    TileRef ref{0, index, p.block_n, 0};
+#pragma unroll
+    for (int L = 0; L < kNumLevels - 1; ++L) {
+      if (ref.level == L && ref.tile >= level_tiles[L]) {
+        ref.tile -= level_tiles[L];
+        ref.level = L + 1;
+      }
+    }
+    ref.per_block = p.block_n >> ref.level;
+    ref.shift = __ffs(ref.per_block) - 1;
+    return ref;
+  };
+
+  // Gathers tile `index` of the schedule into `stage`: K and V rows by cp.async, and per column the
+  // logit bias log2(count) (-inf for an empty slot) and the last original key the token covers.
+  auto load_tile = [&](int index, int stage) {
+    const TileRef ref = locate(index);
+    const int L = ref.level, pool = 1 << L;
+    const int count = s_count[L], start = s_start[L];
+    const int tokens = (p.k_len + pool - 1) >> L;
+    const T* k = static_cast<const T*>(p.k[L]) + b * p.k_stride[L][0] + kv_head * p.k_stride[L][1];
+    const T* v = static_cast<const T*>(p.v[L]) + b * p.v_stride[L][0] + kv_head * p.v_stride[L][1];
+    T* k_dst = s_k + stage * Shape::kTileElements;
+    T* v_dst = s_v + stage * Shape::kTileElements;
+    auto token_of = [&](int row, bool& valid) {
+      const int slot_token = ref.tile * kTileN + row;
+      const int slot = slot_token >> ref.shift;
+      valid = slot < count;
+      const int token = valid ? s_ids[start + slot] * ref.per_block + (slot_token & (ref.per_block - 1)) : 0;
+      valid = valid && token < tokens;
+      return token;
+    };
+    for (int c = tid; c < kTileN * Shape::kChunks; c += Shape::kThreads) {
+      const int row = c / Shape::kChunks, chunk = c % Shape::kChunks;
+      bool valid;
+      const int64_t token = token_of(row, valid);
+      cp_async_16(k_dst + Rows::offset(row, chunk), k + token * p.k_stride[L][2] + chunk * 8, valid);
+      cp_async_16(v_dst + Rows::offset(row, chunk), v + token * p.v_stride[L][2] + chunk * 8, valid);
+    }
+    if (tid < kTileN) {
+      bool valid;
+      const int token = token_of(tid, valid);
+      const int first = token * pool, last = min(first + pool, p.k_len) - 1;
+      s_bias[stage * kTileN + tid] = valid ? __log2f(static_cast<float>(last - first + 1)) : -INFINITY;
+      s_last[stage * kTileN + tid] = valid ? last : INT_MAX;
+    }
+  };
+
+  // Whether any token of the tile may be hidden from some row of this block by the causal mask.
+  auto tile_needs_causal_mask = [&](int index) {
+    if (!p.causal) return false;
+    const TileRef ref = locate(index);
+    const int last_slot = min(s_count[ref.level] - 1, (ref.tile * kTileN + kTileN - 1) >> ref.shift);
+    const int last_block = s_ids[s_start[ref.level] + last_slot];
+    const int last_key = min((last_block + 1) * p.block_n, p.k_len) - 1;
+    return last_key > row_begin + causal_offset;
+  };
+
+  float o[kHeadDim / 8][4];
+#pragma unroll
+  for (int nd = 0; nd < kHeadDim / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
+  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  const int g = lane >> 2, t = lane & 3;
+  const int warp_row = warp * 16;
+  const int rows[2] = {row_begin + warp_row + g, row_begin + warp_row + g + 8};
+
+  if (n_tiles > 0) load_tile(0, 0);
+  cp_async_commit();
+  cp_async_wait<1>();  // the Q group
+  __syncthreads();
+  uint32_t q_frag[kHeadDim / 16][4];
+#pragma unroll
+  for (int kc = 0; kc < kHeadDim / 16; ++kc) {
+    ldmatrix_x4(q_frag[kc], s_q + Rows::offset(warp_row + (lane & 15), 2 * kc + (lane >> 4)));
+  }
+
+  for (int index = 0; index < n_tiles; ++index) {
+    const int stage = index & 1;
+    if (index + 1 < n_tiles) {
+      load_tile(index + 1, stage ^ 1);
+      cp_async_commit();
+      cp_async_wait<1>();
+    } else {
+      cp_async_wait<0>();
+    }
+    __syncthreads();
+
+    const T* k_tile = s_k + stage * Shape::kTileElements;
+    const T* v_tile = s_v + stage * Shape::kTileElements;
+    float s[kTileN / 8][4];
+#pragma unroll
+    for (int nt = 0; nt < kTileN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+#pragma unroll
+    for (int kc = 0; kc < kHeadDim / 16; ++kc) {
+#pragma unroll
+      for (int np = 0; np < kTileN / 16; ++np) {
+        uint32_t kb[4];
+        ldmatrix_x4(kb, k_tile + Rows::offset(np * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * kc + ((lane >> 3) & 1)));
+        mma_16816<T>(s[2 * np], q_frag[kc], kb[0], kb[1]);
+        mma_16816<T>(s[2 * np + 1], q_frag[kc], kb[2], kb[3]);
+      }
+    }
+
+    const float* bias = s_bias + stage * kTileN;
+    const int* last = s_last + stage * kTileN;
+    const bool masked = tile_needs_causal_mask(index);
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int nt = 0; nt < kTileN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int col = nt * 8 + 2 * t + (e & 1), r = e >> 1;
+        float x = fmaf(s[nt][e], p.scale_log2, bias[col]);
+        if (masked && last[col] > rows[r] + causal_offset) x = -INFINITY;
+        s[nt][e] = x;
+        tile_max[r] = fmaxf(tile_max[r], x);
+      }
+    }
+    float scale_old[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
+      // A row that has seen only -inf so far keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
+      const float base = new_max == -INFINITY ? 0.f : new_max;
+      scale_old[r] = exp2f(row_max[r] - base);
+      row_max[r] = new_max;
+      tile_max[r] = base;
+    }
+    float tile_sum[2] = {0.f, 0.f};
+#pragma unroll
+    for (int nt = 0; nt < kTileN / 8; ++nt) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        s[nt][e] = exp2f(s[nt][e] - tile_max[e >> 1]);
+        tile_sum[e >> 1] += s[nt][e];
+      }
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * scale_old[r] + tile_sum[r];
+#pragma unroll
+    for (int nd = 0; nd < kHeadDim / 8; ++nd) {
+      o[nd][0] *= scale_old[0];
+      o[nd][1] *= scale_old[0];
+      o[nd][2] *= scale_old[1];
+      o[nd][3] *= scale_old[1];
+    }
+
+#pragma unroll
+    for (int kk = 0; kk < kTileN / 16; ++kk) {
+      const uint32_t a[4] = {pack2<T>(s[2 * kk][0], s[2 * kk][1]), pack2<T>(s[2 * kk][2], s[2 * kk][3]),
+                             pack2<T>(s[2 * kk + 1][0], s[2 * kk + 1][1]),
+                             pack2<T>(s[2 * kk + 1][2], s[2 * kk + 1][3])};
+#pragma unroll
+      for (int nd = 0; nd < kHeadDim / 8; nd += 2) {
+        uint32_t vb[4];
+        ldmatrix_x4_trans(vb, v_tile + Rows::offset(kk * 16 + (lane & 7) + (((lane >> 3) & 1) << 3), nd + (lane >> 4)));
+        mma_16816<T>(o[nd], a, vb[0], vb[1]);
+        mma_16816<T>(o[nd + 1], a, vb[2], vb[3]);
+      }
+    }
+    __syncthreads();  // the next iteration's load overwrites this stage
+  }
+
+  // ---- Epilogue: rows that saw no key write zeros and lse = -inf.
+  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(bh) * p.q_len * kHeadDim;
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float total = quad_sum(row_sum[r]);
+    if (rows[r] >= p.q_len) continue;
+    const float inverse = total > 0.f ? 1.f / total : 0.f;
+    T* out_row = out + static_cast<int64_t>(rows[r]) * kHeadDim;
+#pragma unroll
+    for (int nd = 0; nd < kHeadDim / 8; ++nd) {
+      *reinterpret_cast<uint32_t*>(out_row + nd * 8 + 2 * t) =
+          pack2<T>(o[nd][2 * r] * inverse, o[nd][2 * r + 1] * inverse);
+    }
+    if (t == 0) {
+      p.lse[static_cast<int64_t>(bh) * p.q_len + rows[r]] =
+          total > 0.f ? (row_max[r] + __log2f(total)) * 0.69314718055994531f : -INFINITY;
+    }
+  }
+}
+
+template <typename T, int kHeadDim, int kBlockM>
+cudaError_t launch_attention_with_levels(const AttentionParams& p, cudaStream_t stream) {
+  using Shape = AttentionShape<kHeadDim, kBlockM>;
+  const size_t smem = Shape::smem_bytes(p.n_k);
+  auto kernel = attention_with_levels_kernel<T, kHeadDim, kBlockM>;
+  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem));
+  if (status != cudaSuccess) return status;
+  const dim3 grid(static_cast<unsigned>(p.n_q), static_cast<unsigned>(p.batch * p.q_heads));
+  kernel<<<grid, Shape::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
+}
+
+}  // namespace psa::kernels

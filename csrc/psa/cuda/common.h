@@ -1,0 +1,50 @@
+// Helpers shared by the CUDA host code: dtype dispatch, launch checks, layout and device limits.
+#pragma once
+
+#include <ATen/ATen.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+#include <cuda_runtime.h>
+
+#include "../check.h"
+
+namespace psa::cuda {
+
+// Calls f(T{}) with T the CUDA type of a bf16/fp16 tensor.
+template <typename F>
+auto dispatch_input_dtype(const char* op, at::ScalarType dtype, F&& f) {
+  switch (dtype) {
+    case at::kBFloat16: return f(__nv_bfloat16{});
+    case at::kHalf: return f(__half{});
+    default: PSA_CHECK(false, op, ": no CUDA kernel for dtype ", dtype);
+  }
+  return f(__half{});  // unreachable
+}
+
+inline void check_launch(const char* op, cudaError_t status) {
+  PSA_CHECK(status == cudaSuccess, op, ": CUDA kernel launch failed: ", cudaGetErrorString(status));
+}
+
+// The kernels copy rows with 16-byte cp.async: the base pointer and every stride above the last dim
+// must keep rows 16-byte aligned. Otherwise we take a fresh copy (a device copy, no sync); a clone,
+// because contiguous() returns a contiguous tensor at an odd storage offset unchanged.
+inline at::Tensor rows_16b_aligned(const at::Tensor& t) {
+  bool aligned = reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0;
+  for (int d = 0; d + 1 < t.dim(); ++d) aligned = aligned && (t.stride(d) * t.element_size()) % 16 == 0;
+  return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
+}
+
+// Largest dynamic shared memory a kernel may opt into on `device` (a cached attribute query).
+inline size_t max_dynamic_smem(const at::Device& device) {
+  int bytes = 0;
+  cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index());
+  return static_cast<size_t>(bytes);
+}
+
+inline void set_strides(int64_t (&dst)[3], const at::Tensor& t) {
+  for (int d = 0; d < 3; ++d) dst[d] = t.stride(d);
+}
+
+}  // namespace psa::cuda

@@ -1,0 +1,96 @@
+"""The CUDA estimators and level assignment against psa.reference and the CPU backend."""
+
+import pytest
+import torch
+
+import psa
+from psa import PSAConfig, reference
+from conftest import CUDA_DTYPES, CUDA_HEAD_DIMS, randn, requires_cuda
+
+pytestmark = [pytest.mark.cuda, requires_cuda]
+
+
+def check_scores(scores, q, k, causal, **kwargs):
+    """Scores against the float64 reference on the same (rounded) inputs: the kernels multiply
+    bf16/fp16 values exactly and sum in fp32, so only fp32 rounding separates them."""
+    expected = reference.estimate_importance(q.double().cpu(), k.double().cpu(), causal=causal, **kwargs).double()
+    assert scores.is_cuda and scores.dtype == torch.float32 and scores.shape == expected.shape
+    torch.testing.assert_close(scores.cpu().double(), expected, atol=2e-5, rtol=1e-3)
+    candidates = reference.candidate_blocks(q.shape[2], k.shape[2], kwargs["block_m"], kwargs["block_n"], causal)
+    assert (scores.cpu()[..., ~candidates] == 0).all()
+
+
+@pytest.mark.parametrize("method", ["sampled", "antidiagonal", "pooled"])
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_m,block_n", [(128, 128), (64, 32), (32, 64)])
+def test_estimators_match_reference(rng, method, dtype, head_dim, causal, block_m, block_n):
+    q = randn(rng, 2, 4, 333, head_dim, dtype=dtype, device="cuda")
+    k = randn(rng, 2, 2, 301, head_dim, dtype=dtype, device="cuda")
+    config = PSAConfig(block_m=block_m, block_n=block_n, estimator=method, causal=causal)
+    scores = psa.estimate_importance(q, k, config)
+    check_scores(scores, q, k, causal, method=method, block_m=block_m, block_n=block_n)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sampled_with_drawn_offsets_and_the_aten_fallback(rng, causal):
+    q = randn(rng, 1, 2, 700, 128, dtype=torch.bfloat16, device="cuda")
+    k = randn(rng, 1, 1, 650, 128, dtype=torch.bfloat16, device="cuda")
+    kwargs = dict(block_m=128, block_n=128, method="sampled", causal=causal)
+    # 32 drawn offsets run the fused kernel; 5 offsets are outside what it is built for (ATen path).
+    for count in (32, 5):
+        q_offsets = torch.sort(torch.randperm(128, generator=rng)[:count]).values
+        k_offsets = torch.sort(torch.randperm(128, generator=rng)[:count]).values
+        scores = torch.ops.psa.estimate_importance(q, k, q_offsets.cuda(), k_offsets.cuda(), **kwargs)
+        check_scores(scores, q, k, causal, q_offsets=q_offsets, k_offsets=k_offsets, block_m=128, block_n=128,
+                     method="sampled")
+
+
+def test_sampled_long_rows_use_the_narrow_table(rng):
+    # n_k = 2048 key blocks: a 64-row table of floats (512 KiB) does not fit in shared memory, so the
+    # kernel runs 32 rows per CTA or falls back to ATen; either way the scores must match.
+    q = randn(rng, 1, 1, 256, 64, dtype=torch.float16, device="cuda")
+    k = randn(rng, 1, 1, 2048 * 32, 64, dtype=torch.float16, device="cuda")
+    scores = psa.estimate_importance(q, k, PSAConfig(block_m=128, block_n=32))
+    check_scores(scores, q, k, False, method="sampled", block_m=128, block_n=32)
+
+
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("sim", [None, (0.05, 0.0, -0.05)])
+@pytest.mark.parametrize("score_dtype", [torch.float32, torch.float64])
+def test_assign_matches_cpu_backend(rng, mode, causal, sim, score_dtype):
+    q_len, k_len, block_m, block_n = 700, 650, 64, 32
+    scores = (torch.rand(2, 4, 11, 21, generator=rng, dtype=torch.float64) ** 4).to(score_dtype)
+    k = torch.randn(2, 2, k_len, 64, generator=rng).to(torch.bfloat16)
+    config = PSAConfig(mode=mode, bounds=(0.2, 0.4, 0.5, 0.8), causal=causal, block_m=block_m, block_n=block_n,
+                       sim_thresholds=sim)
+    keys = torch.rand(2, k_len, generator=rng) < 0.01
+    queries = torch.rand(2, q_len, generator=rng) < 0.002
+    args = dict(q_len=q_len, force_keys=keys, force_queries=queries)
+    expected = psa.assign_levels(scores, config, k=k, **args)
+    assert torch.equal(expected, reference.assign_levels(
+        scores, mode=mode, bounds=config.bounds, block_m=block_m, block_n=block_n, q_len=q_len, k_len=k_len,
+        causal=causal, k=k.double(), sim_thresholds=sim, force_keys=keys, force_queries=queries))
+    levels = psa.assign_levels(scores.cuda(), config, k=k.cuda(), q_len=q_len, force_keys=keys.cuda(),
+                               force_queries=queries.cuda())
+    assert levels.is_cuda and levels.dtype == torch.int8
+    assert torch.equal(levels.cpu(), expected)
+
+
+@pytest.mark.parametrize("n_k", [1, 600, 2100, 4096])
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_assign_long_rows_and_ties(rng, n_k, mode):
+    # Scores drawn from a few values make many ties: ranks must still break them by lower block index.
+    scores = torch.randint(0, 4, (1, 2, 3, n_k), generator=rng).float() / 4
+    config = PSAConfig(mode=mode, bounds=(0.1, 0.3, 0.5, 0.7), block_m=64, block_n=32)
+    args = dict(q_len=3 * 64, k_len=n_k * 32)
+    expected = psa.assign_levels(scores, config, **args)
+    assert torch.equal(psa.assign_levels(scores.cuda(), config, **args).cpu(), expected)
+
+
+def test_assign_rejects_too_many_key_blocks():
+    scores = torch.rand(1, 1, 1, 4097, device="cuda")
+    with pytest.raises(RuntimeError, match="at most 4096 on CUDA"):
+        psa.assign_levels(scores, PSAConfig(block_n=32), q_len=64, k_len=4097 * 32)

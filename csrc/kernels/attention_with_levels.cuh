@@ -7,9 +7,10 @@
 //      memory grouped by level (ballot + popc, two passes), with per-level counts: a fixed-size
 //      schedule built on the device, so nothing returns to the host.
 //   2. Tiles. Level L's blocks (block_n >> L pooled tokens each) are concatenated and cut into
-//      tiles of kTileN = 64 tokens: four level-8 blocks of a 128-key block fill one tile, one
-//      level-1 block fills two. Every tile is a full-width MMA tile; only the level's last tile
-//      can be partly empty, and its empty rows are zero-filled and masked.
+//      tiles of kTileN tokens (64 at head_dim 128, 128 at 64): at kTileN = 64 four level-8
+//      blocks of a 128-key block fill one tile and one level-1 block fills two. Every tile is a
+//      full-width MMA tile; only the level's last tile can be partly empty, and its empty rows are
+//      zero-filled and masked.
 //   3. Per tile: QK^T (Q fragments stay in registers), + log2(count) bias per column (masks
 //      empty slots and tokens past Lk with -inf), causal mask only on tiles that reach past the
 //      block's first row, online softmax in the exp2 domain, PV with P reused from registers.
@@ -36,7 +37,7 @@ struct TileRef {
 };
 
 template <typename T, int kHeadDim, int kBlockM>
-__global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads, 1)
+__global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads, AttentionShape<kHeadDim, kBlockM>::kMinBlocks)
     attention_with_levels_kernel(const AttentionParams p) {
   using Shape = AttentionShape<kHeadDim, kBlockM>;
   using Rows = SwizzledRows<kHeadDim>;
@@ -100,22 +101,17 @@ __global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads, 1
   }
   __syncthreads();
 
-  int level_tiles[kNumLevels];
-  int n_tiles = 0;
-#pragma unroll
-  for (int L = 0; L < kNumLevels; ++L) {
-    level_tiles[L] = (s_count[L] * (p.block_n >> L) + kTileN - 1) / kTileN;
-    n_tiles += level_tiles[L];
-  }
+  // Tiles per level, as scalars: a local array captured by the lambdas below would live in memory.
+  const int tiles0 = (s_count[0] * p.block_n + kTileN - 1) / kTileN;
+  const int tiles1 = (s_count[1] * (p.block_n >> 1) + kTileN - 1) / kTileN;
+  const int tiles2 = (s_count[2] * (p.block_n >> 2) + kTileN - 1) / kTileN;
+  const int tiles3 = (s_count[3] * (p.block_n >> 3) + kTileN - 1) / kTileN;
+  const int n_tiles = tiles0 + tiles1 + tiles2 + tiles3;
   auto locate = [&](int index) {
     TileRef ref{0, index, p.block_n, 0};
-#pragma unroll
-    for (int L = 0; L < kNumLevels - 1; ++L) {
-      if (ref.level == L && ref.tile >= level_tiles[L]) {
-        ref.tile -= level_tiles[L];
-        ref.level = L + 1;
-      }
-    }
+    if (ref.tile >= tiles0) { ref.tile -= tiles0; ref.level = 1; }
+    if (ref.level == 1 && ref.tile >= tiles1) { ref.tile -= tiles1; ref.level = 2; }
+    if (ref.level == 2 && ref.tile >= tiles2) { ref.tile -= tiles2; ref.level = 3; }
     ref.per_block = p.block_n >> ref.level;
     ref.shift = __ffs(ref.per_block) - 1;
     return ref;
@@ -128,8 +124,19 @@ __global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads, 1
     const int L = ref.level, pool = 1 << L;
     const int count = s_count[L], start = s_start[L];
     const int tokens = (p.k_len + pool - 1) >> L;
-    const T* k = static_cast<const T*>(p.k[L]) + b * p.k_stride[L][0] + kv_head * p.k_stride[L][1];
-    const T* v = static_cast<const T*>(p.v[L]) + b * p.v_stride[L][0] + kv_head * p.v_stride[L][1];
+    // Select the level's pointers and strides with constant indices: indexing the kernel parameters
+    // with a runtime L would copy them to local memory.
+    const T *k = nullptr, *v = nullptr;
+    int64_t k_token_stride = 0, v_token_stride = 0;
+#pragma unroll
+    for (int level = 0; level < kNumLevels; ++level) {
+      if (level == L) {
+        k = static_cast<const T*>(p.k[level]) + b * p.k_stride[level][0] + kv_head * p.k_stride[level][1];
+        v = static_cast<const T*>(p.v[level]) + b * p.v_stride[level][0] + kv_head * p.v_stride[level][1];
+        k_token_stride = p.k_stride[level][2];
+        v_token_stride = p.v_stride[level][2];
+      }
+    }
     T* k_dst = s_k + stage * Shape::kTileElements;
     T* v_dst = s_v + stage * Shape::kTileElements;
     auto token_of = [&](int row, bool& valid) {
@@ -144,15 +151,15 @@ __global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads, 1
       const int row = c / Shape::kChunks, chunk = c % Shape::kChunks;
       bool valid;
       const int64_t token = token_of(row, valid);
-      cp_async_16(k_dst + Rows::offset(row, chunk), k + token * p.k_stride[L][2] + chunk * 8, valid);
-      cp_async_16(v_dst + Rows::offset(row, chunk), v + token * p.v_stride[L][2] + chunk * 8, valid);
+      cp_async_16(k_dst + Rows::offset(row, chunk), k + token * k_token_stride + chunk * 8, valid);
+      cp_async_16(v_dst + Rows::offset(row, chunk), v + token * v_token_stride + chunk * 8, valid);
     }
-    if (tid < kTileN) {
+    for (int row = tid; row < kTileN; row += Shape::kThreads) {
       bool valid;
-      const int token = token_of(tid, valid);
+      const int token = token_of(row, valid);
       const int first = token * pool, last = min(first + pool, p.k_len) - 1;
-      s_bias[stage * kTileN + tid] = valid ? __log2f(static_cast<float>(last - first + 1)) : -INFINITY;
-      s_last[stage * kTileN + tid] = valid ? last : INT_MAX;
+      s_bias[stage * kTileN + row] = valid ? __log2f(static_cast<float>(last - first + 1)) : -INFINITY;
+      s_last[stage * kTileN + row] = valid ? last : INT_MAX;
     }
   };
 
@@ -178,11 +185,6 @@ __global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads, 1
   cp_async_commit();
   cp_async_wait<1>();  // the Q group
   __syncthreads();
-  uint32_t q_frag[kHeadDim / 16][4];
-#pragma unroll
-  for (int kc = 0; kc < kHeadDim / 16; ++kc) {
-    ldmatrix_x4(q_frag[kc], s_q + Rows::offset(warp_row + (lane & 15), 2 * kc + (lane >> 4)));
-  }
 
   for (int index = 0; index < n_tiles; ++index) {
     const int stage = index & 1;
@@ -202,12 +204,16 @@ __global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads, 1
     for (int nt = 0; nt < kTileN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
 #pragma unroll
     for (int kc = 0; kc < kHeadDim / 16; ++kc) {
+      // Q fragments are re-read from shared memory per tile rather than held in registers: 32 fewer
+      // registers per thread let two 8-warp CTAs share an SM.
+      uint32_t q_frag[4];
+      ldmatrix_x4(q_frag, s_q + Rows::offset(warp_row + (lane & 15), 2 * kc + (lane >> 4)));
 #pragma unroll
       for (int np = 0; np < kTileN / 16; ++np) {
         uint32_t kb[4];
         ldmatrix_x4(kb, k_tile + Rows::offset(np * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * kc + ((lane >> 3) & 1)));
-        mma_16816<T>(s[2 * np], q_frag[kc], kb[0], kb[1]);
-        mma_16816<T>(s[2 * np + 1], q_frag[kc], kb[2], kb[3]);
+        mma_16816<T>(s[2 * np], q_frag, kb[0], kb[1]);
+        mma_16816<T>(s[2 * np + 1], q_frag, kb[2], kb[3]);
       }
     }
 

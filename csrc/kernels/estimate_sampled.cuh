@@ -2,11 +2,15 @@
 //
 // scores[i, j] = P[i, j] / sum_j P[i, j] with
 //   P[i, j] = max over sampled rows r of block i of exp(max_{c in block j} x_rc - max_{all c} x_rc).
-// The [L/4, L/4] logits never reach global memory: a CTA takes kRows sampled query rows (whole query
-// blocks), streams the sampled keys through shared memory 64 at a time, reduces each 16 x 64 MMA
-// tile to per-row block maxima in registers and keeps only those ([kRows, n_k] floats) in shared
-// memory. After the last key tile the row maxima are final and one pass over that table gives P and
-// the normalised scores. The host picks kWarps so the table fits, and uses the ATen path otherwise.
+// The [L/4, L/4] logits never reach global memory: a CTA takes kRows = 128 sampled query rows (whole
+// query blocks; 4 warps of 32 rows, so each K fragment loaded from shared memory feeds four MMAs),
+// streams the sampled keys through shared memory 64 at a time, and reduces each MMA tile to per-row
+// block maxima in registers. Only those maxima leave the SM, into the CTA's slice of a scratch table
+// ([n_k][kRows] floats, block-major so a warp's rows write contiguous runs); the row maxima stay in
+// registers. After the last key tile the row maxima are final and one pass over the CTA's own
+// (L2-resident) table gives P and the normalised scores. Keeping the table out of shared memory keeps
+// the CTA small (Q tile + two K stages), so three CTAs share an SM at any n_k; the host bounds the
+// scratch by launching head chunks.
 #pragma once
 
 #include <cfloat>
@@ -22,10 +26,11 @@ __device__ __forceinline__ int clamp_offset(int64_t offset, int block) {
   return static_cast<int>(offset < 0 ? 0 : (offset >= block ? block - 1 : offset));
 }
 
-template <typename T, int kHeadDim, int kWarps>
-__global__ void __launch_bounds__(SampledShape<kHeadDim, kWarps>::kThreads)
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape<kHeadDim>::kMinBlocks)
     estimate_sampled_kernel(const SampledParams p) {
-  using Shape = SampledShape<kHeadDim, kWarps>;
+  using Shape = SampledShape<kHeadDim>;
+  constexpr int kWarps = Shape::kWarps;
   using Rows = SwizzledRows<kHeadDim>;
   constexpr int kRows = Shape::kRows, kTileN = Shape::kTileN;
 
@@ -33,11 +38,11 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim, kWarps>::kThreads)
   T* s_q = reinterpret_cast<T*>(smem);                                   // [kRows x D]
   T* s_k = s_q + kRows * kHeadDim;                                       // [kStages][kTileN x D]
   float* s_row_max = reinterpret_cast<float*>(s_k + Shape::kStages * kTileN * kHeadDim);  // [kRows]
-  float* s_block_max = s_row_max + kRows;                                // [kRows][n_k]
+  float* table = p.table + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kRows * p.n_k;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int g = lane >> 2, t = lane & 3;
-  const int bh = blockIdx.y, b = bh / p.q_heads, h = bh % p.q_heads;
+  const int bh = p.bh_begin + blockIdx.y, b = bh / p.q_heads, h = bh % p.q_heads;
   const int kv_head = h / (p.q_heads / p.kv_heads);
   const int blocks_per_cta = kRows / p.q_samples;
   const int first_block = blockIdx.x * blocks_per_cta;
@@ -89,16 +94,25 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim, kWarps>::kThreads)
   cp_async_commit();
   cp_async_wait<1>();
   __syncthreads();
-  uint32_t q_frag[kHeadDim / 16][4];
+  // A warp owns kMTiles m16 row tiles, so every K fragment it loads feeds 2 * kMTiles MMAs. Its thread
+  // holds rows g and g + 8 of each: local row index 2 * mt + r.
+  constexpr int kMTiles = Shape::kMTiles, kWarpRows = 16 * kMTiles;
+  uint32_t q_frag[kMTiles][kHeadDim / 16][4];
+  int local_rows[2 * kMTiles], row_last_candidate[2 * kMTiles];
+  float row_max[2 * kMTiles];
 #pragma unroll
-  for (int kc = 0; kc < kHeadDim / 16; ++kc) {
-    ldmatrix_x4(q_frag[kc], s_q + Rows::offset(warp * 16 + (lane & 15), 2 * kc + (lane >> 4)));
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int kc = 0; kc < kHeadDim / 16; ++kc) {
+      ldmatrix_x4(q_frag[mt][kc], s_q + Rows::offset(warp * kWarpRows + mt * 16 + (lane & 15), 2 * kc + (lane >> 4)));
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      local_rows[2 * mt + r] = warp * kWarpRows + mt * 16 + g + 8 * r;
+      row_last_candidate[2 * mt + r] = last_candidate(first_block + local_rows[2 * mt + r] / p.q_samples);
+      row_max[2 * mt + r] = -INFINITY;
+    }
   }
-  const int local_rows[2] = {warp * 16 + g, warp * 16 + g + 8};
-  int row_last_candidate[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) row_last_candidate[r] = last_candidate(first_block + local_rows[r] / p.q_samples);
-  float row_max[2] = {-INFINITY, -INFINITY};
   const int tiles_per_block = p.k_samples / 8;  // n8 MMA tiles per key block
 
   for (int tile = 0; tile < n_tiles; ++tile) {
@@ -113,48 +127,59 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim, kWarps>::kThreads)
     __syncthreads();
 
     const T* k_tile = s_k + stage * kTileN * kHeadDim;
-    float s[kTileN / 8][4];
+    float s[kMTiles][kTileN / 8][4];
 #pragma unroll
-    for (int nt = 0; nt < kTileN / 8; ++nt) s[nt][0] = s[nt][1] = s[nt][2] = s[nt][3] = 0.f;
+    for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+      for (int nt = 0; nt < kTileN / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
+    }
 #pragma unroll
     for (int kc = 0; kc < kHeadDim / 16; ++kc) {
 #pragma unroll
       for (int np = 0; np < kTileN / 16; ++np) {
         uint32_t kb[4];
         ldmatrix_x4(kb, k_tile + Rows::offset(np * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * kc + ((lane >> 3) & 1)));
-        mma_16816<T>(s[2 * np], q_frag[kc], kb[0], kb[1]);
-        mma_16816<T>(s[2 * np + 1], q_frag[kc], kb[2], kb[3]);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          mma_16816<T>(s[mt][2 * np], q_frag[mt][kc], kb[0], kb[1]);
+          mma_16816<T>(s[mt][2 * np + 1], q_frag[mt][kc], kb[2], kb[3]);
+        }
       }
     }
     // Per row and key block of the tile: the max logit (log2 domain), -inf for non-candidates. The
     // n8 tiles are walked in a fully unrolled loop (register arrays need constant indices) and each
     // key block's maximum is flushed after its last n8 tile.
-    float block_max[2] = {-INFINITY, -INFINITY};
+    float block_max[2 * kMTiles];
+#pragma unroll
+    for (int i = 0; i < 2 * kMTiles; ++i) block_max[i] = -INFINITY;
 #pragma unroll
     for (int nt = 0; nt < kTileN / 8; ++nt) {
-      block_max[0] = fmaxf(block_max[0], fmaxf(s[nt][0] * p.scale_log2, s[nt][1] * p.scale_log2));
-      block_max[1] = fmaxf(block_max[1], fmaxf(s[nt][2] * p.scale_log2, s[nt][3] * p.scale_log2));
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) {
+        block_max[2 * mt] = fmaxf(block_max[2 * mt], fmaxf(s[mt][nt][0], s[mt][nt][1]) * p.scale_log2);
+        block_max[2 * mt + 1] = fmaxf(block_max[2 * mt + 1], fmaxf(s[mt][nt][2], s[mt][nt][3]) * p.scale_log2);
+      }
       if ((nt + 1) % tiles_per_block == 0) {
         const int key_block = (tile * kTileN + nt * 8) / p.k_samples;
 #pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          float value = quad_max(block_max[r]);
-          if (key_block > row_last_candidate[r]) value = -INFINITY;
-          row_max[r] = fmaxf(row_max[r], value);
-          if (t == 0 && key_block < active_blocks) s_block_max[local_rows[r] * p.n_k + key_block] = value;
-          block_max[r] = -INFINITY;
+        for (int i = 0; i < 2 * kMTiles; ++i) {
+          float value = quad_max(block_max[i]);
+          if (key_block > row_last_candidate[i]) value = -INFINITY;
+          row_max[i] = fmaxf(row_max[i], value);
+          if (t == 0 && key_block < active_blocks) table[key_block * kRows + local_rows[i]] = value;
+          block_max[i] = -INFINITY;
         }
       }
     }
     __syncthreads();  // the next iteration's load overwrites this stage
   }
   if (t == 0) {
-    s_row_max[local_rows[0]] = row_max[0];
-    s_row_max[local_rows[1]] = row_max[1];
+#pragma unroll
+    for (int i = 0; i < 2 * kMTiles; ++i) s_row_max[local_rows[i]] = row_max[i];
   }
-  __syncthreads();
+  __syncthreads();  // also makes the table's global writes visible to the whole CTA
 
-  // P[i, j] into the first sampled row of block i (each (i, j) is read and written by one thread).
+  // P[i, j] into the table entry of block i's first sampled row (read and written by one thread).
   for (int index = tid; index < blocks_per_cta * p.n_k; index += Shape::kThreads) {
     const int qb = index / p.n_k, j = index % p.n_k;
     if (first_block + qb >= p.n_q) continue;
@@ -163,38 +188,38 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim, kWarps>::kThreads)
       for (int sample = 0; sample < p.q_samples; ++sample) {
         const int row = qb * p.q_samples + sample;
         const float base = s_row_max[row] == -INFINITY ? 0.f : s_row_max[row];
-        peak = fmaxf(peak, exp2f(s_block_max[row * p.n_k + j] - base));
+        peak = fmaxf(peak, exp2f(table[j * kRows + row] - base));
       }
     }
-    s_block_max[qb * p.q_samples * p.n_k + j] = peak;
+    table[j * kRows + qb * p.q_samples] = peak;
   }
   __syncthreads();
 
   for (int qb = warp; qb < blocks_per_cta; qb += kWarps) {
     const int block = first_block + qb;
     if (block >= p.n_q) break;
-    const float* peaks = s_block_max + qb * p.q_samples * p.n_k;
+    const float* peaks = table + qb * p.q_samples;  // peaks[j * kRows]
     float total = 0.f;
-    for (int j = lane; j < p.n_k; j += 32) total += peaks[j];
+    for (int j = lane; j < p.n_k; j += 32) total += peaks[j * kRows];
 #pragma unroll
     for (int delta = 16; delta > 0; delta >>= 1) total += __shfl_xor_sync(0xffffffffu, total, delta);
     const float inverse = total > 0.f ? 1.f / total : 0.f;
     float* out = p.scores + (static_cast<int64_t>(bh) * p.n_q + block) * p.n_k;
-    for (int j = lane; j < p.n_k; j += 32) out[j] = peaks[j] * inverse;
+    for (int j = lane; j < p.n_k; j += 32) out[j] = peaks[j * kRows] * inverse;
   }
 }
 
-template <typename T, int kHeadDim, int kWarps>
+template <typename T, int kHeadDim>
 cudaError_t launch_estimate_sampled(const SampledParams& p, cudaStream_t stream) {
-  using Shape = SampledShape<kHeadDim, kWarps>;
-  const size_t smem = Shape::smem_bytes(p.n_k);
-  auto kernel = estimate_sampled_kernel<T, kHeadDim, kWarps>;
+  using Shape = SampledShape<kHeadDim>;
+  const size_t smem = Shape::kSmemBytes;
+  auto kernel = estimate_sampled_kernel<T, kHeadDim>;
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem));
   if (status != cudaSuccess) return status;
   const int blocks_per_cta = Shape::kRows / p.q_samples;
   const dim3 grid(static_cast<unsigned>((p.n_q + blocks_per_cta - 1) / blocks_per_cta),
-                  static_cast<unsigned>(p.batch * p.q_heads));
+                  static_cast<unsigned>(p.bh_count));
   kernel<<<grid, Shape::kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }

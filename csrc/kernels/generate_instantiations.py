@@ -20,7 +20,7 @@ KERNELS = {
     "attention_with_levels": ("attention_with_levels.cuh", "launch_attention_with_levels", "AttentionParams",
                               [INPUT_DTYPES, HEAD_DIMS, {"m32": "32", "m64": "64", "m128": "128"}]),
     "estimate_sampled": ("estimate_sampled.cuh", "launch_estimate_sampled", "SampledParams",
-                         [INPUT_DTYPES, HEAD_DIMS, {"w4": "4", "w2": "2"}]),
+                         [INPUT_DTYPES, HEAD_DIMS]),
     "assign_levels": ("assign_levels.cuh", "launch_assign_levels", "AssignParams", [SCORE_DTYPES]),
 }
 

@@ -17,8 +17,8 @@ cudaError_t launch_kv_pyramid(const PyramidParams& params, cudaStream_t stream);
 template <typename T, int kHeadDim, int kBlockM>
 cudaError_t launch_attention_with_levels(const AttentionParams& params, cudaStream_t stream);
 
-// kWarps 4 or 2: 64 or 32 sampled query rows per CTA (the host picks what fits in shared memory).
-template <typename T, int kHeadDim, int kWarps>
+// One launch covers heads [bh_begin, bh_begin + bh_count) of the flattened batch * head range.
+template <typename T, int kHeadDim>
 cudaError_t launch_estimate_sampled(const SampledParams& params, cudaStream_t stream);
 
 // Score: float or double.

@@ -48,6 +48,8 @@ struct SampledParams {
   const int64_t* q_offsets;           // [q_samples], offsets into a query block
   const int64_t* k_offsets;           // [k_samples], offsets into a key block
   float* scores;                      // [B, Hq, n_q, n_k], contiguous
+  float* table;                       // scratch: per CTA, [n_k][rows] block maxima
+  int bh_begin, bh_count;             // the (batch * head) range of this launch
   int batch, q_heads, kv_heads, q_len, k_len;
   int block_m, block_n, n_q, n_k;
   int q_samples, k_samples;           // 8, 16 or 32 each

@@ -11,9 +11,13 @@ template <int kHeadDim, int kBlockM>
 struct AttentionShape {
   static constexpr int kWarps = kBlockM / 16;
   static constexpr int kThreads = kWarps * 32;
-  static constexpr int kTileN = 64;
+  // Keys per tile: as wide as the registers allow at two CTAs per SM (S and O accumulators).
+  static constexpr int kTileN = kHeadDim == 64 ? 128 : 64;
   static constexpr int kStages = 2;
   static constexpr int kChunks = kHeadDim / 8;  // 16-byte chunks per row
+  // CTAs per SM the register budget is sized for (__launch_bounds__): two, so one CTA's barrier
+  // waits and cp.async latency overlap the other's MMAs.
+  static constexpr int kMinBlocks = 2;
   static constexpr int kQElements = kBlockM * kHeadDim;
   static constexpr int kTileElements = kTileN * kHeadDim;
   // Q, K and V stages, then per stage and column: bias (float) and last covered key (int), then ids.
@@ -22,16 +26,22 @@ struct AttentionShape {
   static size_t smem_bytes(int n_k) { return kFixedBytes + sizeof(uint16_t) * static_cast<size_t>(n_k); }
 };
 
-template <int kHeadDim, int kWarps>
+template <int kHeadDim>
 struct SampledShape {
-  static constexpr int kRows = 16 * kWarps;  // sampled query rows per CTA
+  static constexpr int kWarps = 4;
+  static constexpr int kMTiles = 2;                    // m16 row tiles per warp
+  static constexpr int kRows = 16 * kMTiles * kWarps;  // sampled query rows per CTA (whole query blocks)
+  static constexpr int kMinBlocks = 3;                 // CTAs per SM the registers are sized for
   static constexpr int kThreads = 32 * kWarps;
   static constexpr int kTileN = 64;          // sampled keys per tile
   static constexpr int kStages = 2;
   static constexpr int kChunks = kHeadDim / 8;
-  static constexpr size_t kFixedBytes =
-      2 * (kRows + kStages * kTileN) * kHeadDim + sizeof(float) * kRows;
-  static size_t smem_bytes(int n_k) { return kFixedBytes + sizeof(float) * kRows * static_cast<size_t>(n_k); }
+  static constexpr size_t kSmemBytes = 2 * (kRows + kStages * kTileN) * kHeadDim + sizeof(float) * kRows;
+  // Scratch floats of one (batch, head): every CTA's [n_k][kRows] table of block maxima.
+  static int64_t table_floats_per_head(int n_q, int q_samples, int n_k) {
+    const int blocks_per_cta = kRows / q_samples;
+    return static_cast<int64_t>((n_q + blocks_per_cta - 1) / blocks_per_cta) * kRows * n_k;
+  }
 };
 
 // Largest n_k (key blocks per row) level assignment handles: threads x items of its biggest variant.

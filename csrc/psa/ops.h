@@ -74,7 +74,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q, co
 namespace cuda {
 // {k2, v2, k4, v4, k8, v8}
 std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v);
-// The fused kernel for 8, 16 or 32 offsets per block when its table fits in shared memory, else aten::.
+// The fused kernel for 8, 16 or 32 offsets per block, else aten::estimate_sampled.
 at::Tensor estimate_sampled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
                             double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets);
 // Arguments as cpu::assign_levels.

@@ -18,14 +18,12 @@ cudaError_t launch_for_block_m(int64_t block_m, const kernels::AttentionParams& 
   }
 }
 
-size_t smem_bytes(int64_t head_dim, int64_t block_m, int n_k) {
-  auto bytes = [&](auto shape_128, auto shape_64) {
-    return head_dim == 128 ? decltype(shape_128)::smem_bytes(n_k) : decltype(shape_64)::smem_bytes(n_k);
-  };
+template <int kHeadDim>
+size_t smem_bytes(int64_t block_m, int n_k) {
   switch (block_m) {
-    case 32: return bytes(kernels::AttentionShape<128, 32>{}, kernels::AttentionShape<64, 32>{});
-    case 64: return bytes(kernels::AttentionShape<128, 64>{}, kernels::AttentionShape<64, 64>{});
-    default: return bytes(kernels::AttentionShape<128, 128>{}, kernels::AttentionShape<64, 128>{});
+    case 32: return kernels::AttentionShape<kHeadDim, 32>::smem_bytes(n_k);
+    case 64: return kernels::AttentionShape<kHeadDim, 64>::smem_bytes(n_k);
+    default: return kernels::AttentionShape<kHeadDim, 128>::smem_bytes(n_k);
   }
 }
 
@@ -43,7 +41,8 @@ std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q_in,
   PSA_CHECK(n_k <= 65535, kOp, ": ceil(Lk / block_n) must be at most 65535 on CUDA, got ", n_k);
   PSA_CHECK(q_len < (int64_t{1} << 31) && k.size(2) < (int64_t{1} << 31), kOp,
             ": Lq and Lk must be below 2^31, got ", q_len, " and ", k.size(2));
-  const size_t smem = smem_bytes(dim, block_m, static_cast<int>(n_k));
+  const size_t smem = dim == 128 ? smem_bytes<128>(block_m, static_cast<int>(n_k))
+                                 : smem_bytes<64>(block_m, static_cast<int>(n_k));
   PSA_CHECK(smem <= max_dynamic_smem(q.device()), kOp, ": needs ", static_cast<int64_t>(smem),
             " bytes of shared memory for n_k = ", n_k, ", the device allows ",
             static_cast<int64_t>(max_dynamic_smem(q.device())));

@@ -22,6 +22,9 @@ DEVICES = ["cpu"]
 requires_cuda = pytest.mark.skipif(not cuda_backend_available(), reason="needs a CUDA GPU and psa's CUDA backend")
 CUDA_DTYPES = [torch.bfloat16, torch.float16]
 CUDA_HEAD_DIMS = [64, 128]
+# (device, dtype) pairs for tests that run unchanged on both backends.
+BACKENDS = [pytest.param("cpu", torch.float32, id="cpu"),
+            pytest.param("cuda", torch.float16, id="cuda", marks=[pytest.mark.cuda, requires_cuda])]
 
 
 @pytest.fixture

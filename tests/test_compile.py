@@ -6,7 +6,7 @@ import torch
 
 import psa
 from psa import PSAConfig
-from conftest import DEVICES, randn
+from conftest import BACKENDS, DEVICES, randn
 
 
 @pytest.fixture(autouse=True)
@@ -28,8 +28,8 @@ def test_sparse_attention_compiles_fullgraph(rng, device):
     torch.testing.assert_close(compiled(q, k, v), attention(q, k, v))
 
 
-@pytest.mark.parametrize("device", DEVICES)
-def test_dynamic_lengths_do_not_recompile(rng, device):
+@pytest.mark.parametrize("device,dtype", BACKENDS)
+def test_dynamic_lengths_do_not_recompile(rng, device, dtype):
     config = PSAConfig(block_m=64, block_n=32)
 
     def stages(q, k, v):
@@ -39,7 +39,7 @@ def test_dynamic_lengths_do_not_recompile(rng, device):
     counter = torch._dynamo.testing.CompileCounter()
     compiled = torch.compile(stages, fullgraph=True, dynamic=True, backend=counter)
     for length in (257, 391):
-        q, k, v = (randn(rng, 1, 2, length, 64, device=device) for _ in range(3))
+        q, k, v = (randn(rng, 1, 2, length, 64, dtype=dtype, device=device) for _ in range(3))
         for got, expected in zip(compiled(q, k, v), stages(q, k, v)):
             torch.testing.assert_close(got, expected)
     assert counter.frame_count == 1

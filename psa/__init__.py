@@ -9,7 +9,7 @@ from ._loader import load_library as _load_library
 
 _load_library()
 
-from . import reference  # noqa: E402
+from . import layout, reference  # noqa: E402
 from .config import PSAConfig  # noqa: E402
 from .modules import PSAAttention  # noqa: E402
 from .ops import (  # noqa: E402
@@ -30,6 +30,7 @@ __all__ = [
     "estimate_importance",
     "estimate_levels",
     "kv_pyramid",
+    "layout",
     "level_stats",
     "reference",
     "sparse_attention",

@@ -171,13 +171,38 @@ class TokenLayout:
 
 
 @functools.lru_cache(maxsize=64)
-def _layout(grid: Grid, order: str, tile: Grid, text_before: int, text_after: int, device: str) -> TokenLayout:
+def _permutation(grid: Grid, order: str, tile: Grid, text_before: int, text_after: int,
+                 device: str) -> Tuple[torch.Tensor, torch.Tensor]:
     video = _order_cpu(grid, order, tile)
     forward = torch.cat([torch.arange(text_before), text_before + video,
                          text_before + video.numel() + torch.arange(text_after)])
     inverse = torch.empty_like(forward)
     inverse[forward] = torch.arange(forward.numel())
-    return TokenLayout(grid, order, forward.to(device), inverse.to(device))
+    return forward.to(device), inverse.to(device)
+
+
+# Under torch.compile the permutation is one opaque op: dynamo would otherwise trace the curve's Python
+# construction token by token. Eager calls hit the cache above and copy on the device. (Its own
+# namespace: torch.ops.psa holds the attention op family only.)
+@torch.library.custom_op("psa_layout::token_permutation", mutates_args=())
+def _token_permutation(grid: List[int], order: str, tile: List[int], text_before: int, text_after: int,
+                       device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    forward, inverse = _permutation(tuple(grid), order, tuple(tile), text_before, text_after, str(device))
+    return forward.clone(), inverse.clone()
+
+
+@_token_permutation.register_fake
+def _token_permutation_fake(grid, order, tile, text_before, text_after, device):
+    tokens = grid[0] * grid[1] * grid[2] + text_before + text_after
+    return (torch.empty(tokens, dtype=torch.long, device=device),
+            torch.empty(tokens, dtype=torch.long, device=device))
+
+
+@functools.lru_cache(maxsize=64)
+def _layout(grid: Grid, order: str, tile: Grid, text_before: int, text_after: int, device: str) -> TokenLayout:
+    forward, inverse = _token_permutation(list(grid), order, list(tile), text_before, text_after,
+                                          torch.device(device))
+    return TokenLayout(grid, order, forward, inverse)
 
 
 def get_layout(grid: Sequence[int], order: str = "gilbert", *, tile: Sequence[int] = DEFAULT_TILE,

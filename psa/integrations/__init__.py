@@ -1,0 +1,1 @@
+"""Integrations of psa into model libraries (`psa.integrations.diffusers`)."""

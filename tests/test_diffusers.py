@@ -16,24 +16,52 @@ DENSE_CONFIG = psa.PSAConfig(bounds=(1.0, 1.0, 1.0, 1.0), block_m=32, block_n=32
 SPARSE_CONFIG = psa.PSAConfig(bounds=(0.2, 0.3, 0.4, 0.6), block_m=32, block_n=32)
 
 
-def tiny_wan(dtype=torch.float32):
-    torch.manual_seed(0)
-    model = diffusers.WanTransformer3DModel(
-        patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
-        text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=32)
-    return model.to(dtype).eval()
+class TinyModel:
+    """A tiny random diffusers transformer with inputs: `build(dtype)` and `run(model, timestep, dtype)`."""
+
+    def __init__(self, name, build, inputs, call, attentions):
+        self.name, self.build_fn, self.inputs, self.call, self.attentions = name, build, inputs, call, attentions
+
+    def build(self, dtype=torch.float32):
+        torch.manual_seed(0)
+        return self.build_fn().to(dtype).eval()
+
+    def run(self, model, timestep=500, dtype=torch.float32):
+        with torch.no_grad():
+            return self.call(model, *(x.to(dtype) for x in self.inputs), torch.tensor([timestep]))
 
 
-def wan_inputs(rng, dtype=torch.float32):
-    # Latent grid after patching: 5 x 12 x 10 = 600 video tokens.
-    latents = torch.randn(1, 4, 5, 24, 20, generator=rng).to(dtype)
-    text = torch.randn(1, 7, 16, generator=rng).to(dtype)
-    return latents, text
+def wan_model(rng):
+    # Latent grid after patching: 5 x 12 x 10 = 600 video tokens; 7 text tokens for cross-attention.
+    return TinyModel(
+        "wan",
+        lambda: diffusers.WanTransformer3DModel(
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+            text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=32),
+        (torch.randn(1, 4, 5, 24, 20, generator=rng), torch.randn(1, 7, 16, generator=rng)),
+        lambda model, latents, text, t: model(latents, t, text, return_dict=False)[0],
+        lambda model: [block.attn1 for block in model.blocks])
 
 
-def run(model, latents, text, timestep=500):
-    with torch.no_grad():
-        return model(latents, torch.tensor([timestep]), text, return_dict=False)[0]
+def cogvideox_model(rng, rotary=False):
+    # Joint attention over [8 text | 3 x 8 x 8 video] tokens; rotary embedding on the video part.
+    frames, size, heads, head_dim = 3, 16, 2, 16
+    video_tokens = frames * (size // 2) ** 2
+    angles = torch.rand(video_tokens, head_dim, generator=rng) * 6.28
+    rotary_emb = (angles.cos(), angles.sin()) if rotary else None
+    return TinyModel(
+        "cogvideox",
+        lambda: diffusers.CogVideoXTransformer3DModel(
+            num_attention_heads=heads, attention_head_dim=head_dim, in_channels=4, out_channels=4, time_embed_dim=8,
+            text_embed_dim=16, num_layers=3, sample_width=size, sample_height=size, sample_frames=4 * frames - 3,
+            patch_size=2, max_text_seq_length=8, use_rotary_positional_embeddings=rotary),
+        (torch.randn(1, frames, 4, size, size, generator=rng), torch.randn(1, 8, 16, generator=rng)),
+        lambda model, latents, text, t: model(latents, text, t, image_rotary_emb=rotary_emb, return_dict=False)[0],
+        lambda model: [block.attn1 for block in model.transformer_blocks])
+
+
+MODELS = {"wan": wan_model, "cogvideox": cogvideox_model,
+          "cogvideox_rotary": lambda rng: cogvideox_model(rng, rotary=True)}
 
 
 @pytest.fixture(autouse=True)
@@ -43,25 +71,27 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
-def test_every_block_at_level_one_equals_the_unpatched_model(rng):
-    latents, text = wan_inputs(rng)
-    model, reference64 = tiny_wan(), tiny_wan(torch.float64)
-    expected = run(model, latents, text)
-    expected64 = run(reference64, latents.double(), text.double())
+@pytest.mark.parametrize("name", MODELS)
+def test_every_block_at_level_one_equals_the_unpatched_model(rng, name):
+    tiny = MODELS[name](rng)
+    model = tiny.build()
+    expected = tiny.run(model)
+    expected64 = tiny.run(tiny.build(torch.float64), dtype=torch.float64)
     psa_diffusers.apply(model, DENSE_CONFIG)
-    assert_attention_close(run(model, latents, text), expected64, expected)
+    assert_attention_close(tiny.run(model), expected64, expected)
     report = psa_diffusers.stats(model)
     assert [row["layer"] for row in report] == [0, 1, 2]
     assert all(row["density"] == 1.0 and row["coverage"] == 1.0 for row in report)
 
 
+@pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("order", ["gilbert", "tiled", "raster"])
-def test_sparse_config_runs_differs_boundedly_and_reports(rng, order):
-    latents, text = wan_inputs(rng)
-    model = tiny_wan()
-    dense = run(model, latents, text)
+def test_sparse_config_runs_differs_boundedly_and_reports(rng, name, order):
+    tiny = MODELS[name](rng)
+    model = tiny.build()
+    dense = tiny.run(model)
     psa_diffusers.apply(model, SPARSE_CONFIG, order=order)
-    sparse = run(model, latents, text)
+    sparse = tiny.run(model)
     relative = ((sparse - dense).norm() / dense.norm()).item()
     assert 0 < relative < 0.5
     for row in psa_diffusers.stats(model):
@@ -69,59 +99,85 @@ def test_sparse_config_runs_differs_boundedly_and_reports(rng, order):
         assert sum(row["histogram"].values()) == pytest.approx(1.0)
 
 
-def test_remove_restores_the_original_exactly(rng):
-    latents, text = wan_inputs(rng)
+def test_cogvideox_text_tokens_are_forced_keys_and_rows(rng, monkeypatch):
+    tiny = cogvideox_model(rng)
+    model = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG)
+    seen = []
+    original = psa_diffusers.sparse_attention
+
+    def spy(q, k, v, config, **kwargs):
+        out, levels = original(q, k, v, config, **kwargs)
+        seen.append((kwargs, levels))
+        return out, levels
+
+    monkeypatch.setattr(psa_diffusers, "sparse_attention", spy)
+    tiny.run(model)
+    assert len(seen) == 3
+    text = torch.zeros(8 + 192, dtype=torch.bool)
+    text[:8] = True
+    for kwargs, levels in seen:
+        assert torch.equal(kwargs["force_keys"], text) and torch.equal(kwargs["force_queries"], text)
+        # The 8 text tokens lie in key block 0 and query block 0 (block size 32): that column and that
+        # row of every level map are level 1, while the rest of the map is sparse.
+        assert (levels[..., 0] == 1).all() and (levels[:, :, 0, :] == 1).all()
+        assert (levels[:, :, 1:, 1:] != 1).any()
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_remove_restores_the_original_exactly(rng, name):
     gc.collect()   # models of earlier tests, patched and dropped, must not keep the wrapper alive
-    model = tiny_wan()
+    tiny = MODELS[name](rng)
+    model = tiny.build()
     module = diffusers.models.transformers.transformer_wan
     original_dispatch = getattr(module.dispatch_attention_fn, "_psa_original", module.dispatch_attention_fn)
-    expected = run(model, latents, text)
+    processors = [attention.processor for attention in tiny.attentions(model)]
+    backends = [processor._attention_backend for processor in processors if hasattr(processor, "_attention_backend")]
+    expected = tiny.run(model)
     psa_diffusers.apply(model, SPARSE_CONFIG)
-    assert module.dispatch_attention_fn._psa_original is original_dispatch
-    assert not torch.equal(run(model, latents, text), expected)
+    assert not torch.equal(tiny.run(model), expected)
     psa_diffusers.remove(model)
     assert module.dispatch_attention_fn is original_dispatch
-    assert all(block.attn1.processor._attention_backend is None for block in model.blocks)
-    assert torch.equal(run(model, latents, text), expected)
+    assert [attention.processor for attention in tiny.attentions(model)] == processors
+    assert [p._attention_backend for p in processors if hasattr(p, "_attention_backend")] == backends
+    assert torch.equal(tiny.run(model), expected)
 
 
 def test_only_chosen_layers_are_patched(rng):
-    latents, text = wan_inputs(rng)
-    model = tiny_wan()
-    psa_diffusers.apply(model, SPARSE_CONFIG, layers=[1])
-    run(model, latents, text)
+    tiny = wan_model(rng)
+    model = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG, layers=[1])
+    tiny.run(model)
     assert [row["layer"] for row in psa_diffusers.stats(model)] == [1]
 
 
+@pytest.mark.parametrize("name", ["wan", "cogvideox"])
 @pytest.mark.parametrize("cfg_style", ["batched", "two_passes"])
-def test_warmup_counts_denoising_steps_not_attention_calls(rng, cfg_style):
-    latents, text = wan_inputs(rng)
-    model = tiny_wan()
-    psa_diffusers.apply(model, SPARSE_CONFIG, warmup_steps=2)
+def test_warmup_counts_denoising_steps_not_attention_calls(rng, name, cfg_style):
+    tiny = MODELS[name](rng)
+    model = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG, warmup_steps=2)
     passes = 2 if cfg_style == "two_passes" else 1
     for generation in range(2):   # the second generation starts over: its first steps are dense again
         for timestep in (999, 800, 600, 400):
             for _ in range(passes):
-                run(model, latents, text, timestep)
+                tiny.run(model, timestep)
         steps = sorted({row["step"] for row in psa_diffusers.stats(model)})
         assert steps == [2, 3], f"generation {generation}: psa ran at steps {steps}"
     # A dense step leaves the model's output exactly as unpatched.
-    reference = tiny_wan()
-    assert torch.equal(run(model, latents, text, 999), run(reference, latents, text, 999))
+    assert torch.equal(tiny.run(model, 999), tiny.run(tiny.build(), 999))
 
 
-def test_compile_fullgraph_traces_the_patched_model(rng):
-    latents, text = wan_inputs(rng)
-    model = psa_diffusers.apply(tiny_wan(), SPARSE_CONFIG)
-    eager = run(model, latents, text)
+@pytest.mark.parametrize("name", ["wan", "cogvideox"])
+def test_compile_fullgraph_traces_the_patched_model(rng, name):
+    tiny = MODELS[name](rng)
+    model = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG)
+    eager = tiny.run(model)
     compiled = torch.compile(model, fullgraph=True)
-    torch.testing.assert_close(run(compiled, latents, text), eager)
+    torch.testing.assert_close(tiny.run(compiled), eager)
 
 
 def test_apply_rejects_what_it_cannot_patch():
     with pytest.raises(ValueError, match="supports"):
         psa_diffusers.apply(torch.nn.Linear(2, 2))
-    model = tiny_wan()
+    model = wan_model(torch.Generator()).build()
     with pytest.raises(ValueError, match="warmup_steps"):
         psa_diffusers.apply(model, warmup_steps=-1)
     with pytest.raises(ValueError, match="order"):

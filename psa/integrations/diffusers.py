@@ -6,15 +6,20 @@
     print(psa_diffusers.stats(pipe.transformer))   # density / coverage per layer and step
     psa_diffusers.remove(pipe.transformer)
 
-Supported: `WanTransformer3DModel` (Wan2.1, Wan2.2; for the two-expert A14B pipeline apply to
-`pipe.transformer` and `pipe.transformer_2`). Video self-attention (`attn1` of each block) runs through
-`psa.sparse_attention`; cross-attention to text (and Wan I2V's image context) stays dense.
+Supported (diffusers 0.42.1): `WanTransformer3DModel` (Wan2.1, Wan2.2; for the two-expert A14B
+pipeline apply to `pipe.transformer` and `pipe.transformer_2`) and `CogVideoXTransformer3DModel`.
+Video self-attention runs through `psa.sparse_attention`; Wan's cross-attention to text (and its I2V
+image context) stays dense. CogVideoX attends over `[text | video]` jointly: the text tokens are forced
+keys and forced query rows (spec section 5), so every video row sees all of the text and every text row
+sees everything, and they stay out of the token permutation.
 
-How it hooks in, without copying the model's attention code: each patched attention processor gets a
-route object as its `_attention_backend`, and the transformer module's `dispatch_attention_fn` is wrapped
-once so that a call carrying a route goes to psa and every other call (other models, cross-attention,
-warm-up steps) goes to diffusers' own dispatcher unchanged. The latent grid comes from the transformer's
-input shape and patch size; q, k, v are permuted into `order` (psa.layout) and the output back.
+How it hooks in. Wan: each patched processor gets a route object as its `_attention_backend`, and the
+module's `dispatch_attention_fn` is wrapped once so that a call carrying a route goes to psa and every
+other call (other models, cross-attention, warm-up steps) goes to diffusers' dispatcher unchanged.
+CogVideoX's processor calls `F.scaled_dot_product_attention` itself, so its self-attention processors are
+replaced by one that projects q, k, v with the module's own layers and rotary embedding and attends with
+psa (and calls the original processor whenever psa is not to run). The latent grid comes from the
+transformer's input shape and patch size; q, k, v are permuted into `order` (psa.layout) and back.
 
 Dense warm-up counts denoising steps from the transformer's forward calls and their timestep: a
 smaller timestep than the previous call is the next step, an equal one is the same step (classifier-free
@@ -27,7 +32,7 @@ from __future__ import annotations
 import sys
 import weakref
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Optional, Sequence
 
 import torch
 
@@ -48,12 +53,12 @@ class _State:
     tile: Sequence[int]
     warmup_steps: int
     collect_stats: bool
-    patch_size: Sequence[int]
+    adapter: "_Adapter"
     grid: Optional[Sequence[int]] = None
     step: int = 0
     last_timestep: Optional[float] = None
-    records: List[tuple] = field(default_factory=list)       # (step, layer, level counts on device)
-    saved_backends: Dict[object, object] = field(default_factory=dict)
+    records: List[tuple] = field(default_factory=list)        # (step, layer, level counts on device)
+    restore: List[Callable[[], None]] = field(default_factory=list)
     hook: object = None
 
     def observe(self, timestep: torch.Tensor) -> None:
@@ -71,32 +76,38 @@ class _State:
 
 
 class _Route:
-    """Installed as an attention processor's `_attention_backend`: marks its calls as psa's."""
+    """One patched attention layer: decides when psa runs and runs it."""
 
-    def __init__(self, state: _State, layer: int):
-        self.state, self.layer = state, layer
+    def __init__(self, state: _State, layer: int, fallback_backend=None):
+        self.state, self.layer, self.fallback_backend = state, layer, fallback_backend
 
-    def handles(self, query: torch.Tensor, key: torch.Tensor) -> bool:
+    def handles(self, length: int, text: int = 0) -> bool:
+        """Whether self-attention over `length` tokens (`text` of them text) goes to psa now."""
         grid = self.state.grid
         if grid is None or self.state.dense_now:
             return False
-        tokens = grid[0] * grid[1] * grid[2]
-        return query.shape[1] == tokens and key.shape[1] == tokens
+        return length == grid[0] * grid[1] * grid[2] + text
 
-    def attend(self, query, key, value, scale):
-        """query/key/value `[B, L, H, D]` as diffusers holds them; returns the same layout."""
+    def attend(self, q, k, v, scale=None, text: int = 0):
+        """psa over `[B, H, L, D]` tensors whose first `text` tokens are text: those are forced keys and
+        forced query rows (spec section 5) and stay out of the token permutation."""
         state = self.state
-        order = _layout.get_layout(state.grid, state.order, tile=state.tile, device=query.device)
-        q, k, v = (order.permute(x, dim=1).transpose(1, 2) for x in (query, key, value))
-        out, levels = sparse_attention(q, k, v, state.config, scale=scale, return_levels=True)
+        order = _layout.get_layout(state.grid, state.order, tile=state.tile, text_before=text, device=q.device)
+        q, k, v = (order.permute(x, dim=2) for x in (q, k, v))
+        forced = None
+        if text:
+            forced = torch.zeros(q.shape[2], dtype=torch.bool, device=q.device)
+            forced[:text] = True
+        out, levels = sparse_attention(q, k, v, state.config, scale=scale, force_keys=forced, force_queries=forced,
+                                       return_levels=True)
         if state.collect_stats:
             counts = torch.stack([(levels == level).sum() for level in LEVELS])
             state.records.append((state.step, self.layer, counts))
-        return order.unpermute(out.transpose(1, 2), dim=1)
+        return order.unpermute(out, dim=2)
 
 
 # --------------------------------------------------------------------------------------------------
-# The dispatcher wrapper, installed once per diffusers module that defines a supported processor
+# Wan: the dispatcher wrapper, installed once per diffusers module whose processors carry routes
 # --------------------------------------------------------------------------------------------------
 
 # Per diffusers module: the states of the models patched through it. The wrapper is removed when the
@@ -113,9 +124,12 @@ def _install_dispatch(module_name: str) -> None:
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
         if isinstance(backend, _Route):
-            if attn_mask is None and not is_causal and dropout_p == 0.0 and backend.handles(query, key):
-                return backend.attend(query, key, value, scale)
-            backend = backend.state.saved_backends.get(backend)
+            if (attn_mask is None and not is_causal and dropout_p == 0.0 and key.shape[1] == query.shape[1]
+                    and backend.handles(query.shape[1])):
+                # diffusers holds [B, L, H, D]; psa takes [B, H, L, D] (a view, no copy).
+                return backend.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
+                                      scale).transpose(1, 2)
+            backend = backend.fallback_backend
         return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                         scale=scale, enable_gqa=enable_gqa, attention_kwargs=attention_kwargs, backend=backend,
                         parallel_config=parallel_config)
@@ -124,25 +138,98 @@ def _install_dispatch(module_name: str) -> None:
     module.dispatch_attention_fn = dispatch_attention_fn
 
 
-def _uninstall_dispatch(module_name: str) -> None:
-    module = sys.modules[module_name]
-    original = getattr(module.dispatch_attention_fn, "_psa_original", None)
-    if original is not None:
-        module.dispatch_attention_fn = original
+def _route_through_dispatch(state: _State, attention, route_layer: int) -> None:
+    processor = attention.processor
+    module_name = type(processor).__module__
+    route = _Route(state, route_layer, fallback_backend=processor._attention_backend)
+    processor._attention_backend = route
+    _install_dispatch(module_name)
+    _live_states.setdefault(module_name, weakref.WeakSet()).add(state)
+
+    def restore():
+        processor._attention_backend = route.fallback_backend
+        _live_states[module_name].discard(state)
+        module = sys.modules[module_name]
+        original = getattr(module.dispatch_attention_fn, "_psa_original", None)
+        if not _live_states[module_name] and original is not None:
+            module.dispatch_attention_fn = original
+
+    state.restore.append(restore)
 
 
 # --------------------------------------------------------------------------------------------------
-# Model adapters: which attention modules are video self-attention, and the transformer's patch size
+# CogVideoX: a processor for joint [text | video] self-attention
 # --------------------------------------------------------------------------------------------------
 
-def _wan_self_attention(transformer) -> List:
-    return [block.attn1 for block in transformer.blocks]
+class _JointTextFirstProcessor:
+    """Self-attention over `[text | video]` with psa; the original processor whenever psa does not run."""
+
+    def __init__(self, original, route: _Route):
+        self.original, self.route = original, route
+
+    def __call__(self, attn, hidden_states, encoder_hidden_states, attention_mask=None, image_rotary_emb=None):
+        text = encoder_hidden_states.shape[1]
+        if attention_mask is not None or not self.route.handles(hidden_states.shape[1] + text, text):
+            return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, image_rotary_emb)
+        joint = torch.cat([encoder_hidden_states, hidden_states], dim=1)
+        q, k, v = (projection(joint).unflatten(2, (attn.heads, -1)).transpose(1, 2)
+                   for projection in (attn.to_q, attn.to_k, attn.to_v))
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        if image_rotary_emb is not None:
+            from diffusers.models.embeddings import apply_rotary_emb
+            q = torch.cat([q[:, :, :text], apply_rotary_emb(q[:, :, text:], image_rotary_emb)], dim=2)
+            k = torch.cat([k[:, :, :text], apply_rotary_emb(k[:, :, text:], image_rotary_emb)], dim=2)
+        out = self.route.attend(q, k, v, text=text).transpose(1, 2).flatten(2)
+        out = attn.to_out[1](attn.to_out[0](out))
+        return out[:, text:], out[:, :text]
 
 
-_ADAPTERS = {"WanTransformer3DModel": _wan_self_attention}
+def _replace_processor(state: _State, attention, route_layer: int) -> None:
+    original = attention.processor
+    attention.processor = _JointTextFirstProcessor(original, _Route(state, route_layer))
+
+    def restore():
+        attention.processor = original
+
+    state.restore.append(restore)
 
 
-def _adapter(transformer):
+# --------------------------------------------------------------------------------------------------
+# Model adapters
+# --------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class _Adapter:
+    attentions: Callable          # transformer -> its video self-attention modules, one per block
+    grid: Callable                # (transformer, hidden_states) -> latent grid (T, H, W) after patching
+    timestep_position: int        # positional index of `timestep` in forward()
+    install: Callable             # (state, attention module, layer index) -> None
+
+
+def _wan_grid(transformer, hidden):
+    p_t, p_h, p_w = transformer.config.patch_size
+    frames, height, width = hidden.shape[-3:]                 # [B, C, F, H, W]
+    return (frames // p_t, height // p_h, width // p_w)
+
+
+def _cogvideox_grid(transformer, hidden):
+    p, p_t = transformer.config.patch_size, transformer.config.patch_size_t or 1
+    frames, height, width = hidden.shape[1], hidden.shape[3], hidden.shape[4]   # [B, F, C, H, W]
+    return (frames // p_t, height // p, width // p)
+
+
+_ADAPTERS = {
+    "WanTransformer3DModel": _Adapter(lambda t: [block.attn1 for block in t.blocks], _wan_grid, 1,
+                                      _route_through_dispatch),
+    "CogVideoXTransformer3DModel": _Adapter(lambda t: [block.attn1 for block in t.transformer_blocks],
+                                            _cogvideox_grid, 2, _replace_processor),
+}
+
+
+def _adapter(transformer) -> _Adapter:
     for cls in type(transformer).__mro__:
         if cls.__name__ in _ADAPTERS:
             return _ADAPTERS[cls.__name__]
@@ -152,13 +239,16 @@ def _adapter(transformer):
 def _before_forward(state: _State):
     def hook(module, args, kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-        frames, height, width = hidden.shape[-3:]
-        p_t, p_h, p_w = state.patch_size
-        state.grid = (frames // p_t, height // p_h, width // p_w)
+        state.grid = state.adapter.grid(module, hidden)
         if state.warmup_steps > 0:
-            state.observe(kwargs["timestep"] if "timestep" in kwargs else args[1])
+            position = state.adapter.timestep_position
+            state.observe(kwargs["timestep"] if "timestep" in kwargs else args[position])
     return hook
 
+
+# --------------------------------------------------------------------------------------------------
+# Public API
+# --------------------------------------------------------------------------------------------------
 
 def apply(transformer, config: Optional[PSAConfig] = None, *, warmup_steps: int = 0, order: str = "gilbert",
           tile: Sequence[int] = _layout.DEFAULT_TILE, layers: Optional[Iterable[int]] = None,
@@ -176,40 +266,29 @@ def apply(transformer, config: Optional[PSAConfig] = None, *, warmup_steps: int 
         raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
     if order not in _layout.ORDERS:
         raise ValueError(f"order must be one of {_layout.ORDERS}, got {order!r}")
+    adapter = _adapter(transformer)
     if getattr(transformer, _ATTRIBUTE, None) is not None:
         raise ValueError("psa is already applied to this transformer; call remove() first")
-    attentions = _adapter(transformer)(transformer)
+    attentions = adapter.attentions(transformer)
     chosen = range(len(attentions)) if layers is None else sorted(set(layers))
     if any(not 0 <= i < len(attentions) for i in chosen):
         raise ValueError(f"layers must be block indices in [0, {len(attentions)}), got {list(chosen)}")
 
-    state = _State(config, order, tuple(tile), warmup_steps, collect_stats, tuple(transformer.config.patch_size))
+    state = _State(config, order, tuple(tile), warmup_steps, collect_stats, adapter)
     for i in chosen:
-        processor = attentions[i].processor
-        route = _Route(state, i)
-        state.saved_backends[route] = processor._attention_backend
-        processor._attention_backend = route
-        _install_dispatch(type(processor).__module__)
-        _live_states.setdefault(type(processor).__module__, weakref.WeakSet()).add(state)
+        adapter.install(state, attentions[i], i)
     state.hook = transformer.register_forward_pre_hook(_before_forward(state), with_kwargs=True)
     setattr(transformer, _ATTRIBUTE, state)
     return transformer
 
 
 def remove(transformer):
-    """Undo `apply`: processors get their own attention backends back and the hook goes."""
+    """Undo `apply`: the original processors (and their attention backends) come back, the hook goes."""
     state = getattr(transformer, _ATTRIBUTE, None)
     if state is None:
         return transformer
-    attentions = _adapter(transformer)(transformer)
-    for attention in attentions:
-        processor = attention.processor
-        if isinstance(processor._attention_backend, _Route):
-            processor._attention_backend = state.saved_backends[processor._attention_backend]
-            module = type(processor).__module__
-            _live_states.get(module, weakref.WeakSet()).discard(state)
-            if not _live_states.get(module):
-                _uninstall_dispatch(module)
+    for restore in reversed(state.restore):
+        restore()
     state.hook.remove()
     delattr(transformer, _ATTRIBUTE)
     return transformer

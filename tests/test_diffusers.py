@@ -31,6 +31,9 @@ class TinyModel:
             return self.call(model, *(x.to(dtype) for x in self.inputs), torch.tensor([timestep]))
 
 
+# Wan and CogVideoX run one sample, HunyuanVideo two (different text padding per sample).
+
+
 def wan_model(rng):
     # Latent grid after patching: 5 x 12 x 10 = 600 video tokens; 7 text tokens for cross-attention.
     return TinyModel(
@@ -60,8 +63,25 @@ def cogvideox_model(rng, rotary=False):
         lambda model: [block.attn1 for block in model.transformer_blocks])
 
 
+def hunyuan_model(rng, text_mask=((1, 1, 1, 1, 1, 1, 0, 0), (1, 1, 1, 0, 0, 0, 0, 0))):
+    # Joint attention over [3 x 8 x 8 video | 8 text] tokens; the two samples pad their text differently.
+    mask = torch.tensor(text_mask)
+    return TinyModel(
+        "hunyuan",
+        lambda: diffusers.HunyuanVideoTransformer3DModel(
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+            num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
+            pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), guidance_embeds=False),
+        (torch.randn(2, 4, 3, 16, 16, generator=rng), torch.randn(2, 8, 16, generator=rng),
+         torch.randn(2, 8, generator=rng)),
+        lambda model, latents, text, pooled, t: model(latents, t.expand(2), text, mask, pooled,
+                                                      return_dict=False)[0],
+        lambda model: ([block.attn for block in model.transformer_blocks] +
+                       [block.attn for block in model.single_transformer_blocks]))
+
+
 MODELS = {"wan": wan_model, "cogvideox": cogvideox_model,
-          "cogvideox_rotary": lambda rng: cogvideox_model(rng, rotary=True)}
+          "cogvideox_rotary": lambda rng: cogvideox_model(rng, rotary=True), "hunyuan": hunyuan_model}
 
 
 @pytest.fixture(autouse=True)
@@ -80,7 +100,7 @@ def test_every_block_at_level_one_equals_the_unpatched_model(rng, name):
     psa_diffusers.apply(model, DENSE_CONFIG)
     assert_attention_close(tiny.run(model), expected64, expected)
     report = psa_diffusers.stats(model)
-    assert [row["layer"] for row in report] == [0, 1, 2]
+    assert [row["layer"] for row in report] == list(range(len(tiny.attentions(model))))
     assert all(row["density"] == 1.0 and row["coverage"] == 1.0 for row in report)
 
 
@@ -106,9 +126,9 @@ def test_cogvideox_text_tokens_are_forced_keys_and_rows(rng, monkeypatch):
     original = psa_diffusers.sparse_attention
 
     def spy(q, k, v, config, **kwargs):
-        out, levels = original(q, k, v, config, **kwargs)
-        seen.append((kwargs, levels))
-        return out, levels
+        result = original(q, k, v, config, **kwargs)
+        seen.append((kwargs, result[-1]))   # return_levels: the level map comes last
+        return result
 
     monkeypatch.setattr(psa_diffusers, "sparse_attention", spy)
     tiny.run(model)
@@ -121,6 +141,19 @@ def test_cogvideox_text_tokens_are_forced_keys_and_rows(rng, monkeypatch):
         # row of every level map are level 1, while the rest of the map is sparse.
         assert (levels[..., 0] == 1).all() and (levels[:, :, 0, :] == 1).all()
         assert (levels[:, :, 1:, 1:] != 1).any()
+
+
+def test_hunyuan_padded_text_tokens_change_nothing(rng):
+    tiny = hunyuan_model(rng)
+    model = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG)
+    expected = tiny.run(model)
+    latents, text, pooled = tiny.inputs
+    text = text.clone()
+    text[0, 6:] = 100.0     # sample 0's padding
+    text[1, 3:] = -50.0     # sample 1's padding
+    tiny.inputs = (latents, text, pooled)
+    torch.testing.assert_close(tiny.run(model), expected)
+    assert {row["layer"] for row in psa_diffusers.stats(model)} == {0, 1, 2}
 
 
 @pytest.mark.parametrize("name", MODELS)
@@ -149,7 +182,7 @@ def test_only_chosen_layers_are_patched(rng):
     assert [row["layer"] for row in psa_diffusers.stats(model)] == [1]
 
 
-@pytest.mark.parametrize("name", ["wan", "cogvideox"])
+@pytest.mark.parametrize("name", ["wan", "cogvideox", "hunyuan"])
 @pytest.mark.parametrize("cfg_style", ["batched", "two_passes"])
 def test_warmup_counts_denoising_steps_not_attention_calls(rng, name, cfg_style):
     tiny = MODELS[name](rng)
@@ -165,7 +198,7 @@ def test_warmup_counts_denoising_steps_not_attention_calls(rng, name, cfg_style)
     assert torch.equal(tiny.run(model, 999), tiny.run(tiny.build(), 999))
 
 
-@pytest.mark.parametrize("name", ["wan", "cogvideox"])
+@pytest.mark.parametrize("name", ["wan", "cogvideox", "hunyuan"])
 def test_compile_fullgraph_traces_the_patched_model(rng, name):
     tiny = MODELS[name](rng)
     model = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG)

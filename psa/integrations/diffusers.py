@@ -7,13 +7,16 @@
     psa_diffusers.remove(pipe.transformer)
 
 Supported (diffusers 0.42.1): `WanTransformer3DModel` (Wan2.1, Wan2.2; for the two-expert A14B
-pipeline apply to `pipe.transformer` and `pipe.transformer_2`) and `CogVideoXTransformer3DModel`.
-Video self-attention runs through `psa.sparse_attention`; Wan's cross-attention to text (and its I2V
-image context) stays dense. CogVideoX attends over `[text | video]` jointly: the text tokens are forced
-keys and forced query rows (spec section 5), so every video row sees all of the text and every text row
-sees everything, and they stay out of the token permutation.
+pipeline apply to `pipe.transformer` and `pipe.transformer_2`), `CogVideoXTransformer3DModel` and
+`HunyuanVideoTransformer3DModel`. Video self-attention runs through `psa.sparse_attention`; Wan's
+cross-attention to text (and its I2V image context) stays dense. CogVideoX attends over `[text | video]`
+jointly: the text tokens are forced keys and forced query rows (spec section 5), so every video row sees
+all of the text and every text row sees everything, and they stay out of the token permutation.
+HunyuanVideo attends over `[video | text]` with padded text keys masked out; psa cannot drop single
+keys, so video-to-video runs through psa, video-to-text and text rows run dense, and the two softmaxes
+of a video row are merged exactly through their log-sum-exps (see `_Route.attend_text_last`).
 
-How it hooks in. Wan: each patched processor gets a route object as its `_attention_backend`, and the
+How it hooks in. Wan and HunyuanVideo: each patched processor gets a route object as its `_attention_backend`, and the
 module's `dispatch_attention_fn` is wrapped once so that a call carrying a route goes to psa and every
 other call (other models, cross-attention, warm-up steps) goes to diffusers' dispatcher unchanged.
 CogVideoX's processor calls `F.scaled_dot_product_attention` itself, so its self-attention processors are
@@ -81,6 +84,10 @@ class _Route:
     def __init__(self, state: _State, layer: int, fallback_backend=None):
         self.state, self.layer, self.fallback_backend = state, layer, fallback_backend
 
+    def video_tokens(self) -> int:
+        grid = self.state.grid
+        return 0 if grid is None else grid[0] * grid[1] * grid[2]
+
     def handles(self, length: int, text: int = 0) -> bool:
         """Whether self-attention over `length` tokens (`text` of them text) goes to psa now."""
         grid = self.state.grid
@@ -88,7 +95,7 @@ class _Route:
             return False
         return length == grid[0] * grid[1] * grid[2] + text
 
-    def attend(self, q, k, v, scale=None, text: int = 0):
+    def attend(self, q, k, v, scale=None, text: int = 0, return_lse: bool = False):
         """psa over `[B, H, L, D]` tensors whose first `text` tokens are text: those are forced keys and
         forced query rows (spec section 5) and stay out of the token permutation."""
         state = self.state
@@ -98,12 +105,48 @@ class _Route:
         if text:
             forced = torch.zeros(q.shape[2], dtype=torch.bool, device=q.device)
             forced[:text] = True
-        out, levels = sparse_attention(q, k, v, state.config, scale=scale, force_keys=forced, force_queries=forced,
-                                       return_levels=True)
+        out, lse, levels = sparse_attention(q, k, v, state.config, scale=scale, force_keys=forced,
+                                            force_queries=forced, return_lse=True, return_levels=True)
         if state.collect_stats:
             counts = torch.stack([(levels == level).sum() for level in LEVELS])
             state.records.append((state.step, self.layer, counts))
-        return order.unpermute(out, dim=2)
+        out = order.unpermute(out, dim=2)
+        return (out, order.unpermute(lse, dim=2)) if return_lse else out
+
+
+    def attend_text_last(self, q, k, v, key_mask, scale=None):
+        """Joint attention over `[video | text]` (`[B, H, L, D]`) whose text keys may be padding
+        (`key_mask [B, L]`, True = real key), as HunyuanVideo runs it. psa cannot drop single keys, so
+        the work splits exactly: video rows attend to video keys with psa and to the real text keys
+        densely, the two softmaxes merged through their log-sum-exps (every video row sees all of the
+        text: forced keys); text rows attend densely to every real key (forced rows)."""
+        video = self.video_tokens()
+        scale = q.shape[-1] ** -0.5 if scale is None else scale
+        q_video, k_video, v_video = q[:, :, :video], k[:, :, :video], v[:, :, :video]
+        k_text, v_text, text_mask = k[:, :, video:], v[:, :, video:], key_mask[:, None, None, video:]
+        out_video, lse_video = self.attend(q_video, k_video, v_video, scale, return_lse=True)
+        out_text, lse_text = _dense_with_lse(q_video, k_text, v_text, text_mask, scale)
+        total = torch.logaddexp(lse_video, lse_text)
+        weight_video = torch.exp(lse_video - total).nan_to_num(0.0)[..., None]
+        weight_text = torch.exp(lse_text - total).nan_to_num(0.0)[..., None]
+        rows_video = (out_video.float() * weight_video + out_text.float() * weight_text).to(q.dtype)
+        rows_text = torch.nn.functional.scaled_dot_product_attention(
+            q[:, :, video:], k, v, attn_mask=key_mask[:, None, None, :], scale=scale)
+        return torch.cat([rows_video, rows_text], dim=2)
+
+
+def _dense_with_lse(q, k, v, key_mask, scale, rows_per_chunk: int = 4096):
+    """Masked dense attention of many rows over few keys, with its log-sum-exp (float32): rows in chunks,
+    so the logits never take more than `rows_per_chunk x keys` per head."""
+    outs, lses = [], []
+    for start in range(0, q.shape[2], rows_per_chunk):
+        logits = (q[:, :, start:start + rows_per_chunk].float() @ k.float().transpose(-1, -2)) * scale
+        logits = logits.masked_fill(~key_mask, float("-inf"))
+        lse = torch.logsumexp(logits, dim=-1)
+        probs = torch.exp(logits - lse[..., None]).nan_to_num(0.0)   # rows with no real key: zeros
+        outs.append(probs @ v.float())
+        lses.append(lse)
+    return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -115,6 +158,16 @@ class _Route:
 _live_states: Dict[str, weakref.WeakSet] = {}
 
 
+def _key_mask(attn_mask, batch: int, length: int):
+    """A bool key mask `[B, L]` from an `attn_mask` that masks keys only (`[B, 1, 1, L]` bool, as
+    HunyuanVideo builds it), else None."""
+    if attn_mask is None or attn_mask.dtype != torch.bool or attn_mask.dim() != 4:
+        return None
+    if attn_mask.shape[1] != 1 or attn_mask.shape[2] != 1 or attn_mask.shape[3] != length:
+        return None
+    return attn_mask.reshape(attn_mask.shape[0], length).expand(batch, length)
+
+
 def _install_dispatch(module_name: str) -> None:
     module = sys.modules[module_name]
     original = module.dispatch_attention_fn
@@ -124,11 +177,15 @@ def _install_dispatch(module_name: str) -> None:
     def dispatch_attention_fn(query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                               enable_gqa=False, attention_kwargs=None, *, backend=None, parallel_config=None):
         if isinstance(backend, _Route):
-            if (attn_mask is None and not is_causal and dropout_p == 0.0 and key.shape[1] == query.shape[1]
-                    and backend.handles(query.shape[1])):
-                # diffusers holds [B, L, H, D]; psa takes [B, H, L, D] (a view, no copy).
-                return backend.attend(query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2),
-                                      scale).transpose(1, 2)
+            # diffusers holds [B, L, H, D]; psa takes [B, H, L, D] (a view, no copy).
+            q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
+            if not is_causal and dropout_p == 0.0 and key.shape[1] == query.shape[1]:
+                if attn_mask is None and backend.handles(query.shape[1]):
+                    return backend.attend(q, k, v, scale).transpose(1, 2)
+                key_mask = _key_mask(attn_mask, query.shape[0], query.shape[1])
+                text = query.shape[1] - backend.video_tokens()
+                if key_mask is not None and text > 0 and backend.handles(query.shape[1], text):
+                    return backend.attend_text_last(q, k, v, key_mask, scale).transpose(1, 2)
             backend = backend.fallback_backend
         return original(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal,
                         scale=scale, enable_gqa=enable_gqa, attention_kwargs=attention_kwargs, backend=backend,
@@ -215,6 +272,17 @@ def _wan_grid(transformer, hidden):
     return (frames // p_t, height // p_h, width // p_w)
 
 
+def _hunyuan_grid(transformer, hidden):
+    p, p_t = transformer.config.patch_size, transformer.config.patch_size_t
+    frames, height, width = hidden.shape[-3:]                 # [B, C, F, H, W]
+    return (frames // p_t, height // p, width // p)
+
+
+def _hunyuan_attentions(transformer):
+    return ([block.attn for block in transformer.transformer_blocks] +
+            [block.attn for block in transformer.single_transformer_blocks])
+
+
 def _cogvideox_grid(transformer, hidden):
     p, p_t = transformer.config.patch_size, transformer.config.patch_size_t or 1
     frames, height, width = hidden.shape[1], hidden.shape[3], hidden.shape[4]   # [B, F, C, H, W]
@@ -226,6 +294,7 @@ _ADAPTERS = {
                                       _route_through_dispatch),
     "CogVideoXTransformer3DModel": _Adapter(lambda t: [block.attn1 for block in t.transformer_blocks],
                                             _cogvideox_grid, 2, _replace_processor),
+    "HunyuanVideoTransformer3DModel": _Adapter(_hunyuan_attentions, _hunyuan_grid, 1, _route_through_dispatch),
 }
 
 

@@ -220,3 +220,20 @@ def test_apply_rejects_what_it_cannot_patch():
     psa_diffusers.apply(model)
     with pytest.raises(ValueError, match="already applied"):
         psa_diffusers.apply(model)
+
+
+@pytest.mark.parametrize("name", ["wan", "hunyuan"])
+def test_regional_compile_with_warmup_compiles_few_graphs(rng, name):
+    # diffusers' compile_repeated_blocks compiles the transformer blocks and leaves the step bookkeeping
+    # (one host read of the timestep per forward) in eager code. The blocks must not be specialised per
+    # step or per layer: one graph for dense steps and one for psa steps.
+    tiny = MODELS[name](rng)
+    eager = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG, warmup_steps=2)
+    compiled = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG, warmup_steps=2)
+    compiled.compile_repeated_blocks(fullgraph=True)
+    torch._dynamo.utils.counters.clear()
+    for timestep in (999, 800, 600, 400, 999, 800):
+        torch.testing.assert_close(tiny.run(compiled, timestep), tiny.run(eager, timestep))
+    # At most a dense and a psa graph per compiled block class (classes psa does not touch: one).
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2 * len(compiled._repeated_blocks)
+    assert psa_diffusers.stats(compiled) == psa_diffusers.stats(eager)

@@ -28,6 +28,11 @@ Dense warm-up counts denoising steps from the transformer's forward calls and th
 smaller timestep than the previous call is the next step, an equal one is the same step (classifier-free
 guidance run as a second pass), a larger one starts a new generation. Reading the timestep is one host
 read per transformer forward, done only when `warmup_steps > 0`.
+
+torch.compile: `torch.compile(transformer, fullgraph=True)` traces a patched model whole when
+`warmup_steps == 0`. With warm-up, compile the blocks (`transformer.compile_repeated_blocks(
+fullgraph=True)`, diffusers' regional compilation): the step bookkeeping then stays in eager code and
+each block class compiles to one dense and one psa graph, not one per step or layer.
 """
 
 from __future__ import annotations
@@ -49,7 +54,12 @@ _ATTRIBUTE = "_psa_state"
 
 @dataclass(eq=False)  # hashed by identity: kept in a WeakSet
 class _State:
-    """Everything psa keeps for one patched transformer."""
+    """Everything psa keeps for one patched transformer.
+
+    What the attention calls read while they may be traced by torch.compile is limited to values that
+    change rarely (`grid`, `active`, the config), so compiled regions are not specialised per step or
+    per layer. Level counts go into a device table indexed by a device-side call counter: layer i of a
+    forward is the i-th psa call, with no Python constant per layer."""
 
     config: PSAConfig
     order: str
@@ -57,32 +67,48 @@ class _State:
     warmup_steps: int
     collect_stats: bool
     adapter: "_Adapter"
+    layers: Sequence[int]                                      # patched block indices, in call order
     grid: Optional[Sequence[int]] = None
+    active: bool = True                                        # psa runs now (False during warm-up)
     step: int = 0
     last_timestep: Optional[float] = None
-    records: List[tuple] = field(default_factory=list)        # (step, layer, level counts on device)
+    counts: Optional[torch.Tensor] = None                      # [len(layers), 5] level counts, this step
+    call: Optional[torch.Tensor] = None                        # device scalar: psa calls this forward
+    history: List[tuple] = field(default_factory=list)         # (step, counts) of finished steps
     restore: List[Callable[[], None]] = field(default_factory=list)
     hook: object = None
 
+    def begin_forward(self, device: torch.device) -> None:
+        if self.counts is None or self.counts.device != device:
+            self.counts = torch.zeros(len(self.layers), len(LEVELS), dtype=torch.long, device=device)
+            self.call = torch.zeros((), dtype=torch.long, device=device)
+        self.call.zero_()
+
     def observe(self, timestep: torch.Tensor) -> None:
+        """Advance the step counter from this forward's timestep (one host read)."""
         value = float(timestep.detach().max())
         if self.last_timestep is None or value > self.last_timestep:
+            self.history.clear()
+            self.counts.zero_()
             self.step = 0
-            self.records.clear()
         elif value < self.last_timestep:
+            self.history.append((self.step, self.counts.clone()))
+            self.counts.zero_()
             self.step += 1
         self.last_timestep = value
+        self.active = self.step >= self.warmup_steps
 
-    @property
-    def dense_now(self) -> bool:
-        return self.step < self.warmup_steps
+    def record(self, levels: torch.Tensor) -> None:
+        counts = torch.stack([(levels == level).sum() for level in LEVELS])
+        self.counts.index_add_(0, (self.call % len(self.layers)).view(1), counts.view(1, -1))
+        self.call.add_(1)
 
 
 class _Route:
-    """One patched attention layer: decides when psa runs and runs it."""
+    """Decides when psa runs and runs it; shared by the patched layers of one model."""
 
-    def __init__(self, state: _State, layer: int, fallback_backend=None):
-        self.state, self.layer, self.fallback_backend = state, layer, fallback_backend
+    def __init__(self, state: _State, fallback_backend=None):
+        self.state, self.fallback_backend = state, fallback_backend
 
     def video_tokens(self) -> int:
         grid = self.state.grid
@@ -91,7 +117,7 @@ class _Route:
     def handles(self, length: int, text: int = 0) -> bool:
         """Whether self-attention over `length` tokens (`text` of them text) goes to psa now."""
         grid = self.state.grid
-        if grid is None or self.state.dense_now:
+        if grid is None or not self.state.active:
             return False
         return length == grid[0] * grid[1] * grid[2] + text
 
@@ -108,8 +134,7 @@ class _Route:
         out, lse, levels = sparse_attention(q, k, v, state.config, scale=scale, force_keys=forced,
                                             force_queries=forced, return_lse=True, return_levels=True)
         if state.collect_stats:
-            counts = torch.stack([(levels == level).sum() for level in LEVELS])
-            state.records.append((state.step, self.layer, counts))
+            state.record(levels)
         out = order.unpermute(out, dim=2)
         return (out, order.unpermute(lse, dim=2)) if return_lse else out
 
@@ -195,10 +220,20 @@ def _install_dispatch(module_name: str) -> None:
     module.dispatch_attention_fn = dispatch_attention_fn
 
 
-def _route_through_dispatch(state: _State, attention, route_layer: int) -> None:
+def _shared_route(state: _State, fallback_backend=None) -> _Route:
+    """The model's route for this fallback backend (one object for all layers: nothing per layer for
+    torch.compile to specialise on)."""
+    routes = state.__dict__.setdefault("_routes", {})
+    key = id(fallback_backend) if fallback_backend is not None else None
+    if key not in routes:
+        routes[key] = _Route(state, fallback_backend)
+    return routes[key]
+
+
+def _route_through_dispatch(state: _State, attention) -> None:
     processor = attention.processor
     module_name = type(processor).__module__
-    route = _Route(state, route_layer, fallback_backend=processor._attention_backend)
+    route = _shared_route(state, processor._attention_backend)
     processor._attention_backend = route
     _install_dispatch(module_name)
     _live_states.setdefault(module_name, weakref.WeakSet()).add(state)
@@ -244,9 +279,9 @@ class _JointTextFirstProcessor:
         return out[:, text:], out[:, :text]
 
 
-def _replace_processor(state: _State, attention, route_layer: int) -> None:
+def _replace_processor(state: _State, attention) -> None:
     original = attention.processor
-    attention.processor = _JointTextFirstProcessor(original, _Route(state, route_layer))
+    attention.processor = _JointTextFirstProcessor(original, _shared_route(state))
 
     def restore():
         attention.processor = original
@@ -263,7 +298,7 @@ class _Adapter:
     attentions: Callable          # transformer -> its video self-attention modules, one per block
     grid: Callable                # (transformer, hidden_states) -> latent grid (T, H, W) after patching
     timestep_position: int        # positional index of `timestep` in forward()
-    install: Callable             # (state, attention module, layer index) -> None
+    install: Callable             # (state, attention module) -> None
 
 
 def _wan_grid(transformer, hidden):
@@ -309,6 +344,7 @@ def _before_forward(state: _State):
     def hook(module, args, kwargs):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         state.grid = state.adapter.grid(module, hidden)
+        state.begin_forward(hidden.device)
         if state.warmup_steps > 0:
             position = state.adapter.timestep_position
             state.observe(kwargs["timestep"] if "timestep" in kwargs else args[position])
@@ -343,9 +379,9 @@ def apply(transformer, config: Optional[PSAConfig] = None, *, warmup_steps: int 
     if any(not 0 <= i < len(attentions) for i in chosen):
         raise ValueError(f"layers must be block indices in [0, {len(attentions)}), got {list(chosen)}")
 
-    state = _State(config, order, tuple(tile), warmup_steps, collect_stats, adapter)
+    state = _State(config, order, tuple(tile), warmup_steps, collect_stats, adapter, tuple(chosen))
     for i in chosen:
-        adapter.install(state, attentions[i], i)
+        adapter.install(state, attentions[i])
     state.hook = transformer.register_forward_pre_hook(_before_forward(state), with_kwargs=True)
     setattr(transformer, _ATTRIBUTE, state)
     return transformer
@@ -365,19 +401,22 @@ def remove(transformer):
 
 def stats(transformer) -> List[dict]:
     """Per (step, layer) of the current generation: density, coverage and level histogram. Reads the
-    counts kept on the device (one synchronisation, here)."""
+    counts kept on the device (one synchronisation, here). Steps are told apart when `warmup_steps > 0`
+    (the timestep is read then); otherwise all calls so far count as step 0."""
     state = getattr(transformer, _ATTRIBUTE, None)
     if state is None:
         raise ValueError("psa is not applied to this transformer")
-    rows: Dict[tuple, torch.Tensor] = {}
-    for step, layer, counts in state.records:
-        key = (step, layer)
-        rows[key] = rows[key] + counts.cpu() if key in rows else counts.cpu()
+    snapshots = list(state.history)
+    if state.counts is not None:
+        snapshots.append((state.step, state.counts))
     report = []
-    for (step, layer), counts in sorted(rows.items()):
-        total = counts.sum().item()
-        fractions = {level: counts[i].item() / total for i, level in enumerate(LEVELS)}
-        density = sum(fraction / level for level, fraction in fractions.items() if level)
-        report.append(dict(step=step, layer=layer, density=density, coverage=1.0 - fractions[0],
-                           histogram=fractions))
+    for step, table in snapshots:
+        for row, layer in zip(table.cpu(), state.layers):
+            total = row.sum().item()
+            if total == 0:
+                continue   # this layer did not run psa at this step (warm-up)
+            fractions = {level: row[i].item() / total for i, level in enumerate(LEVELS)}
+            density = sum(fraction / level for level, fraction in fractions.items() if level)
+            report.append(dict(step=step, layer=layer, density=density, coverage=1.0 - fractions[0],
+                               histogram=fractions))
     return report

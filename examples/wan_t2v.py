@@ -58,6 +58,8 @@ def generate(pipe, args):
 
 def main():
     args = parse_args()
+    if not 0 <= args.warmup_steps < args.steps:
+        raise SystemExit(f"--warmup-steps must lie in [0, --steps), got {args.warmup_steps}")
     if not torch.cuda.is_available():
         raise SystemExit("this example needs a CUDA GPU")
     vae = AutoencoderKLWan.from_pretrained(args.model_path, subfolder="vae", torch_dtype=torch.float32)
@@ -67,7 +69,10 @@ def main():
     dense_frames, dense_times = generate(pipe, args)
     export_to_video(dense_frames, "dense.mp4", fps=16)
 
-    config = psa.PSAConfig.from_json(open(args.config).read()) if args.config else psa.PSAConfig()
+    config = psa.PSAConfig()
+    if args.config:
+        with open(args.config) as f:
+            config = psa.PSAConfig.from_json(f.read())
     for transformer in transformers:   # Wan2.2 A14B: both experts
         psa_diffusers.apply(transformer, config, warmup_steps=args.warmup_steps, order=args.order)
     psa_frames, psa_times = generate(pipe, args)

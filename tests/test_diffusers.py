@@ -1,4 +1,5 @@
-"""psa.integrations.diffusers on tiny random diffusers transformers (CPU reference backend)."""
+"""psa.integrations.diffusers on tiny random diffusers transformers: on the CPU reference backend and,
+where there is a GPU, on the CUDA backend (head_dim 64 so both backends take them)."""
 
 import gc
 
@@ -7,7 +8,7 @@ import torch
 import torch._dynamo
 
 import psa
-from conftest import assert_attention_close
+from conftest import BACKENDS, assert_attention_close
 
 diffusers = pytest.importorskip("diffusers")
 import psa.integrations.diffusers as psa_diffusers  # noqa: E402
@@ -22,13 +23,15 @@ class TinyModel:
     def __init__(self, name, build, inputs, call, attentions):
         self.name, self.build_fn, self.inputs, self.call, self.attentions = name, build, inputs, call, attentions
 
-    def build(self, dtype=torch.float32):
+    def build(self, dtype=torch.float32, device="cpu"):
         torch.manual_seed(0)
-        return self.build_fn().to(dtype).eval()
+        return self.build_fn().to(device=device, dtype=dtype).eval()
 
     def run(self, model, timestep=500, dtype=torch.float32):
+        device = next(model.parameters()).device
         with torch.no_grad():
-            return self.call(model, *(x.to(dtype) for x in self.inputs), torch.tensor([timestep]))
+            return self.call(model, *(x.to(device=device, dtype=dtype) for x in self.inputs),
+                             torch.tensor([timestep], device=device))
 
 
 # Wan and CogVideoX run one sample, HunyuanVideo two (different text padding per sample).
@@ -39,7 +42,7 @@ def wan_model(rng):
     return TinyModel(
         "wan",
         lambda: diffusers.WanTransformer3DModel(
-            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=32, in_channels=4, out_channels=4,
+            patch_size=(1, 2, 2), num_attention_heads=2, attention_head_dim=64, in_channels=4, out_channels=4,
             text_dim=16, freq_dim=16, ffn_dim=32, num_layers=3, rope_max_seq_len=32),
         (torch.randn(1, 4, 5, 24, 20, generator=rng), torch.randn(1, 7, 16, generator=rng)),
         lambda model, latents, text, t: model(latents, t, text, return_dict=False)[0],
@@ -48,7 +51,7 @@ def wan_model(rng):
 
 def cogvideox_model(rng, rotary=False):
     # Joint attention over [8 text | 3 x 8 x 8 video] tokens; rotary embedding on the video part.
-    frames, size, heads, head_dim = 3, 16, 2, 16
+    frames, size, heads, head_dim = 3, 16, 2, 64
     video_tokens = frames * (size // 2) ** 2
     angles = torch.rand(video_tokens, head_dim, generator=rng) * 6.28
     rotary_emb = (angles.cos(), angles.sin()) if rotary else None
@@ -59,7 +62,9 @@ def cogvideox_model(rng, rotary=False):
             text_embed_dim=16, num_layers=3, sample_width=size, sample_height=size, sample_frames=4 * frames - 3,
             patch_size=2, max_text_seq_length=8, use_rotary_positional_embeddings=rotary),
         (torch.randn(1, frames, 4, size, size, generator=rng), torch.randn(1, 8, 16, generator=rng)),
-        lambda model, latents, text, t: model(latents, text, t, image_rotary_emb=rotary_emb, return_dict=False)[0],
+        lambda model, latents, text, t: model(
+            latents, text, t, return_dict=False,
+            image_rotary_emb=None if rotary_emb is None else tuple(x.to(latents.device) for x in rotary_emb))[0],
         lambda model: [block.attn1 for block in model.transformer_blocks])
 
 
@@ -69,12 +74,12 @@ def hunyuan_model(rng, text_mask=((1, 1, 1, 1, 1, 1, 0, 0), (1, 1, 1, 0, 0, 0, 0
     return TinyModel(
         "hunyuan",
         lambda: diffusers.HunyuanVideoTransformer3DModel(
-            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=16, num_layers=2,
+            in_channels=4, out_channels=4, num_attention_heads=2, attention_head_dim=64, num_layers=2,
             num_single_layers=1, num_refiner_layers=1, patch_size=2, patch_size_t=1, text_embed_dim=16,
-            pooled_projection_dim=8, rope_axes_dim=(4, 6, 6), guidance_embeds=False),
+            pooled_projection_dim=8, rope_axes_dim=(16, 24, 24), guidance_embeds=False),
         (torch.randn(2, 4, 3, 16, 16, generator=rng), torch.randn(2, 8, 16, generator=rng),
          torch.randn(2, 8, generator=rng)),
-        lambda model, latents, text, pooled, t: model(latents, t.expand(2), text, mask, pooled,
+        lambda model, latents, text, pooled, t: model(latents, t.expand(2), text, mask.to(latents.device), pooled,
                                                       return_dict=False)[0],
         lambda model: ([block.attn for block in model.transformer_blocks] +
                        [block.attn for block in model.single_transformer_blocks]))
@@ -91,27 +96,29 @@ def fresh_dynamo():
     torch._dynamo.reset()
 
 
+@pytest.mark.parametrize("device,dtype", BACKENDS)
 @pytest.mark.parametrize("name", MODELS)
-def test_every_block_at_level_one_equals_the_unpatched_model(rng, name):
+def test_every_block_at_level_one_equals_the_unpatched_model(rng, name, device, dtype):
     tiny = MODELS[name](rng)
-    model = tiny.build()
-    expected = tiny.run(model)
-    expected64 = tiny.run(tiny.build(torch.float64), dtype=torch.float64)
+    model = tiny.build(dtype, device)
+    expected = tiny.run(model, dtype=dtype)
+    expected64 = tiny.run(tiny.build(torch.float64, device), dtype=torch.float64)
     psa_diffusers.apply(model, DENSE_CONFIG)
-    assert_attention_close(tiny.run(model), expected64, expected)
+    assert_attention_close(tiny.run(model, dtype=dtype), expected64, expected)
     report = psa_diffusers.stats(model)
     assert [row["layer"] for row in report] == list(range(len(tiny.attentions(model))))
     assert all(row["density"] == 1.0 and row["coverage"] == 1.0 for row in report)
 
 
+@pytest.mark.parametrize("device,dtype", BACKENDS)
 @pytest.mark.parametrize("name", MODELS)
 @pytest.mark.parametrize("order", ["gilbert", "tiled", "raster"])
-def test_sparse_config_runs_differs_boundedly_and_reports(rng, name, order):
+def test_sparse_config_runs_differs_boundedly_and_reports(rng, name, order, device, dtype):
     tiny = MODELS[name](rng)
-    model = tiny.build()
-    dense = tiny.run(model)
+    model = tiny.build(dtype, device)
+    dense = tiny.run(model, dtype=dtype).float()
     psa_diffusers.apply(model, SPARSE_CONFIG, order=order)
-    sparse = tiny.run(model)
+    sparse = tiny.run(model, dtype=dtype).float()
     relative = ((sparse - dense).norm() / dense.norm()).item()
     assert 0 < relative < 0.5
     for row in psa_diffusers.stats(model):
@@ -143,16 +150,17 @@ def test_cogvideox_text_tokens_are_forced_keys_and_rows(rng, monkeypatch):
         assert (levels[:, :, 1:, 1:] != 1).any()
 
 
-def test_hunyuan_padded_text_tokens_change_nothing(rng):
+@pytest.mark.parametrize("device,dtype", BACKENDS)
+def test_hunyuan_padded_text_tokens_change_nothing(rng, device, dtype):
     tiny = hunyuan_model(rng)
-    model = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG)
-    expected = tiny.run(model)
+    model = psa_diffusers.apply(tiny.build(dtype, device), SPARSE_CONFIG)
+    expected = tiny.run(model, dtype=dtype)
     latents, text, pooled = tiny.inputs
     text = text.clone()
     text[0, 6:] = 100.0     # sample 0's padding
     text[1, 3:] = -50.0     # sample 1's padding
     tiny.inputs = (latents, text, pooled)
-    torch.testing.assert_close(tiny.run(model), expected)
+    torch.testing.assert_close(tiny.run(model, dtype=dtype), expected)
     assert {row["layer"] for row in psa_diffusers.stats(model)} == {0, 1, 2}
 
 
@@ -198,13 +206,14 @@ def test_warmup_counts_denoising_steps_not_attention_calls(rng, name, cfg_style)
     assert torch.equal(tiny.run(model, 999), tiny.run(tiny.build(), 999))
 
 
+@pytest.mark.parametrize("device,dtype", BACKENDS)
 @pytest.mark.parametrize("name", ["wan", "cogvideox", "hunyuan"])
-def test_compile_fullgraph_traces_the_patched_model(rng, name):
+def test_compile_fullgraph_traces_the_patched_model(rng, name, device, dtype):
     tiny = MODELS[name](rng)
-    model = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG)
-    eager = tiny.run(model)
+    model = psa_diffusers.apply(tiny.build(dtype, device), SPARSE_CONFIG)
+    eager = tiny.run(model, dtype=dtype)
     compiled = torch.compile(model, fullgraph=True)
-    torch.testing.assert_close(tiny.run(compiled), eager)
+    torch.testing.assert_close(tiny.run(compiled, dtype=dtype), eager)
 
 
 def test_apply_rejects_what_it_cannot_patch():

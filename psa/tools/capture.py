@@ -1,0 +1,159 @@
+"""Record q, k, v of a model's attention calls.
+
+    with psa.tools.capture(pipe.transformer, layers=[0, 10, 20], steps=[5, 25]) as captures:
+        pipe(prompt)
+    psa.tools.save(captures, "wan_qkv.safetensors")
+
+Every call of `F.scaled_dot_product_attention` made while `module` runs forward is seen through a
+`TorchFunctionMode` (diffusers' default attention backend ends in it, and so do most models), so no
+model code is patched. Within a forward, self-attention calls (`Lq == Lk`) are numbered 0, 1, 2, ...:
+that number is the layer. Each forward of `module` is a step. A diffusers transformer psa supports
+also gives its latent grid; other modules can pass `grid=`. Records stop once `max_bytes` are held.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+from dataclasses import dataclass
+from typing import Iterable, Iterator, List, Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch.overrides import TorchFunctionMode
+
+
+@dataclass
+class Capture:
+    """One recorded attention call: `q [B, Hq, L, D]`, `k, v [B, Hkv, L, D]` on the CPU."""
+
+    q: torch.Tensor
+    k: torch.Tensor
+    v: torch.Tensor
+    layer: int
+    step: int
+    grid: Optional[Sequence[int]] = None     # latent (T, H, W) of the video tokens, if known
+    text_before: int = 0                     # text tokens before / after the video tokens
+    text_after: int = 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in (self.q, self.k, self.v))
+
+
+class Captures(list):
+    """The recorded `Capture`s, plus `skipped`: selected calls the size cap dropped."""
+
+    skipped: int = 0
+
+
+class _Recorder(TorchFunctionMode):
+    def __init__(self, session: "_Session"):
+        super().__init__()
+        self.session = session
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is F.scaled_dot_product_attention:
+            # q, k, v may come by position or by name (diffusers passes them by name).
+            named = dict(zip(("query", "key", "value"), args))
+            named.update({name: kwargs[name] for name in ("query", "key", "value") if name in kwargs})
+            self.session.observe(named["query"], named["key"], named["value"])
+        return func(*args, **kwargs)
+
+
+class _Session:
+    def __init__(self, module, layers, steps, max_bytes, grid):
+        self.module, self.max_bytes, self.grid = module, max_bytes, grid
+        self.layers = None if layers is None else set(layers)
+        self.steps = None if steps is None else set(steps)
+        self.captures = Captures()
+        self.held = 0
+        self.step = -1
+        self.layer = 0
+
+    def begin_forward(self, module, args, kwargs):
+        self.step += 1
+        self.layer = 0
+        if self.grid is None:
+            self.current_grid = _diffusers_grid(module, args, kwargs)
+        else:
+            self.current_grid = tuple(self.grid)
+
+    def observe(self, q, k, v):
+        if q.shape[-2] != k.shape[-2]:
+            return                                   # cross-attention: not a layer of ours
+        layer, self.layer = self.layer, self.layer + 1
+        if (self.layers is not None and layer not in self.layers) or (self.steps is not None and
+                                                                      self.step not in self.steps):
+            return
+        size = sum(t.numel() * t.element_size() for t in (q, k, v))
+        if self.held + size > self.max_bytes:
+            self.captures.skipped += 1
+            return
+        grid, text_before, text_after = self.current_grid, 0, 0
+        if grid is not None:
+            extra = q.shape[-2] - grid[0] * grid[1] * grid[2]
+            text_before, text_after = _text_placement(self.module, extra)
+        self.captures.append(Capture(*(t.detach().to("cpu", copy=True) for t in (q, k, v)), layer=layer,
+                                     step=self.step, grid=grid, text_before=text_before, text_after=text_after))
+        self.held += size
+
+
+def _diffusers_grid(module, args, kwargs):
+    """The latent grid of a diffusers transformer psa supports, from its forward's input; else None."""
+    try:
+        from ..integrations.diffusers import _adapter
+        adapter = _adapter(module)
+    except (ImportError, ValueError):
+        return None
+    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+    return adapter.grid(module, hidden)
+
+
+def _text_placement(module, extra_tokens: int):
+    """Where the `extra_tokens` non-video tokens of a joint sequence sit: CogVideoX puts text first,
+    HunyuanVideo last."""
+    if extra_tokens <= 0:
+        return 0, 0
+    return (extra_tokens, 0) if type(module).__name__.startswith("CogVideoX") else (0, extra_tokens)
+
+
+@contextlib.contextmanager
+def capture(module: torch.nn.Module, *, layers: Optional[Iterable[int]] = None, steps: Optional[Iterable[int]] = None,
+            max_bytes: int = 1 << 30, grid: Optional[Sequence[int]] = None) -> Iterator[Captures]:
+    """Record the self-attention inputs of `module`'s forwards inside the `with` block.
+
+    `layers`, `steps`: which calls to keep (default all); `max_bytes`: a cap on what is held (calls
+    beyond it are not kept, only counted in the list's `.skipped`); `grid`: the latent grid when
+    `module` is not a diffusers transformer psa knows.
+    """
+    if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
+        raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
+    session = _Session(module, layers, steps, max_bytes, grid)
+    hook = module.register_forward_pre_hook(session.begin_forward, with_kwargs=True)
+    recorder = _Recorder(session)
+    try:
+        with recorder:
+            yield session.captures
+    finally:
+        hook.remove()
+
+
+def save(captures: List[Capture], path: str) -> None:
+    """Write captures to a safetensors file (tensors plus their layer, step and grid as metadata)."""
+    from safetensors.torch import save_file
+    tensors, meta = {}, []
+    for i, c in enumerate(captures):
+        tensors.update({f"{i}.q": c.q.contiguous(), f"{i}.k": c.k.contiguous(), f"{i}.v": c.v.contiguous()})
+        meta.append(dict(layer=c.layer, step=c.step, grid=None if c.grid is None else list(c.grid),
+                         text_before=c.text_before, text_after=c.text_after))
+    save_file(tensors, path, metadata={"psa_captures": json.dumps(meta)})
+
+
+def load(path: str) -> List[Capture]:
+    from safetensors import safe_open
+    with safe_open(path, framework="pt") as f:
+        meta = json.loads(f.metadata()["psa_captures"])
+        return [Capture(f.get_tensor(f"{i}.q"), f.get_tensor(f"{i}.k"), f.get_tensor(f"{i}.v"), **m)
+                for i, m in enumerate(meta)]

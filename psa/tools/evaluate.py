@@ -48,7 +48,6 @@ def _per_head_errors(out: torch.Tensor, dense: torch.Tensor):
 
 def _run(capture: Capture, config: PSAConfig, order: str, device):
     q, k, v = (t.to(device) for t in (capture.q, capture.k, capture.v))
-    dense = _dense(q, k, v)
     if capture.grid is not None and order != "raster":
         perm = _layout.get_layout(capture.grid, order, text_before=capture.text_before,
                                   text_after=capture.text_after, device=q.device)
@@ -63,7 +62,7 @@ def _run(capture: Capture, config: PSAConfig, order: str, device):
     out, levels = sparse_attention(q, k, v, config, force_keys=forced, force_queries=forced, return_levels=True)
     if perm is not None:
         out = perm.unpermute(out, dim=2)
-    return out, dense, level_stats(levels, causal=config.causal, q_len=q.shape[2], k_len=k.shape[2],
+    return out, level_stats(levels, causal=config.causal, q_len=q.shape[2], k_len=k.shape[2],
                                    block_m=config.block_m, block_n=config.block_n)
 
 
@@ -78,19 +77,22 @@ def evaluate(captures: Sequence[Capture], configs: Union[PSAConfig, Mapping[str,
         raise ValueError("evaluate needs at least one capture")
     if order not in _layout.ORDERS:
         raise ValueError(f"order must be one of {_layout.ORDERS}, got {order!r}")
-    rows = []
+    rows, denses = [], {}
     for name, config in configs.items():
         variants = {"psa": []}
-        for capture in captures:
+        for i, capture in enumerate(captures):
             target = device or capture.q.device
-            out, dense, stats = _run(capture, config, order, target)
+            if i not in denses:   # the dense reference of a capture serves every config and variant
+                denses[i] = _dense(*(t.to(target) for t in (capture.q, capture.k, capture.v)))
+            dense = denses[i]
+            out, stats = _run(capture, config, order, target)
             variants["psa"].append((stats, *_per_head_errors(out, dense)))
             if baseline:
                 binary = binary_config(config, stats["density"])
-                out_b, _, stats_b = _run(capture, binary, order, target)
+                out_b, stats_b = _run(capture, binary, order, target)
                 variants.setdefault("binary", []).append((stats_b, *_per_head_errors(out_b, dense)))
             if without_reorder:
-                out_r, _, stats_r = _run(capture, config, "raster", target)
+                out_r, stats_r = _run(capture, config, "raster", target)
                 variants.setdefault("psa raster", []).append((stats_r, *_per_head_errors(out_r, dense)))
         for variant, results in variants.items():
             rel = torch.cat([r[1] for r in results])

@@ -246,3 +246,23 @@ def test_regional_compile_with_warmup_compiles_few_graphs(rng, name):
     # At most a dense and a psa graph per compiled block class (classes psa does not touch: one).
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] <= 2 * len(compiled._repeated_blocks)
     assert psa_diffusers.stats(compiled) == psa_diffusers.stats(eager)
+
+
+def test_per_layer_configs_from_calibration_drive_their_layers(rng):
+    from psa import tools
+    tiny = wan_model(rng)
+    model = tiny.build()
+    with tools.capture(model) as captures:
+        tiny.run(model)
+    assert [c.layer for c in captures] == [0, 1, 2] and all(tuple(c.grid) == (5, 12, 10) for c in captures)
+    chosen = [c for c in captures if c.layer != 1]
+    configs = tools.calibrate(chosen, target_density=0.3, base=SPARSE_CONFIG, tolerance=0.05, per_layer=True)
+    configs = tools.configs_from_json(tools.configs_to_json(configs))
+    assert sorted(configs) == [0, 2]
+    psa_diffusers.apply(model, configs)
+    tiny.run(model)
+    report = psa_diffusers.stats(model)
+    assert [row["layer"] for row in report] == [0, 2]          # layer 1 has no config: it stays dense
+    assert all(abs(row["density"] - 0.3) <= 0.05 for row in report)
+    with pytest.raises(ValueError, match="not both"):
+        psa_diffusers.apply(tiny.build(), configs, layers=[0])

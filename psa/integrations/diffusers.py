@@ -40,7 +40,7 @@ from __future__ import annotations
 import sys
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Optional, Sequence
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
 
 import torch
 
@@ -61,7 +61,7 @@ class _State:
     per layer. Level counts go into a device table indexed by a device-side call counter: layer i of a
     forward is the i-th psa call, with no Python constant per layer."""
 
-    config: PSAConfig
+    configs: Dict[int, PSAConfig]                             # per patched block index
     order: str
     tile: Sequence[int]
     warmup_steps: int
@@ -105,10 +105,11 @@ class _State:
 
 
 class _Route:
-    """Decides when psa runs and runs it; shared by the patched layers of one model."""
+    """Decides when psa runs and runs it; shared by the patched layers of one model that have the
+    same config and fallback backend."""
 
-    def __init__(self, state: _State, fallback_backend=None):
-        self.state, self.fallback_backend = state, fallback_backend
+    def __init__(self, state: _State, config: PSAConfig, fallback_backend=None):
+        self.state, self.config, self.fallback_backend = state, config, fallback_backend
 
     def video_tokens(self) -> int:
         grid = self.state.grid
@@ -131,7 +132,7 @@ class _Route:
         if text:
             forced = torch.zeros(q.shape[2], dtype=torch.bool, device=q.device)
             forced[:text] = True
-        out, lse, levels = sparse_attention(q, k, v, state.config, scale=scale, force_keys=forced,
+        out, lse, levels = sparse_attention(q, k, v, self.config, scale=scale, force_keys=forced,
                                             force_queries=forced, return_lse=True, return_levels=True)
         if state.collect_stats:
             state.record(levels)
@@ -220,20 +221,20 @@ def _install_dispatch(module_name: str) -> None:
     module.dispatch_attention_fn = dispatch_attention_fn
 
 
-def _shared_route(state: _State, fallback_backend=None) -> _Route:
-    """The model's route for this fallback backend (one object for all layers: nothing per layer for
-    torch.compile to specialise on)."""
+def _shared_route(state: _State, config: PSAConfig, fallback_backend=None) -> _Route:
+    """The model's route for this config and fallback backend: one object for all layers that share
+    them, so torch.compile has nothing per layer to specialise on (per-layer configs: one per config)."""
     routes = state.__dict__.setdefault("_routes", {})
-    key = id(fallback_backend) if fallback_backend is not None else None
+    key = (config, id(fallback_backend) if fallback_backend is not None else None)
     if key not in routes:
-        routes[key] = _Route(state, fallback_backend)
+        routes[key] = _Route(state, config, fallback_backend)
     return routes[key]
 
 
-def _route_through_dispatch(state: _State, attention) -> None:
+def _route_through_dispatch(state: _State, attention, config: PSAConfig) -> None:
     processor = attention.processor
     module_name = type(processor).__module__
-    route = _shared_route(state, processor._attention_backend)
+    route = _shared_route(state, config, processor._attention_backend)
     processor._attention_backend = route
     _install_dispatch(module_name)
     _live_states.setdefault(module_name, weakref.WeakSet()).add(state)
@@ -279,9 +280,9 @@ class _JointTextFirstProcessor:
         return out[:, text:], out[:, :text]
 
 
-def _replace_processor(state: _State, attention) -> None:
+def _replace_processor(state: _State, attention, config: PSAConfig) -> None:
     original = attention.processor
-    attention.processor = _JointTextFirstProcessor(original, _shared_route(state))
+    attention.processor = _JointTextFirstProcessor(original, _shared_route(state, config))
 
     def restore():
         attention.processor = original
@@ -298,7 +299,7 @@ class _Adapter:
     attentions: Callable          # transformer -> its video self-attention modules, one per block
     grid: Callable                # (transformer, hidden_states) -> latent grid (T, H, W) after patching
     timestep_position: int        # positional index of `timestep` in forward()
-    install: Callable             # (state, attention module) -> None
+    install: Callable             # (state, attention module, its PSAConfig) -> None
 
 
 def _wan_grid(transformer, hidden):
@@ -355,18 +356,27 @@ def _before_forward(state: _State):
 # Public API
 # --------------------------------------------------------------------------------------------------
 
-def apply(transformer, config: Optional[PSAConfig] = None, *, warmup_steps: int = 0, order: str = "gilbert",
-          tile: Sequence[int] = _layout.DEFAULT_TILE, layers: Optional[Iterable[int]] = None,
+def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] = None, *, warmup_steps: int = 0,
+          order: str = "gilbert", tile: Sequence[int] = _layout.DEFAULT_TILE, layers: Optional[Iterable[int]] = None,
           collect_stats: bool = True):
     """Route `transformer`'s video self-attention through psa. Returns the transformer.
 
+    `config`: one PSAConfig for every patched block, or `{block index: PSAConfig}` (as
+    `psa.tools.calibrate(..., per_layer=True)` returns): blocks without an entry stay dense.
     `warmup_steps`: the first denoising steps run dense. `order`: token order for the blocks ("gilbert",
-    "tiled" or "raster"). `layers`: block indices to patch (default all). `collect_stats`: keep per-layer,
-    per-step level counts on the device for `stats()`.
+    "tiled" or "raster"). `layers`: block indices to patch (default all, or the mapping's keys).
+    `collect_stats`: keep per-layer, per-step level counts on the device for `stats()`.
     """
     config = PSAConfig() if config is None else config
-    if not isinstance(config, PSAConfig):
-        raise ValueError(f"config must be a psa.PSAConfig, got {type(config).__name__}")
+    per_layer = dict(config) if isinstance(config, Mapping) else None
+    for value in (per_layer.values() if per_layer is not None else [config]):
+        if not isinstance(value, PSAConfig):
+            raise ValueError(f"config must be a psa.PSAConfig or a mapping of block index to PSAConfig, "
+                             f"got {type(value).__name__}")
+    if per_layer is not None:
+        if layers is not None:
+            raise ValueError("give layers or a per-layer config mapping, not both")
+        layers = per_layer
     if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or warmup_steps < 0:
         raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
     if order not in _layout.ORDERS:
@@ -379,9 +389,10 @@ def apply(transformer, config: Optional[PSAConfig] = None, *, warmup_steps: int 
     if any(not 0 <= i < len(attentions) for i in chosen):
         raise ValueError(f"layers must be block indices in [0, {len(attentions)}), got {list(chosen)}")
 
-    state = _State(config, order, tuple(tile), warmup_steps, collect_stats, adapter, tuple(chosen))
+    configs = {i: per_layer[i] if per_layer is not None else config for i in chosen}
+    state = _State(configs, order, tuple(tile), warmup_steps, collect_stats, adapter, tuple(chosen))
     for i in chosen:
-        adapter.install(state, attentions[i])
+        adapter.install(state, attentions[i], configs[i])
     state.hook = transformer.register_forward_pre_hook(_before_forward(state), with_kwargs=True)
     setattr(transformer, _ATTRIBUTE, state)
     return transformer

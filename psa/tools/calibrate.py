@@ -14,6 +14,7 @@ on its own captures and returns `{layer: PSAConfig}`.
 from __future__ import annotations
 
 import dataclasses
+import json
 from collections import defaultdict
 from typing import Dict, Optional, Sequence, Tuple, Union
 
@@ -109,3 +110,14 @@ def calibrate(captures: Sequence[Capture], *, target_density: Optional[float] = 
     for capture in captures:
         by_layer[capture.layer].append(capture)
     return {layer: _calibrate_one(group, *args) for layer, group in sorted(by_layer.items())}
+
+
+def configs_to_json(configs: Dict[int, PSAConfig]) -> str:
+    """A per-layer mapping as JSON: `{"<layer>": <PSAConfig JSON object>}`."""
+    return json.dumps({str(layer): json.loads(config.to_json()) for layer, config in sorted(configs.items())},
+                      indent=2)
+
+
+def configs_from_json(text: str) -> Dict[int, PSAConfig]:
+    """The mapping `configs_to_json` wrote; `psa.integrations.diffusers.apply` accepts it as `config`."""
+    return {int(layer): PSAConfig.from_json(json.dumps(fields)) for layer, fields in json.loads(text).items()}

@@ -28,6 +28,15 @@ BACKENDS = [pytest.param("cpu", torch.float32, id="cpu"),
 
 
 @pytest.fixture
+def fresh_dynamo():
+    """torch.compile state reset around a test, so compiled graphs and counters do not leak between tests."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+@pytest.fixture
 def rng(request):
     """A generator with a fresh seed per test, printed so that a failure can be replayed (PSA_SEED=...)."""
     seed = int(os.environ.get("PSA_SEED", int.from_bytes(os.urandom(4), "little")))

@@ -9,11 +9,7 @@ from psa import PSAConfig
 from conftest import BACKENDS, DEVICES, randn
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -3,21 +3,13 @@ the pieces agreeing with each other, and the CUDA-specific input errors."""
 
 import pytest
 import torch
-import torch._dynamo
 
 import psa
 from psa import PSAConfig, reference
 from conftest import assert_attention_close, randn, reference_attention_pair, requires_cuda
 from test_opcheck import TESTS, samples
 
-pytestmark = [pytest.mark.cuda, requires_cuda]
-
-
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = [pytest.mark.cuda, requires_cuda, pytest.mark.usefixtures("fresh_dynamo")]
 
 
 @pytest.mark.parametrize("estimator", ["sampled", "antidiagonal", "pooled"])

@@ -89,11 +89,7 @@ MODELS = {"wan": wan_model, "cogvideox": cogvideox_model,
           "cogvideox_rotary": lambda rng: cogvideox_model(rng, rotary=True), "hunyuan": hunyuan_model}
 
 
-@pytest.fixture(autouse=True)
-def fresh_dynamo():
-    torch._dynamo.reset()
-    yield
-    torch._dynamo.reset()
+pytestmark = pytest.mark.usefixtures("fresh_dynamo")
 
 
 @pytest.mark.parametrize("device,dtype", BACKENDS)

@@ -102,7 +102,7 @@ def main():
                    f"{dense_flops * flex_density / flex_ms / 1e9:.0f}", f"{cudnn_ms / total_ms:.2f}",
                    f"{cudnn_ms / flex_ms:.2f}", f"{100 * (estimate_ms + assign_ms) / cudnn_ms:.1f}")
             print("|" + "|".join(row) + "|", flush=True)
-        del q, k, v
+        q = k = v = None   # free this shape's inputs before the next one
         torch.cuda.empty_cache()
 
 

@@ -89,7 +89,7 @@ def main():
     print(f"{'method':<22}{'ms':>10}{'density':>10}{'coverage':>10}{'rel L2 err':>12}{'cosine':>10}")
     for name, ms, dens, cov, rel, cos in rows:
         print(f"{name:<22}{ms:>10.2f}{dens:>10.3f}{cov:>10.3f}{rel:>12.4f}{cos:>10.4f}")
-    print(f"level histogram (psa): " + ", ".join(f"{lvl}: {frac:.3f}" for lvl, frac in stats["histogram"].items()))
+    print("level histogram (psa): " + ", ".join(f"{lvl}: {frac:.3f}" for lvl, frac in stats["histogram"].items()))
 
 
 if __name__ == "__main__":

@@ -157,7 +157,6 @@ def estimate_sampled(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n:
     k_offsets = default_sample_offsets(block_n, q.device) if k_offsets is None else k_offsets
     q_samples = _sample_block_rows(q, block_m, q_offsets)                     # [B, Hq, n_q, s_q, D]
     k_samples = _sample_block_rows(_repeat_kv_heads(k, q.shape[1]), block_n, k_offsets)
-    n_q, n_k = q_samples.shape[2], k_samples.shape[2]
     logits = torch.einsum("bhiqd,bhjkd->bhiqjk", q_samples, k_samples) * scale
     block_max = logits.amax(-1)                                                # [B, Hq, n_q, s_q, n_k]
     candidates = candidate_blocks(q_len, k_len, block_m, block_n, causal, q.device)

@@ -139,7 +139,6 @@ class _Route:
         out = order.unpermute(out, dim=2)
         return (out, order.unpermute(lse, dim=2)) if return_lse else out
 
-
     def attend_text_last(self, q, k, v, key_mask, scale=None):
         """Joint attention over `[video | text]` (`[B, H, L, D]`) whose text keys may be padding
         (`key_mask [B, L]`, True = real key), as HunyuanVideo runs it. psa cannot drop single keys, so

@@ -91,3 +91,17 @@ def test_layouts_are_cached_per_device():
 def test_bad_arguments_name_the_problem(kwargs, match):
     with pytest.raises(ValueError, match=match):
         layout.get_layout(**kwargs)
+
+
+def test_permutation_op_passes_opcheck_and_compiles():
+    # Under torch.compile the permutation is one opaque op (psa_layout::token_permutation), so dynamo
+    # never traces the curve construction.
+    op = torch.ops.psa_layout.token_permutation.default
+    torch.library.opcheck(op, ([3, 4, 5], "gilbert", [4, 8, 8], 2, 3, torch.device("cpu")), {},
+                          test_utils=("test_schema", "test_faketensor", "test_aot_dispatch_dynamic"))
+
+    def move(x):
+        return layout.get_layout((3, 4, 5), "gilbert", text_before=2).permute(x)
+
+    x = torch.randn(1, 2, 62, 4)
+    torch.testing.assert_close(torch.compile(move, fullgraph=True)(x), move(x))

@@ -68,7 +68,8 @@ def main():
 
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, B=1, "
           f"{datetime.date.today().isoformat()}")
-    header = ("shape", "dens", "psa ms", "pyr", "est", "asg", "attend", "cudnn", "flash", "flex", "attend TF/s", "psa TF/s",
+    header = ("shape", "dens", "psa ms", "pyr", "est", "asg", "attend", "cudnn", "flash", "flex", "attend TF/s",
+              "psa TF/s",
               "cudnn TF/s", "flex TF/s", "psa x", "flex x", "est+asg %")
     print("|" + "|".join(header) + "|")
     print("|" + "|".join("---" for _ in header) + "|")
@@ -98,7 +99,8 @@ def main():
             flex_ms = bench(lambda: flex(q, k, v, block_mask=mask))
             row = (name, f"{measured:.3f}", f"{total_ms:.2f}", f"{pyramid_ms:.2f}", f"{estimate_ms:.2f}",
                    f"{assign_ms:.2f}", f"{attend_ms:.2f}", f"{cudnn_ms:.2f}", f"{flash_ms:.2f}", f"{flex_ms:.2f}",
-                   f"{dense_flops * measured / attend_ms / 1e9:.0f}", f"{dense_flops * measured / total_ms / 1e9:.0f}", f"{dense_flops / cudnn_ms / 1e9:.0f}",
+                   f"{dense_flops * measured / attend_ms / 1e9:.0f}",
+                   f"{dense_flops * measured / total_ms / 1e9:.0f}", f"{dense_flops / cudnn_ms / 1e9:.0f}",
                    f"{dense_flops * flex_density / flex_ms / 1e9:.0f}", f"{cudnn_ms / total_ms:.2f}",
                    f"{cudnn_ms / flex_ms:.2f}", f"{100 * (estimate_ms + assign_ms) / cudnn_ms:.1f}")
             print("|" + "|".join(row) + "|", flush=True)

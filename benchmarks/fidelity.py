@@ -29,7 +29,8 @@ sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import psa  # noqa: E402
 from psa import tools  # noqa: E402
 from psa.tools.calibrate import DEFAULT_SHAPES  # noqa: E402
-from fidelity_model import HELD_OUT_FRAMES, WEIGHTS, fetch_clip, grid_of, load_frames, load_model, patchify  # noqa: E402
+from fidelity_model import (HELD_OUT_FRAMES, WEIGHTS, fetch_clip, grid_of, load_frames,  # noqa: E402
+                            load_model, patchify)
 
 DENSITIES = (0.10, 0.15, 0.25)
 SIM_CAP = (0.7, 0.65, 0.6)

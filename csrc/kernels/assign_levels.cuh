@@ -64,7 +64,9 @@ __global__ void __launch_bounds__(kThreads) assign_levels_kernel(const AssignPar
   // The ranks of this thread's items are threadIdx.x * kItems + item.
   double mass[kItems];
 #pragma unroll
-  for (int item = 0; item < kItems; ++item) mass[item] = threadIdx.x * kItems + item < m ? static_cast<double>(scores[block[item]]) : 0.0;
+  for (int item = 0; item < kItems; ++item) {
+    mass[item] = threadIdx.x * kItems + item < m ? static_cast<double>(scores[block[item]]) : 0.0;
+  }
   const double total = Reduce(temp.reduce).Sum(mass);
   if (threadIdx.x == 0) s_total = total;
   __syncthreads();

@@ -11,9 +11,10 @@
 //      blocks of a 128-key block fill one tile and one level-1 block fills two. Every tile is a
 //      full-width MMA tile; only the level's last tile can be partly empty, and its empty rows are
 //      zero-filled and masked.
-//   3. Per tile: QK^T (Q fragments stay in registers), + log2(count) bias per column (masks
-//      empty slots and tokens past Lk with -inf), causal mask only on tiles that reach past the
-//      block's first row, online softmax in the exp2 domain, PV with P reused from registers.
+//   3. Per tile: QK^T (Q fragments re-read from shared memory, so that two CTAs fit an SM's
+//      registers), + log2(count) bias per column (-inf masks empty slots and tokens past Lk),
+//      causal mask only on tiles that reach past the block's first row, online softmax in the exp2
+//      domain, PV with P reused from registers.
 //
 // K/V tiles stream through a two-stage cp.async ring. Rows are gathered token by token from the
 // level's tensor, so level 1 reads the caller's K/V in place (any strides, GQA by head index).
@@ -37,7 +38,8 @@ struct TileRef {
 };
 
 template <typename T, int kHeadDim, int kBlockM>
-__global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads, AttentionShape<kHeadDim, kBlockM>::kMinBlocks)
+__global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads,
+                                  AttentionShape<kHeadDim, kBlockM>::kMinBlocks)
     attention_with_levels_kernel(const AttentionParams p) {
   using Shape = AttentionShape<kHeadDim, kBlockM>;
   using Rows = SwizzledRows<kHeadDim>;

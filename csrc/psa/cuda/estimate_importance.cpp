@@ -54,13 +54,14 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
 
   // Both head dims share the CTA shape; only the Q/K tiles differ.
   const int64_t per_head = kernels::SampledShape<64>::table_floats_per_head(params.n_q, params.q_samples, params.n_k);
-  const int64_t chunk = std::clamp<int64_t>(kMaxTableBytes / (per_head * 4), 1, std::min<int64_t>(batch * q_heads, 65535));
+  const int64_t heads = batch * q_heads;
+  const int64_t chunk = std::clamp<int64_t>(kMaxTableBytes / (per_head * 4), 1, std::min<int64_t>(heads, 65535));
   auto table = at::empty({chunk * per_head}, q.options().dtype(at::kFloat));
   params.table = table.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t begin = 0; begin < batch * q_heads; begin += chunk) {
+  for (int64_t begin = 0; begin < heads; begin += chunk) {
     params.bh_begin = static_cast<int>(begin);
-    params.bh_count = static_cast<int>(std::min(chunk, batch * q_heads - begin));
+    params.bh_count = static_cast<int>(std::min(chunk, heads - begin));
     const cudaError_t status = dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       return dim == 128 ? kernels::launch_estimate_sampled<T, 128>(params, stream)

@@ -32,11 +32,13 @@ def test_capture_filters_caps_and_cleans_up(rng, tmp_path):
     x, context = randn(rng, 1, 2, 96, 16), randn(rng, 1, 2, 10, 16)
     one_call = 3 * x.numel() * x.element_size()
     with tools.capture(module, layers=[1], grid=(2, 6, 8)) as captures:
+        F.scaled_dot_product_attention(x, x, x)     # outside the module's forward: not recorded
         for _ in range(3):
             module(x, context)
     assert [(c.layer, c.step) for c in captures] == [(1, 0), (1, 1), (1, 2)]
     assert captures[0].grid == (2, 6, 8) and captures[0].q.shape == (1, 2, 96, 16)
-    assert len(module._forward_pre_hooks) == 0 and torch._C._len_torch_function_stack() == 0
+    assert not module._forward_pre_hooks and not module._forward_hooks
+    assert torch._C._len_torch_function_stack() == 0
     with tools.capture(module, steps=[1], max_bytes=one_call) as capped:
         for _ in range(2):
             module(x, context)

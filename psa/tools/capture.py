@@ -71,8 +71,11 @@ class _Session:
         self.held = 0
         self.step = -1
         self.layer = 0
+        self.current_grid = None
+        self.in_forward = False      # attention calls outside `module`'s forward are not recorded
 
     def begin_forward(self, module, args, kwargs):
+        self.in_forward = True
         self.step += 1
         self.layer = 0
         if self.grid is None:
@@ -80,8 +83,11 @@ class _Session:
         else:
             self.current_grid = tuple(self.grid)
 
+    def end_forward(self, module, args, output):
+        self.in_forward = False
+
     def observe(self, q, k, v):
-        if q.shape[-2] != k.shape[-2]:
+        if not self.in_forward or q.shape[-2] != k.shape[-2]:
             return                                   # cross-attention: not a layer of ours
         layer, self.layer = self.layer, self.layer + 1
         if (self.layers is not None and layer not in self.layers) or (self.steps is not None and
@@ -131,13 +137,15 @@ def capture(module: torch.nn.Module, *, layers: Optional[Iterable[int]] = None, 
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
         raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
     session = _Session(module, layers, steps, max_bytes, grid)
-    hook = module.register_forward_pre_hook(session.begin_forward, with_kwargs=True)
+    hooks = (module.register_forward_pre_hook(session.begin_forward, with_kwargs=True),
+             module.register_forward_hook(session.end_forward))
     recorder = _Recorder(session)
     try:
         with recorder:
             yield session.captures
     finally:
-        hook.remove()
+        for hook in hooks:
+            hook.remove()
 
 
 def save(captures: List[Capture], path: str) -> None:

@@ -94,3 +94,28 @@ def test_config_round_trips_through_json():
 def test_config_rejects_bad_fields(field, value):
     with pytest.raises(ValueError, match=field):
         PSAConfig(**{field: value})
+
+
+def test_module_with_a_grid_attends_in_token_order(rng):
+    from psa import layout
+    grid = (3, 6, 8)
+    q, k, v = (randn(rng, 1, 2, 5 + 144, 32) for _ in range(3))
+    config = PSAConfig(block_m=32, block_n=32)
+    module = PSAAttention(config, order="gilbert")
+    out = module(q, k, v, grid=grid, text_before=5, force_keys=[140])
+    order = layout.get_layout(grid, "gilbert", text_before=5)
+    forced = torch.zeros(149, dtype=torch.bool)
+    forced[:5] = True
+    keys = forced.clone()
+    keys[140] = True
+    expected = psa.sparse_attention(*(order.permute(x) for x in (q, k, v)), config,
+                                    force_keys=order.permute(keys, dim=-1), force_queries=order.permute(forced, dim=-1))
+    torch.testing.assert_close(out, order.unpermute(expected))
+    # Every block at level 1: any order is dense attention.
+    dense = PSAAttention(PSAConfig(bounds=(1, 1, 1, 1), block_m=32, block_n=32), order="tiled")
+    torch.testing.assert_close(dense(q.double(), k.double(), v.double(), grid=grid, text_before=5),
+                               F.scaled_dot_product_attention(q.double(), k.double(), v.double()))
+    with pytest.raises(ValueError, match="grid"):
+        module(q, k, v, grid=(3, 6, 9))
+    with pytest.raises(ValueError, match="order"):
+        PSAAttention(order="hilbert")

@@ -217,6 +217,17 @@ def get_layout(grid: Sequence[int], order: str = "gilbert", *, tile: Sequence[in
                    str(torch.device(device)))
 
 
+def text_positions(length: int, text_before: int = 0, text_after: int = 0, device="cpu"):
+    """bool `[length]` marking the text tokens before and after the video segment (psa forces them as
+    keys and query rows), or None when there are none."""
+    if not text_before and not text_after:
+        return None
+    mask = torch.zeros(length, dtype=torch.bool, device=device)
+    mask[:text_before] = True
+    mask[length - text_after:] = True
+    return mask
+
+
 def neighbour_distance(grid: Sequence[int], order: str = "gilbert", tile: Sequence[int] = DEFAULT_TILE):
     """(mean, max) Euclidean distance in the grid between tokens that are consecutive in `order`."""
     t, h, w = _check_grid(grid)

@@ -41,14 +41,13 @@ class PSAAttention(nn.Module):
                              f"{tokens} query and key tokens, got {q.shape[2]} and {k.shape[2]}")
         order = _layout.get_layout(grid, self.order, tile=self.tile, text_before=text_before,
                                    text_after=text_after, device=q.device)
-        text = torch.zeros(tokens, dtype=torch.bool, device=q.device)
-        text[:text_before] = True
-        text[tokens - text_after:] = True
+        text = _layout.text_positions(tokens, text_before, text_after, q.device)
         masks = []
         for name, positions in (("force_keys", force_keys), ("force_queries", force_queries)):
             mask = _position_mask(name, positions, tokens, q.device)
-            mask = text if mask is None else mask | text
-            masks.append(order.permute(mask, dim=-1) if mask.any() else None)   # positions move with tokens
+            if text is not None:
+                mask = text if mask is None else mask | text
+            masks.append(None if mask is None else order.permute(mask, dim=-1))   # positions move with tokens
         out = sparse_attention(*(order.permute(x, dim=2) for x in (q, k, v)), self.config, scale=scale,
                                force_keys=masks[0], force_queries=masks[1])
         return order.unpermute(out, dim=2)

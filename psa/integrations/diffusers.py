@@ -128,10 +128,7 @@ class _Route:
         state = self.state
         order = _layout.get_layout(state.grid, state.order, tile=state.tile, text_before=text, device=q.device)
         q, k, v = (order.permute(x, dim=2) for x in (q, k, v))
-        forced = None
-        if text:
-            forced = torch.zeros(q.shape[2], dtype=torch.bool, device=q.device)
-            forced[:text] = True
+        forced = _layout.text_positions(q.shape[2], text_before=text, device=q.device)
         out, lse, levels = sparse_attention(q, k, v, self.config, scale=scale, force_keys=forced,
                                             force_queries=forced, return_lse=True, return_levels=True)
         if state.collect_stats:

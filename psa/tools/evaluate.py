@@ -54,11 +54,7 @@ def _run(capture: Capture, config: PSAConfig, order: str, device):
         q, k, v = (perm.permute(t, dim=2) for t in (q, k, v))
     else:
         perm = None
-    text = torch.zeros(q.shape[2], dtype=torch.bool, device=q.device)
-    text[:capture.text_before] = True
-    if capture.text_after:
-        text[-capture.text_after:] = True
-    forced = text if text.any() else None
+    forced = _layout.text_positions(q.shape[2], capture.text_before, capture.text_after, q.device)
     out, levels = sparse_attention(q, k, v, config, force_keys=forced, force_queries=forced, return_levels=True)
     if perm is not None:
         out = perm.unpermute(out, dim=2)

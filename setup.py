@@ -3,12 +3,16 @@
 Knobs (environment variables):
   PSA_BUILD_CUDA   1 / 0 / unset (auto: build CUDA sources when nvcc is found)
   PSA_CUDA_ARCHS   CUDA architectures, default "8.0;9.0a"; 9.0a is needed for Hopper's wgmma/TMA
+  CUTLASS_INCLUDE_DIR  CUTLASS/CuTe headers for the sm_90a kernels; default: those packaged in the
+                   `nvidia-cutlass` wheel (requirements-dev.txt). Without them the build leaves the
+                   Hopper kernels out and says so.
   MAX_JOBS         parallel compile jobs, default from free memory and cores
   NVCC_THREADS     threads per nvcc process, default 2
   DEBUG            1 builds with -O0 -g
 """
 
 import glob
+import importlib.util
 import json
 import os
 import re
@@ -95,15 +99,30 @@ def cpu_sources():
     return sorted(glob.glob("csrc/psa/*.cpp") + glob.glob("csrc/psa/aten/*.cpp") + glob.glob("csrc/psa/cpu/*.cpp"))
 
 
-def cuda_sources():
-    return sorted(glob.glob("csrc/psa/cuda/*.cpp") + glob.glob("csrc/kernels/**/*.cu", recursive=True))
+def cuda_sources(with_sm90=True):
+    sources = glob.glob("csrc/psa/cuda/*.cpp") + glob.glob("csrc/kernels/**/*.cu", recursive=True)
+    return sorted(s for s in sources if with_sm90 or "_sm90" not in os.path.basename(s))
 
 
-def build_info(with_cuda, archs):
+def cutlass_include_dir():
+    """The CUTLASS/CuTe headers: $CUTLASS_INCLUDE_DIR, else the copy the `nvidia-cutlass` wheel ships as
+    data of its `cutlass_library` package (found without importing it: its imports need cuda-python)."""
+    candidates = [os.environ.get("CUTLASS_INCLUDE_DIR", "")]
+    spec = importlib.util.find_spec("cutlass_library")
+    if spec is not None and spec.submodule_search_locations:
+        candidates += [os.path.join(location, "source", "include") for location in spec.submodule_search_locations]
+    for candidate in candidates:
+        if candidate and os.path.exists(os.path.join(candidate, "cute", "arch", "mma_sm90_gmma.hpp")):
+            return candidate
+    return None
+
+
+def build_info(with_cuda, archs, with_sm90):
     return {
         "torch": torch.__version__,
         "cuda": torch.version.cuda if with_cuda else None,
         "cuda_archs": archs if with_cuda else [],
+        "sm90_kernels": with_sm90,
         "developed_with_torch": DEVELOPED_WITH_TORCH,
     }
 
@@ -131,25 +150,31 @@ def main():
     if base_version != DEVELOPED_WITH_TORCH:
         log(f"warning: building against torch {torch.__version__}; psa is developed with {DEVELOPED_WITH_TORCH}")
     log(f"torch {torch.__version__}, CUDA build: {with_cuda} (CUDA_HOME={cpp_extension.CUDA_HOME}), "
-        f"archs: {archs or 'none'}, "
+        f"archs: {archs or 'none'}, CUTLASS: {cutlass_include_dir() if with_cuda else None}, "
         f"MAX_JOBS={os.environ['MAX_JOBS']}")
 
-    cxx_flags = ["-O0", "-g"] if debug else ["-O3"]
-    cxx_flags += (["-DPSA_WITH_CUDA"] if with_cuda else [])
+    cutlass = cutlass_include_dir() if "9.0a" in archs else None
+    with_sm90 = cutlass is not None
+    if "9.0a" in archs and not with_sm90:
+        log("warning: no CUTLASS headers (pip install nvidia-cutlass==4.2.0.0 or set CUTLASS_INCLUDE_DIR): "
+            "building without the Hopper (sm_90a) kernels")
+    defines = (["-DPSA_WITH_CUDA"] if with_cuda else []) + (["-DPSA_WITH_SM90"] if with_sm90 else [])
+    cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + defines
     extra = {"cxx": cxx_flags}
+    include_dirs = [os.path.join(ROOT, "csrc")] + ([cutlass] if with_sm90 else [])
     if with_cuda:
-        extra["nvcc"] = ["-O3", "-DPSA_WITH_CUDA", "--use_fast_math", "--expt-relaxed-constexpr",
-                         f"--threads={os.environ.get('NVCC_THREADS', '2')}"] + gencode_flags(archs)
+        extra["nvcc"] = ["-O3", "--use_fast_math", "--expt-relaxed-constexpr",
+                         f"--threads={os.environ.get('NVCC_THREADS', '2')}"] + defines + gencode_flags(archs)
         # The arch list is ours, not torch's guess from the visible GPU.
         os.environ["TORCH_CUDA_ARCH_LIST"] = ";".join(a.replace("9.0a", "9.0") for a in archs)
     extension_cls = cpp_extension.CUDAExtension if with_cuda else cpp_extension.CppExtension
     extension = extension_cls(
         name="psa._C",
-        sources=cpu_sources() + (cuda_sources() if with_cuda else []),
-        include_dirs=[os.path.join(ROOT, "csrc")],
+        sources=cpu_sources() + (cuda_sources(with_sm90) if with_cuda else []),
+        include_dirs=include_dirs,
         extra_compile_args=extra,
     )
-    BuildWithInfo.build_info = build_info(with_cuda, archs)
+    BuildWithInfo.build_info = build_info(with_cuda, archs, with_sm90)
     setup(
         ext_modules=[extension],
         cmdclass={"build_ext": BuildWithInfo.with_options(use_ninja=shutil.which("ninja") is not None)},

@@ -3,7 +3,8 @@
 One run, one GPU, bf16, B=1, random inputs, `triton.testing.do_bench` medians. For every model shape and
 density 0.15 / 0.30 / 1.0 (all level 1) it prints:
   - psa total (`sparse_attention`) and its stages: pyramid (`kv_pyramid`), estimate, assign, and attend
-    (`attention_with_levels`, which builds the pyramid itself, so attend includes pyramid);
+    (`attention_with_levels`, which builds the pyramid itself, so attend includes pyramid), and attend
+    again with the portable sm80 kernel forced (`PSA_CUDA_KERNEL=sm80`);
   - dense SDPA with the cuDNN and the flash backend;
   - FlexAttention with a block mask that keeps, per query block, the `round(density * n_k)` key blocks
     psa's estimator ranks highest (binary block-sparse at equal compute);
@@ -68,7 +69,7 @@ def main():
 
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, B=1, "
           f"{datetime.date.today().isoformat()}")
-    header = ("shape", "dens", "psa ms", "pyr", "est", "asg", "attend", "cudnn", "flash", "flex", "attend TF/s",
+    header = ("shape", "dens", "psa ms", "pyr", "est", "asg", "attend", "sm80 attend", "cudnn", "flash", "flex", "attend TF/s",
               "psa TF/s",
               "cudnn TF/s", "flex TF/s", "psa x", "flex x", "est+asg %")
     print("|" + "|".join(header) + "|")
@@ -93,12 +94,17 @@ def main():
             attend_ms = bench(lambda: psa.attention_with_levels(q, k, v, levels, block_m=config.block_m,
                                                                 block_n=config.block_n))
             total_ms = bench(lambda: psa.sparse_attention(q, k, v, config))
+            # The portable mma.sync kernel on the same input (the default picks the Hopper one on sm_90).
+            os.environ["PSA_CUDA_KERNEL"] = "sm80"
+            sm80_attend_ms = bench(lambda: psa.attention_with_levels(q, k, v, levels, block_m=config.block_m,
+                                                                     block_n=config.block_n))
+            os.environ.pop("PSA_CUDA_KERNEL")
             mask = flex_block_mask(scores, density, length, config.block_n)
             flex_density = mask.sparsity() if hasattr(mask, "sparsity") else None
             flex_density = density if flex_density is None else 1 - flex_density / 100
             flex_ms = bench(lambda: flex(q, k, v, block_mask=mask))
             row = (name, f"{measured:.3f}", f"{total_ms:.2f}", f"{pyramid_ms:.2f}", f"{estimate_ms:.2f}",
-                   f"{assign_ms:.2f}", f"{attend_ms:.2f}", f"{cudnn_ms:.2f}", f"{flash_ms:.2f}", f"{flex_ms:.2f}",
+                   f"{assign_ms:.2f}", f"{attend_ms:.2f}", f"{sm80_attend_ms:.2f}", f"{cudnn_ms:.2f}", f"{flash_ms:.2f}", f"{flex_ms:.2f}",
                    f"{dense_flops * measured / attend_ms / 1e9:.0f}",
                    f"{dense_flops * measured / total_ms / 1e9:.0f}", f"{dense_flops / cudnn_ms / 1e9:.0f}",
                    f"{dense_flops * flex_density / flex_ms / 1e9:.0f}", f"{cudnn_ms / total_ms:.2f}",

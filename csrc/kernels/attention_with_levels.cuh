@@ -24,6 +24,7 @@
 #include <climits>
 
 #include "device_utils.cuh"
+#include "level_schedule.cuh"
 #include "params.h"
 #include "shapes.h"
 
@@ -75,31 +76,8 @@ __global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads,
 
   // ---- Schedule: key block ids grouped by level (unknown level values count as skip).
   if (warp == 0) {
-    const int8_t* row_levels = p.levels + (static_cast<int64_t>(bh) * p.n_q + block) * p.n_k;
-    int count[kNumLevels] = {0, 0, 0, 0};
-    for (int base = 0; base < p.n_k; base += 32) {
-      const int8_t level = base + lane < p.n_k ? row_levels[base + lane] : 0;
-#pragma unroll
-      for (int L = 0; L < kNumLevels; ++L) count[L] += __popc(__ballot_sync(0xffffffffu, level == (1 << L)));
-    }
-    int position[kNumLevels];
-    position[0] = 0;
-#pragma unroll
-    for (int L = 1; L < kNumLevels; ++L) position[L] = position[L - 1] + count[L - 1];
-    if (lane < kNumLevels) {
-      s_count[lane] = count[lane];
-      s_start[lane] = position[lane];
-    }
-    const unsigned lanes_below = (1u << lane) - 1u;
-    for (int base = 0; base < p.n_k; base += 32) {
-      const int8_t level = base + lane < p.n_k ? row_levels[base + lane] : 0;
-#pragma unroll
-      for (int L = 0; L < kNumLevels; ++L) {
-        const unsigned hits = __ballot_sync(0xffffffffu, level == (1 << L));
-        if (level == (1 << L)) s_ids[position[L] + __popc(hits & lanes_below)] = static_cast<uint16_t>(base + lane);
-        position[L] += __popc(hits);
-      }
-    }
+    build_level_schedule(p.levels + (static_cast<int64_t>(bh) * p.n_q + block) * p.n_k, p.n_k, lane, s_ids,
+                         s_count, s_start);
   }
   __syncthreads();
 

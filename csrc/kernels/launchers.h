@@ -17,6 +17,13 @@ cudaError_t launch_kv_pyramid(const PyramidParams& params, cudaStream_t stream);
 template <typename T, int kHeadDim, int kBlockM>
 cudaError_t launch_attention_with_levels(const AttentionParams& params, cudaStream_t stream);
 
+namespace sm90 {
+// The Hopper kernel (TMA + wgmma, sm_90a): same contract as launch_attention_with_levels, for
+// kBlockM 64 or 128 and block_n >= 64; host code checks `tma_compatible` strides first.
+template <typename T, int kHeadDim, int kBlockM>
+cudaError_t launch_attention_with_levels_sm90(const AttentionParams& params, cudaStream_t stream);
+}  // namespace sm90
+
 // One launch covers heads [bh_begin, bh_begin + bh_count) of the flattened batch * head range.
 template <typename T, int kHeadDim>
 cudaError_t launch_estimate_sampled(const SampledParams& params, cudaStream_t stream);

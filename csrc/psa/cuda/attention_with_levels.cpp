@@ -4,6 +4,13 @@
 #include "common.h"
 #include "kernels/launchers.h"
 
+#include <cstdlib>
+#include <string>
+#include <vector>
+#ifdef PSA_WITH_SM90
+#include "kernels/sm90/shapes_sm90.h"
+#endif
+
 namespace psa::cuda {
 namespace {
 
@@ -27,6 +34,66 @@ size_t smem_bytes(int64_t block_m, int n_k) {
   }
 }
 
+#ifdef PSA_WITH_SM90
+template <typename T, int kHeadDim>
+cudaError_t launch_sm90_for_block_m(int64_t block_m, const kernels::AttentionParams& params, cudaStream_t stream) {
+  return block_m == 64 ? kernels::sm90::launch_attention_with_levels_sm90<T, kHeadDim, 64>(params, stream)
+                       : kernels::sm90::launch_attention_with_levels_sm90<T, kHeadDim, 128>(params, stream);
+}
+
+template <int kHeadDim>
+size_t sm90_smem_bytes(int64_t block_m, int n_k) {
+  return block_m == 64 ? kernels::sm90::AttentionSm90Shape<kHeadDim, 64>::smem_bytes(n_k)
+                       : kernels::sm90::AttentionSm90Shape<kHeadDim, 128>::smem_bytes(n_k);
+}
+#endif
+
+// TMA reads a [B, H, L, D] tensor through its strides if each stride of a dimension longer than one
+// is a positive multiple of 16 bytes (rows_16b_aligned has made the base pointer 16-byte aligned).
+bool tma_compatible(const at::Tensor& t) {
+  for (int d = 0; d < 3; ++d) {
+    if (t.size(d) > 1 && (t.stride(d) <= 0 || (t.stride(d) * t.element_size()) % 16 != 0)) return false;
+  }
+  return t.stride(3) == 1;
+}
+
+// Which kernel runs: PSA_CUDA_KERNEL=sm80 forces the portable mma.sync kernel, =sm90 demands the
+// Hopper one (an error where it cannot run), unset or "auto" takes the Hopper kernel wherever it applies.
+enum class KernelChoice { kAuto, kSm80, kSm90 };
+
+KernelChoice requested_kernel() {
+  const char* value = std::getenv("PSA_CUDA_KERNEL");
+  const std::string choice = value == nullptr ? "auto" : value;
+  if (choice == "sm80") return KernelChoice::kSm80;
+  if (choice == "sm90") return KernelChoice::kSm90;
+  PSA_CHECK(choice == "auto" || choice.empty(), kOp, ": PSA_CUDA_KERNEL must be auto, sm80 or sm90, got '", choice, "'");
+  return KernelChoice::kAuto;
+}
+
+// Empty when the Hopper kernel applies, else why not.
+std::string sm90_unavailable_reason(const at::Tensor& q, const std::vector<at::Tensor>& keys_and_values,
+                                    int64_t block_m, int64_t block_n, int64_t n_k) {
+#ifdef PSA_WITH_SM90
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index());
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.device().index());
+  if (major != 9 || minor != 0) return "the GPU is not sm_90 (H100/H200)";
+  if (block_m != 64 && block_m != 128) return "block_m must be 64 or 128";
+  if (block_n < 64) return "block_n must be 64 or 128 (level-8 pieces of at least 8 rows)";
+  if (!tma_compatible(q)) return "q strides are not TMA-compatible";
+  for (const auto& t : keys_and_values) {
+    if (!tma_compatible(t)) return "k/v strides are not TMA-compatible";
+  }
+  const size_t smem = q.size(3) == 128 ? sm90_smem_bytes<128>(block_m, static_cast<int>(n_k))
+                                       : sm90_smem_bytes<64>(block_m, static_cast<int>(n_k));
+  if (smem > max_dynamic_smem(q.device())) return "n_k is too large for its shared memory";
+  return "";
+#else
+  (void)q; (void)keys_and_values; (void)block_m; (void)block_n; (void)n_k;
+  return "psa was built without sm_90a (PSA_CUDA_ARCHS)";
+#endif
+}
+
 }  // namespace
 
 std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q_in, const at::Tensor& k_in,
@@ -41,13 +108,24 @@ std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q_in,
   PSA_CHECK(n_k <= 65535, kOp, ": ceil(Lk / block_n) must be at most 65535 on CUDA, got ", n_k);
   PSA_CHECK(q_len < (int64_t{1} << 31) && k.size(2) < (int64_t{1} << 31), kOp,
             ": Lq and Lk must be below 2^31, got ", q_len, " and ", k.size(2));
-  const size_t smem = dim == 128 ? smem_bytes<128>(block_m, static_cast<int>(n_k))
-                                 : smem_bytes<64>(block_m, static_cast<int>(n_k));
-  PSA_CHECK(smem <= max_dynamic_smem(q.device()), kOp, ": needs ", static_cast<int64_t>(smem),
-            " bytes of shared memory for n_k = ", n_k, ", the device allows ",
-            static_cast<int64_t>(max_dynamic_smem(q.device())));
-
   const auto pooled = kv_pyramid(k, v);  // {k2, v2, k4, v4, k8, v8}, contiguous
+  const KernelChoice choice = requested_kernel();
+  std::string sm90_reason = "PSA_CUDA_KERNEL=sm80";
+  if (choice != KernelChoice::kSm80) {
+    std::vector<at::Tensor> keys_and_values = {k, v};
+    keys_and_values.insert(keys_and_values.end(), pooled.begin(), pooled.end());
+    sm90_reason = sm90_unavailable_reason(q, keys_and_values, block_m, block_n, n_k);
+  }
+  const bool use_sm90 = sm90_reason.empty();
+  PSA_CHECK(use_sm90 || choice != KernelChoice::kSm90, kOp, ": PSA_CUDA_KERNEL=sm90 but the Hopper kernel cannot run: ",
+            sm90_reason);
+  if (!use_sm90) {
+    const size_t smem = dim == 128 ? smem_bytes<128>(block_m, static_cast<int>(n_k))
+                                   : smem_bytes<64>(block_m, static_cast<int>(n_k));
+    PSA_CHECK(smem <= max_dynamic_smem(q.device()), kOp, ": needs ", static_cast<int64_t>(smem),
+              " bytes of shared memory for n_k = ", n_k, ", the device allows ",
+              static_cast<int64_t>(max_dynamic_smem(q.device())));
+  }
   const auto level_map = levels.contiguous();
   auto out = at::empty({batch, q_heads, q_len, dim}, q.options());
   auto lse = at::empty({batch, q_heads, q_len}, q.options().dtype(at::kFloat));
@@ -80,6 +158,12 @@ std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q_in,
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cudaError_t status = dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
+#ifdef PSA_WITH_SM90
+    if (use_sm90) {
+      return dim == 128 ? launch_sm90_for_block_m<T, 128>(block_m, params, stream)
+                        : launch_sm90_for_block_m<T, 64>(block_m, params, stream);
+    }
+#endif
     return dim == 128 ? launch_for_block_m<T, 128>(block_m, params, stream)
                       : launch_for_block_m<T, 64>(block_m, params, stream);
   });

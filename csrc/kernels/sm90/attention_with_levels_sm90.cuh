@@ -1,0 +1,331 @@
+// Block-tile attention over a level map (spec section 3) for Hopper (sm_90a): TMA, mbarriers, wgmma,
+// warp specialization. Same contract as ../attention_with_levels.cuh (the sm80 kernel, kept as the
+// fallback); this file only changes how tiles move and multiply.
+//
+// One CTA owns one query block of kBlockM = 64 * kConsumers rows:
+//   - Warp 0 builds the row's schedule in shared memory (key block ids grouped by level), as sm80 does.
+//   - Warpgroup 0 is the producer (its registers given back with setmaxnreg). One warp walks the
+//     schedule: a tile is kTileN consecutive pooled tokens of one level, i.e. kTileN / piece pieces,
+//     each piece `piece = min(block_n >> L, kTileN)` contiguous rows of level L's K or V (one key
+//     block, or a slice of one). Lane i issues piece i as one TMA box per 64 head_dim columns, into
+//     consecutive shared-memory rows; empty slots get a box past the end of the tensor, which TMA
+//     fills with zeros. The same lanes write the tile's per-column logit bias log2(count) (-inf for
+//     empty slots and tokens past Lk) and the last original key each column covers (causal mask).
+//   - Warpgroups 1..kConsumers each own 64 query rows. Per tile: S = Q K^T (wgmma, both operands in
+//     shared memory), bias + causal mask + online softmax in registers (exp2 domain), O += P V (wgmma
+//     with P from registers), then release the stage to the producer.
+// K/V stages cycle through a kStages ring of full/empty mbarriers. The kernel reads Q, K, V (every
+// level) in place through their strides; GQA maps a query head to its key head by index.
+#pragma once
+
+#include <cfloat>
+#include <climits>
+#include <type_traits>
+
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cute/arch/copy_sm90_tma.hpp>
+
+#include "../device_utils.cuh"
+#include "../level_schedule.cuh"
+#include "../params.h"
+#include "shapes_sm90.h"
+#include "tensor_map.h"
+#include "wgmma.cuh"
+
+namespace psa::kernels::sm90 {
+
+
+// AttentionParams plus one TMA descriptor for Q and one per level for K and V (box rows = the
+// level's piece height). Passed as a __grid_constant__ kernel parameter so TMA reads it in place.
+struct AttentionSm90Params {
+  AttentionParams base;
+  CUtensorMap q_map;  // CUtensorMap is 64-byte aligned by its type
+  CUtensorMap k_map[kNumLevels];
+  CUtensorMap v_map[kNumLevels];
+};
+
+template <typename T, int kHeadDim, int kBlockM>
+__global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThreads,
+                                  AttentionSm90Shape<kHeadDim, kBlockM>::kMinBlocks)
+    attention_with_levels_sm90_kernel(const __grid_constant__ AttentionSm90Params params) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Shape = AttentionSm90Shape<kHeadDim, kBlockM>;
+  using Barrier = cutlass::arch::ClusterBarrier;
+  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr int kTileN = Shape::kTileN, kStages = Shape::kStages, kPanels = Shape::kPanels;
+  const AttentionParams& p = params.base;
+
+  extern __shared__ unsigned char smem_unaligned[];
+  unsigned char* smem = reinterpret_cast<unsigned char*>(
+      (reinterpret_cast<uintptr_t>(smem_unaligned) + Shape::kAlignSlack - 1) & ~uintptr_t(Shape::kAlignSlack - 1));
+  T* s_q = reinterpret_cast<T*>(smem);                                   // [kPanels][kBlockM][64]
+  T* s_k = reinterpret_cast<T*>(smem + Shape::kQBytes);                  // [kStages][kPanels][kTileN][64]
+  T* s_v = reinterpret_cast<T*>(smem + Shape::kQBytes + kStages * Shape::kTileBytes);
+  float* s_bias = reinterpret_cast<float*>(smem + Shape::kBiasOffset);   // [kStages][kTileN]
+  int* s_last = reinterpret_cast<int*>(s_bias + kStages * kTileN);       // [kStages][kTileN]
+  int* s_tile_last = s_last + kStages * kTileN;                          // [kStages]
+  uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + Shape::kBarrierOffset);
+  uint64_t* full = q_full + 1;                                           // [kStages]
+  uint64_t* empty = full + kStages;                                      // [kStages]
+  uint16_t* s_ids = reinterpret_cast<uint16_t*>(smem + Shape::kIdsOffset);
+  __shared__ int s_count[kNumLevels], s_start[kNumLevels];
+
+  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
+  const int block = blockIdx.x, bh = blockIdx.y;
+  const int b = bh / p.q_heads, h = bh % p.q_heads;
+  const int kv_head = h / (p.q_heads / p.kv_heads);
+  const int row_begin = block * kBlockM;
+
+  // ---- Schedule (warp 0) and barrier set-up (thread 32).
+  if (warp == 0) {
+    build_level_schedule(p.levels + (static_cast<int64_t>(bh) * p.n_q + block) * p.n_k, p.n_k, lane, s_ids,
+                         s_count, s_start);
+  } else if (tid == 32) {
+    Barrier::init(q_full, 1);
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      Barrier::init(&full[s], 1);                        // the producer's arrive (+ TMA bytes)
+      Barrier::init(&empty[s], Shape::kConsumers * 4);   // one arrive per consumer warp
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  // Tiles per level (scalars: a local array indexed at run time would live in local memory).
+  const int tiles0 = (s_count[0] * p.block_n + kTileN - 1) / kTileN;
+  const int tiles1 = (s_count[1] * (p.block_n >> 1) + kTileN - 1) / kTileN;
+  const int tiles2 = (s_count[2] * (p.block_n >> 2) + kTileN - 1) / kTileN;
+  const int tiles3 = (s_count[3] * (p.block_n >> 3) + kTileN - 1) / kTileN;
+  const int n_tiles = tiles0 + tiles1 + tiles2 + tiles3;
+  // With nothing selected (n_tiles == 0) the producer loads nothing and the consumers go straight to
+  // the epilogue: zeros and lse = -inf.
+
+  if (warp < 4) {
+    // ================= Producer warpgroup =================
+    cutlass::arch::warpgroup_reg_dealloc<Shape::kProducerRegisters>();
+    if (warp != 0 || n_tiles == 0) return;
+    if (lane == 0) {
+      TxBarrier::expect_transaction(q_full, static_cast<uint32_t>(Shape::kQBytes));
+      for (int c = 0; c < kBlockM / 64; ++c) {
+#pragma unroll
+        for (int panel = 0; panel < kPanels; ++panel) {
+          cute::SM90_TMA_LOAD_4D::copy(&params.q_map, q_full, 0, s_q + (panel * kBlockM + c * 64) * kPanelColumns,
+                                       panel * kPanelColumns, row_begin + c * 64, h, b);
+        }
+      }
+      Barrier::arrive(q_full);
+    }
+    for (int index = 0; index < n_tiles; ++index) {
+      const int stage = index % kStages;
+      const uint32_t round = static_cast<uint32_t>(index / kStages);
+      Barrier::wait(&empty[stage], (round & 1) ^ 1);
+
+      // Locate the tile: level L, tile within the level's run.
+      int L = 0, tile = index;
+      if (tile >= tiles0) { tile -= tiles0; L = 1;
+        if (tile >= tiles1) { tile -= tiles1; L = 2;
+          if (tile >= tiles2) { tile -= tiles2; L = 3; } } }
+      const int per_block = p.block_n >> L, shift = __ffs(per_block) - 1;
+      const int piece = min(per_block, kTileN);
+      const int count = s_count[L], start = s_start[L];
+      const int pool = 1 << L, tokens = (p.k_len + pool - 1) >> L;
+
+      if (lane == 0) TxBarrier::expect_transaction(&full[stage], static_cast<uint32_t>(2 * Shape::kTileBytes));
+      __syncwarp();
+      // Pieces: lane i issues piece i (kTileN / piece <= 16 pieces: piece >= 8 rows).
+      const int pieces = kTileN / piece;
+      if (lane < pieces) {
+        const int slot_token = tile * kTileN + lane * piece;
+        const int slot = slot_token >> shift;
+        // An empty slot reads rows starting at `tokens`: entirely past the end, so zeros.
+        const int row = slot < count ? s_ids[start + slot] * per_block + (slot_token & (per_block - 1)) : tokens;
+        T* k_dst = s_k + static_cast<size_t>(stage) * kPanels * kTileN * kPanelColumns + lane * piece * kPanelColumns;
+        T* v_dst = s_v + static_cast<size_t>(stage) * kPanels * kTileN * kPanelColumns + lane * piece * kPanelColumns;
+#pragma unroll
+        for (int panel = 0; panel < kPanels; ++panel) {
+          cute::SM90_TMA_LOAD_4D::copy(&params.k_map[L], &full[stage], 0, k_dst + panel * kTileN * kPanelColumns,
+                                       panel * kPanelColumns, row, kv_head, b);
+          cute::SM90_TMA_LOAD_4D::copy(&params.v_map[L], &full[stage], 0, v_dst + panel * kTileN * kPanelColumns,
+                                       panel * kPanelColumns, row, kv_head, b);
+        }
+      }
+      // Per column: logit bias log2(count) (-inf: empty slot or past Lk) and last covered key.
+      int tile_last = -1;
+      for (int col = lane; col < kTileN; col += 32) {
+        const int slot_token = tile * kTileN + col;
+        const int slot = slot_token >> shift;
+        bool valid = slot < count;
+        const int token = valid ? s_ids[start + slot] * per_block + (slot_token & (per_block - 1)) : 0;
+        valid = valid && token < tokens;
+        const int first = token * pool, last = min(first + pool, p.k_len) - 1;
+        s_bias[stage * kTileN + col] = valid ? __log2f(static_cast<float>(last - first + 1)) : -INFINITY;
+        s_last[stage * kTileN + col] = valid ? last : INT_MAX;
+        if (valid) tile_last = max(tile_last, last);
+      }
+      tile_last = __reduce_max_sync(0xffffffffu, tile_last);
+      if (lane == 0) s_tile_last[stage] = tile_last;
+      __syncwarp();
+      if (lane == 0) Barrier::arrive(&full[stage]);
+    }
+  } else {
+    // ================= Consumer warpgroups =================
+    cutlass::arch::warpgroup_reg_alloc<Shape::kConsumerRegisters>();
+    const int consumer = warp / 4 - 1, warp_in_group = warp % 4;
+    const int g = lane >> 2, t = lane & 3;
+    const int causal_offset = p.k_len - p.q_len;
+    const int group_row = consumer * 64 + warp_in_group * 16;  // within the block
+    const int rows[2] = {row_begin + group_row + g, row_begin + group_row + g + 8};
+    // Causal: a tile needs the mask only if some key it covers lies past this warpgroup's first row.
+    const int first_row_limit = row_begin + consumer * 64 + causal_offset;
+
+    float o[kHeadDim / 2];
+#pragma unroll
+    for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
+    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+
+    const T* q_base = s_q + consumer * 64 * kPanelColumns;
+    if (n_tiles > 0) Barrier::wait(q_full, 0);
+
+    for (int index = 0; index < n_tiles; ++index) {
+      const int stage = index % kStages;
+      const uint32_t round = static_cast<uint32_t>(index / kStages);
+      const T* k_tile = s_k + static_cast<size_t>(stage) * kPanels * kTileN * kPanelColumns;
+      const T* v_tile = s_v + static_cast<size_t>(stage) * kPanels * kTileN * kPanelColumns;
+      Barrier::wait(&full[stage], round & 1);
+
+      // ---- S = Q K^T
+      float s[kTileN / 2];
+      fence_registers(s);
+      cute::warpgroup_arrive();
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const int panel = kk / 4, within = (kk % 4) * 16;
+        const uint64_t a = smem_descriptor(q_base + panel * kBlockM * kPanelColumns + within, 16, kSwizzleAtomBytes);
+        const uint64_t bdesc = smem_descriptor(k_tile + panel * kTileN * kPanelColumns + within, 16, kSwizzleAtomBytes);
+        mma_ss<T, kTileN>(a, bdesc, s, kk > 0);
+      }
+      cute::warpgroup_commit_batch();
+      cute::warpgroup_wait<0>();
+      fence_registers(s);
+
+      // ---- bias, causal mask, online softmax (exp2 domain). Column of s[4j + e]: 8j + 2t + (e & 1).
+      const float* bias = s_bias + stage * kTileN;
+      const int* last = s_last + stage * kTileN;
+      const bool masked = p.causal && s_tile_last[stage] > first_row_limit;
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int j = 0; j < kTileN / 8; ++j) {
+        const float2 col_bias = *reinterpret_cast<const float2*>(bias + 8 * j + 2 * t);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) {
+          const int col = 8 * j + 2 * t + (e & 1), r = e >> 1;
+          float x = fmaf(s[4 * j + e], p.scale_log2, (e & 1) ? col_bias.y : col_bias.x);
+          if (masked && last[col] > rows[r] + causal_offset) x = -INFINITY;
+          s[4 * j + e] = x;
+          tile_max[r] = fmaxf(tile_max[r], x);
+        }
+      }
+      float scale_old[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+        const float new_max = fmaxf(row_max[r], tile_max[r]);
+        // A row that has seen only -inf keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
+        const float base = new_max == -INFINITY ? 0.f : new_max;
+        scale_old[r] = exp2f(row_max[r] - base);
+        row_max[r] = new_max;
+        tile_max[r] = base;
+      }
+      float tile_sum[2] = {0.f, 0.f};
+#pragma unroll
+      for (int i = 0; i < kTileN / 2; ++i) {
+        s[i] = exp2f(s[i] - tile_max[(i >> 1) & 1]);
+        tile_sum[(i >> 1) & 1] += s[i];
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * scale_old[r] + tile_sum[r];
+#pragma unroll
+      for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= scale_old[(i >> 1) & 1];
+
+      // ---- O += P V, P from registers: the S accumulator of n8 chunks 2kk, 2kk+1 is the A fragment of
+      // k16 step kk. All fragments are packed before the first MMA is issued, so no register the
+      // asynchronous MMAs read changes after warpgroup_arrive.
+      uint32_t pa[kTileN / 16][4];
+#pragma unroll
+      for (int kk = 0; kk < kTileN / 16; ++kk) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<T>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+      }
+      fence_registers(o);
+      cute::warpgroup_arrive();
+#pragma unroll
+      for (int kk = 0; kk < kTileN / 16; ++kk) {
+        const uint64_t bdesc = smem_descriptor(v_tile + kk * 16 * kPanelColumns, kTileN * kPanelRowBytes, kSwizzleAtomBytes);
+        mma_rs<T, kHeadDim>(pa[kk], bdesc, o);
+      }
+      cute::warpgroup_commit_batch();
+      cute::warpgroup_wait<0>();
+      fence_registers(o);
+      // The stage's K, V, bias and last-key rows are no longer read by this warp.
+      if (lane == 0) Barrier::arrive(&empty[stage]);
+    }
+
+    // ---- Epilogue: rows that saw no key write zeros and lse = -inf.
+    T* out = static_cast<T*>(p.out) + static_cast<int64_t>(bh) * p.q_len * kHeadDim;
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float total = row_sum[r];
+      total += __shfl_xor_sync(0xffffffffu, total, 1);
+      total += __shfl_xor_sync(0xffffffffu, total, 2);
+      if (rows[r] >= p.q_len) continue;
+      const float inverse = total > 0.f ? 1.f / total : 0.f;
+      T* out_row = out + static_cast<int64_t>(rows[r]) * kHeadDim;
+#pragma unroll
+      for (int j = 0; j < kHeadDim / 8; ++j) {
+        *reinterpret_cast<uint32_t*>(out_row + 8 * j + 2 * t) =
+            pack2<T>(o[4 * j + 2 * r] * inverse, o[4 * j + 2 * r + 1] * inverse);
+      }
+      if (t == 0) {
+        p.lse[static_cast<int64_t>(bh) * p.q_len + rows[r]] =
+            total > 0.f ? (row_max[r] + __log2f(total)) * 0.69314718055994531f : -INFINITY;
+      }
+    }
+  }
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+// Level L's piece height: the rows of one key block at that level, at most a tile.
+template <int kTileN>
+inline int piece_rows(int block_n, int level) { return block_n >> level < kTileN ? block_n >> level : kTileN; }
+
+template <typename T, int kHeadDim, int kBlockM>
+cudaError_t launch_attention_with_levels_sm90(const AttentionParams& p, cudaStream_t stream) {
+  using Shape = AttentionSm90Shape<kHeadDim, kBlockM>;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  AttentionSm90Params params{};
+  params.base = p;
+  cudaError_t status = encode_bhld_map(&params.q_map, p.q, kBf16, p.batch, p.q_heads, p.q_len, kHeadDim,
+                                       p.q_stride, 64);
+  for (int level = 0; level < kNumLevels && status == cudaSuccess; ++level) {
+    const int64_t length = (static_cast<int64_t>(p.k_len) + (1 << level) - 1) >> level;
+    const int rows = piece_rows<Shape::kTileN>(p.block_n, level);
+    status = encode_bhld_map(&params.k_map[level], p.k[level], kBf16, p.batch, p.kv_heads, length, kHeadDim,
+                             p.k_stride[level], rows);
+    if (status == cudaSuccess) {
+      status = encode_bhld_map(&params.v_map[level], p.v[level], kBf16, p.batch, p.kv_heads, length, kHeadDim,
+                               p.v_stride[level], rows);
+    }
+  }
+  if (status != cudaSuccess) return status;
+  const size_t smem = Shape::smem_bytes(p.n_k);
+  auto kernel = attention_with_levels_sm90_kernel<T, kHeadDim, kBlockM>;
+  status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
+  if (status != cudaSuccess) return status;
+  const dim3 grid(static_cast<unsigned>(p.n_q), static_cast<unsigned>(p.batch * p.q_heads));
+  kernel<<<grid, Shape::kThreads, smem, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace psa::kernels::sm90

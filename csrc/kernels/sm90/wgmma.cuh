@@ -1,0 +1,87 @@
+// Thin layer over CUTLASS's sm90a warpgroup MMA atoms (cute/arch/mma_sm90_gmma.hpp) and shared-memory
+// matrix descriptors: our kernels keep their accumulators in plain float arrays and their tiles in
+// the canonical 128-byte-swizzled layout that TMA writes, so they need the instructions, not CuTe's
+// layout algebra.
+//
+// Shared-memory tiles: a [rows x cols] operand is stored as cols/64 column panels, each panel
+// [rows][64] 16-bit elements (128 bytes per row) with the SWIZZLE_128B pattern, panels `rows * 128`
+// bytes apart: exactly what a TMA box of 64 columns with CU_TENSOR_MAP_SWIZZLE_128B writes, and the
+// canonical wgmma layout of both majors:
+//   K-major (Q and K in S = Q K^T): 8-row groups 1024 bytes apart (SBO); a k16 step inside a panel
+//     advances the start address by 32 bytes, the next panel starts `rows * 128` bytes on.
+//   MN-major (V in O = P V, N = head_dim contiguous): LBO = panel stride (the next 64 head_dim
+//     columns), SBO = 1024 bytes (the next 8 keys); a k16 step (16 keys) advances 2048 bytes.
+#pragma once
+
+#include <cuda_bf16.h>
+#include <cuda_fp16.h>
+
+#include <cstdint>
+#include <utility>
+
+#include <cute/arch/mma_sm90_desc.hpp>
+#include <cute/arch/mma_sm90_gmma.hpp>
+
+#include "shapes_sm90.h"
+
+namespace psa::kernels::sm90 {
+
+namespace gmma = cute::SM90::GMMA;
+
+// Descriptor of a SWIZZLE_128B tile starting at `smem` (1024-byte aligned, or offset inside a row by
+// a multiple of 32 bytes for K-major k steps).
+__device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t leading_bytes, uint32_t stride_bytes) {
+  cute::GmmaDescriptor desc;
+  desc.bitfield.start_address_ = static_cast<uint16_t>(cute::cast_smem_ptr_to_uint(smem) >> 4);
+  desc.bitfield.leading_byte_offset_ = static_cast<uint16_t>(leading_bytes >> 4);
+  desc.bitfield.stride_byte_offset_ = static_cast<uint16_t>(stride_bytes >> 4);
+  desc.bitfield.base_offset_ = 0;
+  desc.bitfield.layout_type_ = static_cast<uint8_t>(gmma::LayoutType::B128);
+  return desc.desc_;
+}
+
+// The CUTLASS atom for D[64 x N] (+)= A[64 x 16] B[16 x N], float accumulators.
+//   SS: A and B K-major in shared memory.  RS: A in registers, B MN-major in shared memory.
+template <typename T, int N> struct AtomSS;
+template <typename T, int N> struct AtomRS;
+template <> struct AtomSS<__nv_bfloat16, 64> { using Op = gmma::MMA_64x64x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>; };
+template <> struct AtomSS<__nv_bfloat16, 128> { using Op = gmma::MMA_64x128x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>; };
+template <> struct AtomSS<__half, 64> { using Op = gmma::MMA_64x64x16_F32F16F16_SS<gmma::Major::K, gmma::Major::K>; };
+template <> struct AtomSS<__half, 128> { using Op = gmma::MMA_64x128x16_F32F16F16_SS<gmma::Major::K, gmma::Major::K>; };
+template <> struct AtomRS<__nv_bfloat16, 64> { using Op = gmma::MMA_64x64x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>; };
+template <> struct AtomRS<__nv_bfloat16, 128> { using Op = gmma::MMA_64x128x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>; };
+template <> struct AtomRS<__half, 64> { using Op = gmma::MMA_64x64x16_F32F16F16_RS<gmma::Major::K, gmma::Major::MN>; };
+template <> struct AtomRS<__half, 128> { using Op = gmma::MMA_64x128x16_F32F16F16_RS<gmma::Major::K, gmma::Major::MN>; };
+
+namespace detail {
+template <typename Op, size_t... I>
+__device__ __forceinline__ void mma_ss(uint64_t a, uint64_t b, float* d, gmma::ScaleOut scale, std::index_sequence<I...>) {
+  Op::fma(a, b, d[I]..., scale);
+}
+template <typename Op, size_t... I>
+__device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float* d, std::index_sequence<I...>) {
+  Op::fma(a[0], a[1], a[2], a[3], b, d[I]..., gmma::ScaleOut::One);
+}
+}  // namespace detail
+
+// Issues one asynchronous m64nNk16 MMA; `accumulate` false overwrites d.
+template <typename T, int N>
+__device__ __forceinline__ void mma_ss(uint64_t a, uint64_t b, float (&d)[N / 2], bool accumulate) {
+  detail::mma_ss<typename AtomSS<T, N>::Op>(a, b, d, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero,
+                                            std::make_index_sequence<N / 2>{});
+}
+
+template <typename T, int N>
+__device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float (&d)[N / 2]) {
+  detail::mma_rs<typename AtomRS<T, N>::Op>(a, b, d, std::make_index_sequence<N / 2>{});
+}
+
+// Keeps the compiler from moving reads or writes of accumulator registers across the asynchronous
+// MMAs that own them (between warpgroup_arrive and warpgroup_wait).
+template <int Size>
+__device__ __forceinline__ void fence_registers(float (&d)[Size]) {
+#pragma unroll
+  for (int i = 0; i < Size; ++i) cute::warpgroup_fence_operand(d[i]);
+}
+
+}  // namespace psa::kernels::sm90

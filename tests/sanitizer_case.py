@@ -4,7 +4,9 @@
     compute-sanitizer --tool racecheck python tests/sanitizer_case.py
 
 Covers bf16 and fp16, head_dim 64 and 128, GQA, Lq != Lk with lengths that are not block multiples,
-causal and not, block_n 32/64/128, every estimator and both assignment modes.
+causal and not, block_m 64/128, block_n 32/64/128, every estimator and both assignment modes. On an
+H100/H200 the default kernel choice runs the Hopper (sm_90a) kernels wherever they apply (block_n 32
+falls back to sm80); PSA_CUDA_KERNEL=sm80 checks the portable ones.
 """
 
 import torch
@@ -18,12 +20,13 @@ def main():
     def rand(*shape, dtype):
         return torch.randn(*shape, generator=generator).to("cuda", dtype)
 
-    for dtype, head_dim, block_n in ((torch.bfloat16, 128, 128), (torch.float16, 64, 32), (torch.bfloat16, 64, 64)):
+    for dtype, head_dim, block_m, block_n in ((torch.bfloat16, 128, 128, 128), (torch.float16, 64, 64, 32),
+                                              (torch.bfloat16, 64, 64, 64), (torch.float16, 128, 128, 64)):
         q = rand(1, 4, 333, head_dim, dtype=dtype)
         k, v = rand(1, 2, 301, head_dim, dtype=dtype), rand(1, 2, 301, head_dim, dtype=dtype)
         for causal in (False, True):
             for estimator, mode in (("sampled", "topk"), ("antidiagonal", "threshold"), ("pooled", "topk")):
-                config = psa.PSAConfig(block_m=64, block_n=block_n, estimator=estimator, mode=mode, causal=causal,
+                config = psa.PSAConfig(block_m=block_m, block_n=block_n, estimator=estimator, mode=mode, causal=causal,
                                        sim_thresholds=(0.0, -0.1, -0.2))
                 out, levels = psa.sparse_attention(q, k, v, config, force_keys=range(290, 301), return_levels=True)
                 assert torch.isfinite(out).all()

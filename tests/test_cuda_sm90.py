@@ -1,4 +1,5 @@
-"""The Hopper attention kernel (TMA + wgmma, csrc/kernels/sm90/) against psa.reference and the sm80 kernel.
+"""The Hopper kernels (sm_90a: the TMA + wgmma attention in csrc/kernels/sm90/, the wgmma variant of the
+fused sampled estimator) against psa.reference and the sm80 kernels.
 
 The rest of the CUDA suite runs with the default kernel choice, which is this kernel on an H100/H200
 for block_m 64/128 and block_n 64/128; these tests force it (PSA_CUDA_KERNEL=sm90, an error if it
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import psa
-from psa import _loader
+from psa import PSAConfig, _loader, reference
 from conftest import (CUDA_DTYPES, CUDA_HEAD_DIMS, assert_attention_close, randn, reference_attention_pair,
                       requires_cuda)
 
@@ -132,3 +133,29 @@ def test_bad_kernel_choice_is_rejected(rng, kernel):
     levels = torch.ones(1, 1, 1, 1, dtype=torch.int8, device="cuda")
     with pytest.raises(RuntimeError, match="PSA_CUDA_KERNEL must be auto, sm80 or sm90"):
         psa.attention_with_levels(q, q, q, levels, block_m=128, block_n=128)
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_m,block_n", [(128, 128), (64, 32), (32, 64)])
+def test_sampled_estimator_matches_reference(rng, kernel, dtype, head_dim, causal, block_m, block_n):
+    kernel("sm90")
+    q = randn(rng, 2, 4, 1333, head_dim, dtype=dtype, device="cuda")
+    k = randn(rng, 2, 2, 1301, head_dim, dtype=dtype, device="cuda")
+    scores = psa.estimate_importance(q, k, PSAConfig(block_m=block_m, block_n=block_n, causal=causal))
+    expected = reference.estimate_importance(q.double().cpu(), k.double().cpu(), causal=causal, method="sampled",
+                                             block_m=block_m, block_n=block_n).double()
+    # wgmma multiplies bf16/fp16 exactly and accumulates in fp32, like the sm80 kernel.
+    torch.testing.assert_close(scores.cpu().double(), expected, atol=2e-5, rtol=1e-3)
+
+
+def test_sampled_estimator_equals_sm80(rng, kernel):
+    q = randn(rng, 1, 4, 4000, 128, dtype=torch.bfloat16, device="cuda")
+    k = randn(rng, 1, 2, 4100, 128, dtype=torch.bfloat16, device="cuda")
+    config = PSAConfig(causal=True)
+    kernel("sm90")
+    hopper = psa.estimate_importance(q, k, config)
+    kernel("sm80")
+    portable = psa.estimate_importance(q, k, config)
+    torch.testing.assert_close(hopper, portable, atol=1e-5, rtol=1e-4)

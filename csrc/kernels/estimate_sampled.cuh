@@ -1,4 +1,6 @@
-// Fused "sampled" block-importance estimator (spec section 4) for sm80+ with mma.sync.
+// Fused "sampled" block-importance estimator (spec section 4): sm80+ with mma.sync, and on sm_90a the
+// same kernel with Q K^T on wgmma (kHopper: Q and K tiles in wgmma's swizzled panel layout, one
+// warpgroup issuing two m64n64 MMAs per k16 step).
 //
 // scores[i, j] = P[i, j] / sum_j P[i, j] with
 //   P[i, j] = max over sampled rows r of block i of exp(max_{c in block j} x_rc - max_{all c} x_rc).
@@ -16,25 +18,48 @@
 #include <cfloat>
 
 #include "device_utils.cuh"
+#include "estimate_sampled_common.cuh"
 #include "params.h"
 #include "shapes.h"
+#if defined(PSA_WITH_SM90)
+#include "sm90/wgmma.cuh"
+#endif
 
 namespace psa::kernels {
 
-// Offsets on the GPU are not range-checked by the host (that would need a sync); keep them in the block.
-__device__ __forceinline__ int clamp_offset(int64_t offset, int block) {
-  return static_cast<int>(offset < 0 ? 0 : (offset >= block ? block - 1 : offset));
+// Where element chunk `chunk` (8 elements) of row `row` of a [rows x kHeadDim] tile lives in shared
+// memory: sm80, the XOR-swizzled rows ldmatrix reads; sm90 (kHopper), 64-column panels with the
+// 128-byte swizzle that wgmma's descriptors describe (see sm90/wgmma.cuh).
+template <int kHeadDim, int kTileRows, bool kHopper>
+__device__ __forceinline__ int tile_offset(int row, int chunk) {
+  if constexpr (kHopper) {
+    return (chunk / 8) * kTileRows * 64 + row * 64 + (((chunk % 8) ^ (row % 8)) * 8);
+  } else {
+    return SwizzledRows<kHeadDim>::offset(row, chunk);
+  }
 }
 
-template <typename T, int kHeadDim>
+// kHopper: the same kernel with its Q K^T on wgmma (sm_90a; both operands from shared memory); it
+// compiles to nothing for other targets and is launched only on sm_90.
+template <typename T, int kHeadDim, bool kHopper>
 __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape<kHeadDim>::kMinBlocks)
     estimate_sampled_kernel(const SampledParams p) {
+#if defined(PSA_WITH_SM90)
+  if constexpr (kHopper) {
+#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    return;
+#endif
+  }
+#endif
   using Shape = SampledShape<kHeadDim>;
-  constexpr int kWarps = Shape::kWarps;
   using Rows = SwizzledRows<kHeadDim>;
   constexpr int kRows = Shape::kRows, kTileN = Shape::kTileN;
 
-  extern __shared__ __align__(128) unsigned char smem[];
+  extern __shared__ __align__(128) unsigned char smem_unaligned[];
+  // wgmma's 128-byte swizzle repeats every 1024 bytes: its tiles start 1024-byte aligned.
+  unsigned char* smem = kHopper ? reinterpret_cast<unsigned char*>(
+                                      (reinterpret_cast<uintptr_t>(smem_unaligned) + 1023) & ~uintptr_t(1023))
+                                : smem_unaligned;
   T* s_q = reinterpret_cast<T*>(smem);                                   // [kRows x D]
   T* s_k = s_q + kRows * kHeadDim;                                       // [kStages][kTileN x D]
   float* s_row_max = reinterpret_cast<float*>(s_k + Shape::kStages * kTileN * kHeadDim);  // [kRows]
@@ -46,15 +71,9 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
   const int kv_head = h / (p.q_heads / p.kv_heads);
   const int blocks_per_cta = kRows / p.q_samples;
   const int first_block = blockIdx.x * blocks_per_cta;
-  const int causal_offset = p.k_len - p.q_len;
 
-  // Last candidate key block of query block i (-1: none). Causal: the first key of block j must be
-  // visible to the last query of block i.
-  auto last_candidate = [&](int i) {
-    if (!p.causal) return p.n_k - 1;
-    const int horizon = min((i + 1) * p.block_m, p.q_len) - 1 + causal_offset;
-    return horizon < 0 ? -1 : min(p.n_k - 1, horizon / p.block_n);
-  };
+  const SampledCandidates candidates(p);
+  auto last_candidate = [&](int i) { return candidates.last(i); };
   int active_blocks = 0;  // key blocks any of this CTA's query blocks may see
   for (int qb = 0; qb < blocks_per_cta && first_block + qb < p.n_q; ++qb) {
     active_blocks = max(active_blocks, last_candidate(first_block + qb) + 1);
@@ -69,7 +88,8 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
       const bool valid = block < p.n_q;
       const int offset = clamp_offset(p.q_offsets[row % p.q_samples], p.block_m);
       const int64_t position = min(block * p.block_m + offset, p.q_len - 1);
-      cp_async_16(s_q + Rows::offset(row, chunk), q + (valid ? position * p.q_stride[2] + chunk * 8 : 0), valid);
+      cp_async_16(s_q + tile_offset<kHeadDim, kRows, kHopper>(row, chunk),
+                  q + (valid ? position * p.q_stride[2] + chunk * 8 : 0), valid);
     }
     cp_async_commit();
   }
@@ -86,7 +106,8 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
       const int block = column / p.k_samples;
       const int offset = clamp_offset(p.k_offsets[column % p.k_samples], p.block_n);
       const int64_t position = min(block * p.block_n + offset, p.k_len - 1);
-      cp_async_16(dst + Rows::offset(row, chunk), k + (valid ? position * p.k_stride[2] + chunk * 8 : 0), valid);
+      cp_async_16(dst + tile_offset<kHeadDim, kTileN, kHopper>(row, chunk),
+                  k + (valid ? position * p.k_stride[2] + chunk * 8 : 0), valid);
     }
   };
 
@@ -94,21 +115,25 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
   cp_async_commit();
   cp_async_wait<1>();
   __syncthreads();
-  // A warp owns kMTiles m16 row tiles, so every K fragment it loads feeds 2 * kMTiles MMAs. Its thread
-  // holds rows g and g + 8 of each: local row index 2 * mt + r.
+  // sm80: a warp owns kMTiles m16 row tiles, so every K fragment it loads feeds 2 * kMTiles MMAs.
+  // sm90: the warpgroup runs kMTiles m64 MMAs, warp w holding rows 16w..16w+15 of each. Either way
+  // a thread holds rows g and g + 8 of each m tile: local row index 2 * mt + r.
   constexpr int kMTiles = Shape::kMTiles, kWarpRows = 16 * kMTiles;
-  uint32_t q_frag[kMTiles][kHeadDim / 16][4];
+  static_assert(!kHopper || kRows == 64 * kMTiles, "the wgmma path takes the CTA's rows as m64 tiles");
+  uint32_t q_frag[kHopper ? 1 : kMTiles][kHopper ? 1 : kHeadDim / 16][4];
   int local_rows[2 * kMTiles], row_last_candidate[2 * kMTiles];
   float row_max[2 * kMTiles];
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
+    if constexpr (!kHopper) {
 #pragma unroll
-    for (int kc = 0; kc < kHeadDim / 16; ++kc) {
-      ldmatrix_x4(q_frag[mt][kc], s_q + Rows::offset(warp * kWarpRows + mt * 16 + (lane & 15), 2 * kc + (lane >> 4)));
+      for (int kc = 0; kc < kHeadDim / 16; ++kc) {
+        ldmatrix_x4(q_frag[mt][kc], s_q + Rows::offset(warp * kWarpRows + mt * 16 + (lane & 15), 2 * kc + (lane >> 4)));
+      }
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      local_rows[2 * mt + r] = warp * kWarpRows + mt * 16 + g + 8 * r;
+      local_rows[2 * mt + r] = kHopper ? mt * 64 + warp * 16 + g + 8 * r : warp * kWarpRows + mt * 16 + g + 8 * r;
       row_last_candidate[2 * mt + r] = last_candidate(first_block + local_rows[2 * mt + r] / p.q_samples);
       row_max[2 * mt + r] = -INFINITY;
     }
@@ -124,25 +149,52 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
     } else {
       cp_async_wait<0>();
     }
+    // cp.async writes through the generic proxy; wgmma reads through the async proxy.
+    if constexpr (kHopper) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
 
     const T* k_tile = s_k + stage * kTileN * kHeadDim;
-    float s[kMTiles][kTileN / 8][4];
+    float s[kMTiles][kTileN / 8][4];  // per m tile: the accumulator of an m64n64 (sm90) or 4 m16n8 tiles per n16 (sm80)
+#if defined(PSA_WITH_SM90)
+    if constexpr (kHopper) {
+      using AccumulatorRow = float[kTileN / 2];
 #pragma unroll
-    for (int mt = 0; mt < kMTiles; ++mt) {
+      for (int mt = 0; mt < kMTiles; ++mt) sm90::fence_registers(reinterpret_cast<AccumulatorRow&>(s[mt]));
+      cute::warpgroup_arrive();
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const int panel = kk / 4, within = (kk % 4) * 16;
+        const uint64_t b = sm90::smem_descriptor(k_tile + panel * kTileN * 64 + within, 16, sm90::kSwizzleAtomBytes);
+#pragma unroll
+        for (int mt = 0; mt < kMTiles; ++mt) {
+          const uint64_t a = sm90::smem_descriptor(s_q + panel * kRows * 64 + mt * 64 * 64 + within, 16,
+                                                   sm90::kSwizzleAtomBytes);
+          sm90::mma_ss<T, kTileN>(a, b, reinterpret_cast<AccumulatorRow&>(s[mt]), kk > 0);
+        }
+      }
+      cute::warpgroup_commit_batch();
+      cute::warpgroup_wait<0>();
+#pragma unroll
+      for (int mt = 0; mt < kMTiles; ++mt) sm90::fence_registers(reinterpret_cast<AccumulatorRow&>(s[mt]));
+    }
+#endif
+#pragma unroll
+    for (int mt = 0; mt < kMTiles && !kHopper; ++mt) {
 #pragma unroll
       for (int nt = 0; nt < kTileN / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
     }
 #pragma unroll
-    for (int kc = 0; kc < kHeadDim / 16; ++kc) {
+    for (int kc = 0; kc < kHeadDim / 16 && !kHopper; ++kc) {
 #pragma unroll
       for (int np = 0; np < kTileN / 16; ++np) {
         uint32_t kb[4];
         ldmatrix_x4(kb, k_tile + Rows::offset(np * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * kc + ((lane >> 3) & 1)));
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-          mma_16816<T>(s[mt][2 * np], q_frag[mt][kc], kb[0], kb[1]);
-          mma_16816<T>(s[mt][2 * np + 1], q_frag[mt][kc], kb[2], kb[3]);
+          if constexpr (!kHopper) {
+            mma_16816<T>(s[mt][2 * np], q_frag[mt][kc], kb[0], kb[1]);
+            mma_16816<T>(s[mt][2 * np + 1], q_frag[mt][kc], kb[2], kb[3]);
+          }
         }
       }
     }
@@ -178,42 +230,19 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
     for (int i = 0; i < 2 * kMTiles; ++i) s_row_max[local_rows[i]] = row_max[i];
   }
   __syncthreads();  // also makes the table's global writes visible to the whole CTA
-
-  // P[i, j] into the table entry of block i's first sampled row (read and written by one thread).
-  for (int index = tid; index < blocks_per_cta * p.n_k; index += Shape::kThreads) {
-    const int qb = index / p.n_k, j = index % p.n_k;
-    if (first_block + qb >= p.n_q) continue;
-    float peak = 0.f;
-    if (j <= last_candidate(first_block + qb)) {
-      for (int sample = 0; sample < p.q_samples; ++sample) {
-        const int row = qb * p.q_samples + sample;
-        const float base = s_row_max[row] == -INFINITY ? 0.f : s_row_max[row];
-        peak = fmaxf(peak, exp2f(table[j * kRows + row] - base));
-      }
-    }
-    table[j * kRows + qb * p.q_samples] = peak;
-  }
-  __syncthreads();
-
-  for (int qb = warp; qb < blocks_per_cta; qb += kWarps) {
-    const int block = first_block + qb;
-    if (block >= p.n_q) break;
-    const float* peaks = table + qb * p.q_samples;  // peaks[j * kRows]
-    float total = 0.f;
-    for (int j = lane; j < p.n_k; j += 32) total += peaks[j * kRows];
-#pragma unroll
-    for (int delta = 16; delta > 0; delta >>= 1) total += __shfl_xor_sync(0xffffffffu, total, delta);
-    const float inverse = total > 0.f ? 1.f / total : 0.f;
-    float* out = p.scores + (static_cast<int64_t>(bh) * p.n_q + block) * p.n_k;
-    for (int j = lane; j < p.n_k; j += 32) out[j] = peaks[j * kRows] * inverse;
-  }
+  write_sampled_scores<kRows>(p, table, s_row_max, bh, first_block, blocks_per_cta, candidates);
 }
 
 template <typename T, int kHeadDim>
 cudaError_t launch_estimate_sampled(const SampledParams& p, cudaStream_t stream) {
   using Shape = SampledShape<kHeadDim>;
-  const size_t smem = Shape::kSmemBytes;
-  auto kernel = estimate_sampled_kernel<T, kHeadDim>;
+#if defined(PSA_WITH_SM90)
+  const bool hopper = p.use_wgmma;
+#else
+  const bool hopper = false;
+#endif
+  const size_t smem = Shape::kSmemBytes + (hopper ? 1024 : 0);  // + room to align the wgmma tiles
+  auto kernel = hopper ? estimate_sampled_kernel<T, kHeadDim, true> : estimate_sampled_kernel<T, kHeadDim, false>;
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem));
   if (status != cudaSuccess) return status;

@@ -55,6 +55,7 @@ struct SampledParams {
   int q_samples, k_samples;           // 8, 16 or 32 each
   float scale_log2;
   bool causal;
+  bool use_wgmma;                     // the sm_90a variant (host sets it on sm_90 only)
 };
 
 // Per-row ranking and level choice (spec section 5).

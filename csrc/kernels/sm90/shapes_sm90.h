@@ -20,10 +20,15 @@ struct AttentionSm90Shape {
   static constexpr int kStages = 2;
   static constexpr int kPanels = kHeadDim / kPanelColumns;
   static constexpr int kMinBlocks = kBlockM == 128 ? 1 : 2;     // CTAs per SM
-  // setmaxnreg budgets: the producer keeps few registers, the consumers take the rest of the SM's
-  // 64K registers (per CTA: 65536 / kMinBlocks).
+  // setmaxnreg budgets: the producer gives registers back, the consumers take them. A CTA starts with
+  // kThreads x the launch-bounds cap (65536 / (kThreads * kMinBlocks), rounded down to 8) and
+  // setmaxnreg.inc waits until the CTA's pool has the registers, so the budgets must fit that pool
+  // exactly, not the SM's 64K: 24 + 2 x 240 = 3 x 168 (a producer at 32 deadlocks the consumers).
   static constexpr int kProducerRegisters = kBlockM == 128 ? 24 : 40;
   static constexpr int kConsumerRegisters = kBlockM == 128 ? 240 : 216;
+  static constexpr int kEntryRegisters = (65536 / (kThreads * kMinBlocks)) / 8 * 8;
+  static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= (kConsumers + 1) * kEntryRegisters,
+                "setmaxnreg budgets exceed the CTA's register pool");
   static constexpr size_t kQBytes = kElementBytes * kBlockM * kHeadDim;
   static constexpr size_t kTileBytes = kElementBytes * kTileN * kHeadDim;  // one K or V stage
   // Q, K stages, V stages (each 1024-byte aligned for the swizzle), then per stage and column: bias

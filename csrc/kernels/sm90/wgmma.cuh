@@ -19,7 +19,8 @@
 #include <cstdint>
 #include <utility>
 
-#include <cute/arch/mma_sm90_desc.hpp>
+#include <cute/arch/mma_sm90_desc.hpp>  // GmmaDescriptor
+#include <cute/arch/util.hpp>           // cast_smem_ptr_to_uint
 #include <cute/arch/mma_sm90_gmma.hpp>
 
 #include "shapes_sm90.h"

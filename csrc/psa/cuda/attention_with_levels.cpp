@@ -4,7 +4,6 @@
 #include "common.h"
 #include "kernels/launchers.h"
 
-#include <cstdlib>
 #include <string>
 #include <vector>
 #ifdef PSA_WITH_SM90
@@ -57,27 +56,12 @@ bool tma_compatible(const at::Tensor& t) {
   return t.stride(3) == 1;
 }
 
-// Which kernel runs: PSA_CUDA_KERNEL=sm80 forces the portable mma.sync kernel, =sm90 demands the
-// Hopper one (an error where it cannot run), unset or "auto" takes the Hopper kernel wherever it applies.
-enum class KernelChoice { kAuto, kSm80, kSm90 };
-
-KernelChoice requested_kernel() {
-  const char* value = std::getenv("PSA_CUDA_KERNEL");
-  const std::string choice = value == nullptr ? "auto" : value;
-  if (choice == "sm80") return KernelChoice::kSm80;
-  if (choice == "sm90") return KernelChoice::kSm90;
-  PSA_CHECK(choice == "auto" || choice.empty(), kOp, ": PSA_CUDA_KERNEL must be auto, sm80 or sm90, got '", choice, "'");
-  return KernelChoice::kAuto;
-}
-
 // Empty when the Hopper kernel applies, else why not.
 std::string sm90_unavailable_reason(const at::Tensor& q, const std::vector<at::Tensor>& keys_and_values,
                                     int64_t block_m, int64_t block_n, int64_t n_k) {
+  const std::string device_reason = sm90_device_unavailable_reason(q.device());
+  if (!device_reason.empty()) return device_reason;
 #ifdef PSA_WITH_SM90
-  int major = 0, minor = 0;
-  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, q.device().index());
-  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, q.device().index());
-  if (major != 9 || minor != 0) return "the GPU is not sm_90 (H100/H200)";
   if (block_m != 64 && block_m != 128) return "block_m must be 64 or 128";
   if (block_n < 64) return "block_n must be 64 or 128 (level-8 pieces of at least 8 rows)";
   if (!tma_compatible(q)) return "q strides are not TMA-compatible";
@@ -89,8 +73,8 @@ std::string sm90_unavailable_reason(const at::Tensor& q, const std::vector<at::T
   if (smem > max_dynamic_smem(q.device())) return "n_k is too large for its shared memory";
   return "";
 #else
-  (void)q; (void)keys_and_values; (void)block_m; (void)block_n; (void)n_k;
-  return "psa was built without sm_90a (PSA_CUDA_ARCHS)";
+  (void)keys_and_values; (void)block_m; (void)block_n; (void)n_k;
+  return device_reason;
 #endif
 }
 
@@ -109,7 +93,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q_in,
   PSA_CHECK(q_len < (int64_t{1} << 31) && k.size(2) < (int64_t{1} << 31), kOp,
             ": Lq and Lk must be below 2^31, got ", q_len, " and ", k.size(2));
   const auto pooled = kv_pyramid(k, v);  // {k2, v2, k4, v4, k8, v8}, contiguous
-  const KernelChoice choice = requested_kernel();
+  const KernelChoice choice = requested_kernel(kOp);
   std::string sm90_reason = "PSA_CUDA_KERNEL=sm80";
   if (choice != KernelChoice::kSm80) {
     std::vector<at::Tensor> keys_and_values = {k, v};

@@ -8,6 +8,9 @@
 #include <cuda_fp16.h>
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <string>
+
 #include "../check.h"
 
 namespace psa::cuda {
@@ -41,6 +44,34 @@ inline size_t max_dynamic_smem(const at::Device& device) {
   int bytes = 0;
   cudaDeviceGetAttribute(&bytes, cudaDevAttrMaxSharedMemoryPerBlockOptin, device.index());
   return static_cast<size_t>(bytes);
+}
+
+// Which tensor-core kernels run: PSA_CUDA_KERNEL=sm80 forces the portable mma.sync kernels, =sm90
+// demands the Hopper ones (an error where they cannot run), unset or "auto" takes the Hopper kernels
+// wherever they apply. Read at every call, so a test or benchmark can switch between calls.
+enum class KernelChoice { kAuto, kSm80, kSm90 };
+
+inline KernelChoice requested_kernel(const char* op) {
+  const char* value = std::getenv("PSA_CUDA_KERNEL");
+  const std::string choice = value == nullptr ? "auto" : value;
+  if (choice == "sm80") return KernelChoice::kSm80;
+  if (choice == "sm90") return KernelChoice::kSm90;
+  PSA_CHECK(choice == "auto" || choice.empty(), op, ": PSA_CUDA_KERNEL must be auto, sm80 or sm90, got '", choice,
+            "'");
+  return KernelChoice::kAuto;
+}
+
+// Empty when this build and `device` can run the sm_90a kernels, else why not.
+inline std::string sm90_device_unavailable_reason(const at::Device& device) {
+#ifdef PSA_WITH_SM90
+  int major = 0, minor = 0;
+  cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, device.index());
+  cudaDeviceGetAttribute(&minor, cudaDevAttrComputeCapabilityMinor, device.index());
+  return major == 9 && minor == 0 ? "" : "the GPU is not sm_90 (H100/H200)";
+#else
+  (void)device;
+  return "psa was built without sm_90a (PSA_CUDA_ARCHS) or without CUTLASS headers";
+#endif
 }
 
 inline void set_strides(int64_t (&dst)[3], const at::Tensor& t) {

@@ -1,6 +1,7 @@
 // CUDA host side of the sampled estimator: the fused kernel for 8, 16 or 32 offsets per block, the
 // ATen path for other counts.
 #include <algorithm>
+#include <string>
 
 #include "../ops.h"
 #include "common.h"
@@ -51,6 +52,12 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
   params.k_samples = static_cast<int>(k_off.numel());
   params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
   params.causal = causal;
+  const KernelChoice choice = requested_kernel(kOp);
+  const std::string sm90_reason = choice == KernelChoice::kSm80 ? "PSA_CUDA_KERNEL=sm80"
+                                                                : sm90_device_unavailable_reason(q.device());
+  PSA_CHECK(sm90_reason.empty() || choice != KernelChoice::kSm90, kOp,
+            ": PSA_CUDA_KERNEL=sm90 but the Hopper estimator cannot run: ", sm90_reason);
+  params.use_wgmma = sm90_reason.empty();
 
   // Both head dims share the CTA shape; only the Q/K tiles differ.
   const int64_t per_head = kernels::SampledShape<64>::table_floats_per_head(params.n_q, params.q_samples, params.n_k);

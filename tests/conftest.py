@@ -67,3 +67,24 @@ def assert_attention_close(out, ref64, ref_lowp):
     error = (out.double() - ref64.double()).abs().max().item()
     budget = 2 * (ref_lowp.double() - ref64.double()).abs().max().item() + 1e-5
     assert error <= budget, f"max error {error:.3e} exceeds budget {budget:.3e}"
+
+
+# Level values of random level maps: skip and every pool factor.
+LEVELS = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)
+
+
+def random_levels(rng, batch, heads, n_q, n_k, values=LEVELS):
+    return values[torch.randint(0, len(values), (batch, heads, n_q, n_k), generator=rng)]
+
+
+def check_attention_against_reference(q, k, v, levels, **kwargs):
+    """psa.attention_with_levels on CUDA inputs against the float64 reference: the output under the
+    FlashAttention rule, lse to 2e-2 where finite and -inf exactly where the reference has it."""
+    out, lse = psa.attention_with_levels(q, k, v, levels, return_lse=True, **kwargs)
+    assert out.dtype == q.dtype and out.is_cuda and lse.dtype == torch.float32
+    ref64, lse64, ref_lowp = reference_attention_pair(q, k, v, levels, **kwargs)
+    assert_attention_close(out.cpu(), ref64, ref_lowp)
+    finite = lse64.isfinite()
+    assert torch.equal(lse.cpu().isfinite(), finite)
+    torch.testing.assert_close(lse.cpu()[finite], lse64[finite].float(), atol=2e-2, rtol=0)
+    return out, lse

@@ -7,28 +7,11 @@ import torch
 import torch.nn.functional as F
 
 import psa
-from conftest import (CUDA_DTYPES, CUDA_HEAD_DIMS, assert_attention_close, randn, reference_attention_pair,
+from conftest import (CUDA_DTYPES, CUDA_HEAD_DIMS, LEVELS, assert_attention_close,
+                      check_attention_against_reference, random_levels, randn,
                       requires_cuda)
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
-
-LEVELS = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)
-
-
-def random_levels(rng, batch, heads, n_q, n_k, values=LEVELS):
-    return values[torch.randint(0, len(values), (batch, heads, n_q, n_k), generator=rng)]
-
-
-def check_against_reference(q, k, v, levels, **kwargs):
-    out, lse = psa.attention_with_levels(q, k, v, levels, return_lse=True, **kwargs)
-    assert out.dtype == q.dtype and out.is_cuda and lse.dtype == torch.float32
-    ref64, lse64, ref_lowp = reference_attention_pair(q, k, v, levels, **kwargs)
-    assert_attention_close(out.cpu(), ref64, ref_lowp)
-    finite = lse64.isfinite()
-    assert torch.equal(lse.cpu().isfinite(), finite)
-    torch.testing.assert_close(lse.cpu()[finite], lse64[finite].float(), atol=2e-2, rtol=0)
-    return out, lse
-
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
@@ -41,7 +24,7 @@ def test_random_level_maps_match_reference(rng, dtype, head_dim, block_m, block_
     k = randn(rng, 2, kv_heads, k_len, head_dim, dtype=dtype, device="cuda")
     v = randn(rng, 2, kv_heads, k_len, head_dim, dtype=dtype, device="cuda")
     levels = random_levels(rng, 2, q_heads, -(-q_len // block_m), -(-k_len // block_n)).cuda()
-    check_against_reference(q, k, v, levels, block_m=block_m, block_n=block_n, causal=causal)
+    check_attention_against_reference(q, k, v, levels, block_m=block_m, block_n=block_n, causal=causal)
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
@@ -54,7 +37,7 @@ def test_single_level_maps(rng, dtype, head_dim, level):
     v = randn(rng, 1, 2, 1000, head_dim, dtype=dtype, device="cuda")
     for block_n in (32, 64, 128):
         levels = torch.full((1, 2, 4, -(-1000 // block_n)), level, dtype=torch.int8, device="cuda")
-        check_against_reference(q, k, v, levels, block_m=64, block_n=block_n)
+        check_attention_against_reference(q, k, v, levels, block_m=64, block_n=block_n)
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)

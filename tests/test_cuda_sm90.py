@@ -12,10 +12,8 @@ import torch
 
 import psa
 from psa import PSAConfig, _loader, reference
-from conftest import (CUDA_DTYPES, CUDA_HEAD_DIMS, assert_attention_close, randn, reference_attention_pair,
+from conftest import (CUDA_DTYPES, CUDA_HEAD_DIMS, check_attention_against_reference, random_levels, randn,
                       requires_cuda)
-
-LEVELS = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)
 
 
 def sm90_kernels_available() -> bool:
@@ -36,20 +34,6 @@ def kernel(monkeypatch):
     return select
 
 
-def random_levels(rng, batch, heads, n_q, n_k, values=LEVELS):
-    return values[torch.randint(0, len(values), (batch, heads, n_q, n_k), generator=rng)]
-
-
-def check_against_reference(q, k, v, levels, **kwargs):
-    out, lse = psa.attention_with_levels(q, k, v, levels, return_lse=True, **kwargs)
-    ref64, lse64, ref_lowp = reference_attention_pair(q, k, v, levels, **kwargs)
-    assert_attention_close(out.cpu(), ref64, ref_lowp)
-    finite = lse64.isfinite()
-    assert torch.equal(lse.cpu().isfinite(), finite)
-    torch.testing.assert_close(lse.cpu()[finite], lse64[finite].float(), atol=2e-2, rtol=0)
-    return out, lse
-
-
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)
 @pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
 @pytest.mark.parametrize("block_m,block_n", [(128, 128), (128, 64), (64, 128), (64, 64)])
@@ -61,7 +45,7 @@ def test_matches_reference(rng, kernel, dtype, head_dim, block_m, block_n, causa
     k = randn(rng, 2, kv_heads, k_len, head_dim, dtype=dtype, device="cuda")
     v = randn(rng, 2, kv_heads, k_len, head_dim, dtype=dtype, device="cuda")
     levels = random_levels(rng, 2, q_heads, -(-q_len // block_m), -(-k_len // block_n)).cuda()
-    check_against_reference(q, k, v, levels, block_m=block_m, block_n=block_n, causal=causal)
+    check_attention_against_reference(q, k, v, levels, block_m=block_m, block_n=block_n, causal=causal)
 
 
 @pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
@@ -74,7 +58,7 @@ def test_single_level_maps(rng, kernel, head_dim, level, block_m, block_n):
     k = randn(rng, 1, 2, 2001, head_dim, dtype=torch.bfloat16, device="cuda")
     v = randn(rng, 1, 2, 2001, head_dim, dtype=torch.bfloat16, device="cuda")
     levels = torch.full((1, 2, -(-300 // block_m), -(-2001 // block_n)), level, dtype=torch.int8, device="cuda")
-    check_against_reference(q, k, v, levels, block_m=block_m, block_n=block_n)
+    check_attention_against_reference(q, k, v, levels, block_m=block_m, block_n=block_n)
 
 
 @pytest.mark.parametrize("block_m,block_n", [(128, 128), (64, 64)])
@@ -101,7 +85,7 @@ def test_strided_inputs_and_empty_rows(rng, kernel):
     levels = random_levels(rng, 2, 4, 6, 6).cuda()
     levels[0, 1, 2] = 0   # an empty row: zeros and lse = -inf
     levels[1, :, :, :] = 0
-    out, lse = check_against_reference(q, k, v, levels, block_m=128, block_n=128, causal=True)
+    out, lse = check_attention_against_reference(q, k, v, levels, block_m=128, block_n=128, causal=True)
     assert (out[1] == 0).all() and (lse[1] == float("-inf")).all()
     assert (out[0, 1, 256:384] == 0).all()
 

@@ -237,12 +237,12 @@ template <typename T, int kHeadDim>
 cudaError_t launch_estimate_sampled(const SampledParams& p, cudaStream_t stream) {
   using Shape = SampledShape<kHeadDim>;
 #if defined(PSA_WITH_SM90)
-  const bool hopper = p.use_wgmma;
+  const size_t smem = Shape::kSmemBytes + (p.use_wgmma ? 1024 : 0);  // + room to align the wgmma tiles
+  auto kernel = p.use_wgmma ? estimate_sampled_kernel<T, kHeadDim, true> : estimate_sampled_kernel<T, kHeadDim, false>;
 #else
-  const bool hopper = false;
+  const size_t smem = Shape::kSmemBytes;
+  auto kernel = estimate_sampled_kernel<T, kHeadDim, false>;
 #endif
-  const size_t smem = Shape::kSmemBytes + (hopper ? 1024 : 0);  // + room to align the wgmma tiles
-  auto kernel = hopper ? estimate_sampled_kernel<T, kHeadDim, true> : estimate_sampled_kernel<T, kHeadDim, false>;
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem));
   if (status != cudaSuccess) return status;

@@ -35,7 +35,6 @@
 
 namespace psa::kernels::sm90 {
 
-
 // AttentionParams plus one TMA descriptor for Q and one per level for K and V (box rows = the
 // level's piece height). Passed as a __grid_constant__ kernel parameter so TMA reads it in place.
 struct AttentionSm90Params {

@@ -21,6 +21,7 @@
 #include "estimate_sampled_common.cuh"
 #include "params.h"
 #include "shapes.h"
+#include "sm90/shapes_sm90.h"
 #if defined(PSA_WITH_SM90)
 #include "sm90/wgmma.cuh"
 #endif
@@ -33,7 +34,8 @@ namespace psa::kernels {
 template <int kHeadDim, int kTileRows, bool kHopper>
 __device__ __forceinline__ int tile_offset(int row, int chunk) {
   if constexpr (kHopper) {
-    return (chunk / 8) * kTileRows * 64 + row * 64 + (((chunk % 8) ^ (row % 8)) * 8);
+    using sm90::kPanelColumns;
+    return (chunk / 8) * kTileRows * kPanelColumns + row * kPanelColumns + (((chunk % 8) ^ (row % 8)) * 8);
   } else {
     return SwizzledRows<kHeadDim>::offset(row, chunk);
   }
@@ -56,9 +58,10 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
   constexpr int kRows = Shape::kRows, kTileN = Shape::kTileN;
 
   extern __shared__ __align__(128) unsigned char smem_unaligned[];
-  // wgmma's 128-byte swizzle repeats every 1024 bytes: its tiles start 1024-byte aligned.
+  // wgmma's 128-byte swizzle repeats every kSwizzleAtomBytes: its tiles start aligned to that.
+  constexpr uintptr_t kAlign = sm90::kSwizzleAtomBytes;
   unsigned char* smem = kHopper ? reinterpret_cast<unsigned char*>(
-                                      (reinterpret_cast<uintptr_t>(smem_unaligned) + 1023) & ~uintptr_t(1023))
+                                      (reinterpret_cast<uintptr_t>(smem_unaligned) + kAlign - 1) & ~(kAlign - 1))
                                 : smem_unaligned;
   T* s_q = reinterpret_cast<T*>(smem);                                   // [kRows x D]
   T* s_k = s_q + kRows * kHeadDim;                                       // [kStages][kTileN x D]
@@ -73,10 +76,9 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
   const int first_block = blockIdx.x * blocks_per_cta;
 
   const SampledCandidates candidates(p);
-  auto last_candidate = [&](int i) { return candidates.last(i); };
   int active_blocks = 0;  // key blocks any of this CTA's query blocks may see
   for (int qb = 0; qb < blocks_per_cta && first_block + qb < p.n_q; ++qb) {
-    active_blocks = max(active_blocks, last_candidate(first_block + qb) + 1);
+    active_blocks = max(active_blocks, candidates.last(first_block + qb) + 1);
   }
 
   // ---- Sampled query rows (rows of query blocks past n_q are zero).
@@ -134,7 +136,7 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       local_rows[2 * mt + r] = kHopper ? mt * 64 + warp * 16 + g + 8 * r : warp * kWarpRows + mt * 16 + g + 8 * r;
-      row_last_candidate[2 * mt + r] = last_candidate(first_block + local_rows[2 * mt + r] / p.q_samples);
+      row_last_candidate[2 * mt + r] = candidates.last(first_block + local_rows[2 * mt + r] / p.q_samples);
       row_max[2 * mt + r] = -INFINITY;
     }
   }
@@ -164,11 +166,12 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
 #pragma unroll
       for (int kk = 0; kk < kHeadDim / 16; ++kk) {
         const int panel = kk / 4, within = (kk % 4) * 16;
-        const uint64_t b = sm90::smem_descriptor(k_tile + panel * kTileN * 64 + within, 16, sm90::kSwizzleAtomBytes);
+        const uint64_t b = sm90::smem_descriptor(k_tile + panel * kTileN * sm90::kPanelColumns + within, 16,
+                                                 sm90::kSwizzleAtomBytes);
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-          const uint64_t a = sm90::smem_descriptor(s_q + panel * kRows * 64 + mt * 64 * 64 + within, 16,
-                                                   sm90::kSwizzleAtomBytes);
+          const T* q_tile = s_q + (panel * kRows + mt * 64) * sm90::kPanelColumns;
+          const uint64_t a = sm90::smem_descriptor(q_tile + within, 16, sm90::kSwizzleAtomBytes);
           sm90::mma_ss<T, kTileN>(a, b, reinterpret_cast<AccumulatorRow&>(s[mt]), kk > 0);
         }
       }
@@ -237,7 +240,8 @@ template <typename T, int kHeadDim>
 cudaError_t launch_estimate_sampled(const SampledParams& p, cudaStream_t stream) {
   using Shape = SampledShape<kHeadDim>;
 #if defined(PSA_WITH_SM90)
-  const size_t smem = Shape::kSmemBytes + (p.use_wgmma ? 1024 : 0);  // + room to align the wgmma tiles
+  // + room to align the wgmma tiles
+  const size_t smem = Shape::kSmemBytes + (p.use_wgmma ? sm90::kSwizzleAtomBytes : 0);
   auto kernel = p.use_wgmma ? estimate_sampled_kernel<T, kHeadDim, true> : estimate_sampled_kernel<T, kHeadDim, false>;
 #else
   const size_t smem = Shape::kSmemBytes;

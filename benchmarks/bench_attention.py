@@ -11,7 +11,14 @@ density 0.15 / 0.30 / 1.0 (all level 1) it prints:
   - effective TFLOP/s = 4 * B * H * Lq * Lk * D * density / time (density measured from the level map;
     dense and flex at their own density) and speedups over cuDNN.
 
+Before that, per shape, the cost of each stage at the default config as a share of dense cuDNN:
+pyramid, estimate with each estimator (sampled, pooled, antidiagonal), assign, attend.
+
 Usage: python benchmarks/bench_attention.py [--shapes wan1.3b_480p,...] [--densities 0.15,0.3,1.0]
+           [--estimators sampled,pooled,antidiagonal] [--no-stages] [--no-densities] [--kernels]
+
+--kernels also lists the device time of every kernel each stage launches (torch.profiler), to see
+where a stage's time goes.
 """
 
 import argparse
@@ -59,22 +66,82 @@ def flex_block_mask(scores: torch.Tensor, density: float, length: int, block: in
                                     BLOCK_SIZE=block, seq_lengths=(length, length))
 
 
+def print_row(cells):
+    print("|" + "|".join(cells) + "|", flush=True)
+
+
+def print_kernel_times(label, fn, repeats=20):
+    """Average device time per call of each kernel `fn` launches."""
+    from torch.profiler import ProfilerActivity, profile
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(repeats):
+            fn()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
+    for e in sorted(events, key=lambda e: -e.device_time_total):
+        print(f"  {label}: {e.device_time_total / repeats / 1000:.4f} ms  x{e.count // repeats}  {e.key[:90]}")
+
+
+def print_stage_table(shapes, estimators, kernels=False):
+    """Per shape: each stage of the default config (topk, density ~0.15) in ms and in % of dense cuDNN."""
+    header = ["shape", "cudnn ms", "pyramid"] + [f"est {e}" for e in estimators] + ["assign", "attend", "psa total"]
+    print_row(header)
+    print_row(["---"] * len(header))
+    for name in shapes:
+        shape = SHAPES[name]
+        q, k, v = (torch.randn(1, shape.heads, shape.tokens, shape.head_dim, device="cuda", dtype=torch.bfloat16)
+                   for _ in range(3))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            cudnn_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        config = psa.PSAConfig()
+        scores = psa.estimate_importance(q, k, config)
+        levels = psa.assign_levels(scores, config, k=k, q_len=shape.tokens)
+        times = [bench(lambda: psa.kv_pyramid(k, v))]
+        for estimator in estimators:
+            estimator_config = psa.PSAConfig(estimator=estimator)
+            times.append(bench(lambda: psa.estimate_importance(q, k, estimator_config)))
+        times.append(bench(lambda: psa.assign_levels(scores, config, k=k, q_len=shape.tokens)))
+        times.append(bench(lambda: psa.attention_with_levels(q, k, v, levels, block_m=config.block_m,
+                                                             block_n=config.block_n)))
+        times.append(bench(lambda: psa.sparse_attention(q, k, v, config)))
+        print_row([name, f"{cudnn_ms:.2f}"] + [f"{t:.3f} ({100 * t / cudnn_ms:.2f}%)" for t in times])
+        if kernels:
+            print_kernel_times("pyramid", lambda: psa.kv_pyramid(k, v))
+            for estimator in estimators:
+                estimator_config = psa.PSAConfig(estimator=estimator)
+                print_kernel_times(estimator, lambda: psa.estimate_importance(q, k, estimator_config))
+            print_kernel_times("assign", lambda: psa.assign_levels(scores, config, k=k, q_len=shape.tokens))
+        q = k = v = scores = levels = None
+        torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(GPU_SHAPES))
     parser.add_argument("--densities", default="0.15,0.3,1.0")
+    parser.add_argument("--estimators", default="sampled,pooled,antidiagonal")
+    parser.add_argument("--no-stages", action="store_true", help="skip the per-stage table")
+    parser.add_argument("--no-densities", action="store_true", help="skip the per-density table")
+    parser.add_argument("--kernels", action="store_true", help="per-kernel device times of each stage")
     args = parser.parse_args()
-    densities = [float(d) for d in args.densities.split(",")]
+    densities = [] if args.no_densities else [float(d) for d in args.densities.split(",")]
+    shapes = args.shapes.split(",")
     flex = torch.compile(flex_attention, dynamic=False)
 
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, B=1, "
           f"{datetime.date.today().isoformat()}")
+    if not args.no_stages:
+        print_stage_table(shapes, args.estimators.split(","), args.kernels)
+    if not densities:
+        return
     header = ("shape", "dens", "psa ms", "pyr", "est", "asg", "attend", "sm80 attend", "cudnn", "flash", "flex", "attend TF/s",
               "psa TF/s",
               "cudnn TF/s", "flex TF/s", "psa x", "flex x", "est+asg %")
     print("|" + "|".join(header) + "|")
     print("|" + "|".join("---" for _ in header) + "|")
-    for name in args.shapes.split(","):
+    for name in shapes:
         shape = SHAPES[name]
         length, heads, dim = shape.tokens, shape.heads, shape.head_dim
         q, k, v = (torch.randn(1, heads, length, dim, device="cuda", dtype=torch.bfloat16) for _ in range(3))

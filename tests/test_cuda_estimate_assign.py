@@ -55,6 +55,18 @@ def test_sampled_long_rows(rng):
     check_scores(scores, q, k, False, method="sampled", block_m=128, block_n=32)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
+def test_pooled_many_blocks(rng, causal, head_dim):
+    # More query blocks than one CTA takes (16) and more key blocks than one shared-memory stage (32),
+    # with a strided [B, L, H, D] view and GQA.
+    q = randn(rng, 1, 2001, 4, head_dim, dtype=torch.float16, device="cuda").transpose(1, 2)
+    k = randn(rng, 1, 3000, 2, head_dim, dtype=torch.float16, device="cuda").transpose(1, 2)
+    config = PSAConfig(block_m=64, block_n=32, estimator="pooled", causal=causal)
+    scores = psa.estimate_importance(q, k, config)
+    check_scores(scores, q, k, causal, method="pooled", block_m=64, block_n=32)
+
+
 @pytest.mark.parametrize("mode", ["topk", "threshold"])
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("sim", [None, (0.05, 0.0, -0.05)])

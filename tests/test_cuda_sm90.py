@@ -134,6 +134,22 @@ def test_sampled_estimator_matches_reference(rng, kernel, dtype, head_dim, causa
     torch.testing.assert_close(scores.cpu().double(), expected, atol=2e-5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_sampled_estimator_strided_gqa_drawn_offsets(rng, kernel, causal):
+    # [B, L, H, D] views (token stride H * D), Lq != Lk, GQA 3:1, offsets drawn by a generator, and enough
+    # query blocks for several CTAs per head (256 sampled rows each) and several key tiles per CTA.
+    kernel("sm90")
+    q = randn(rng, 2, 2900, 3, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    k = randn(rng, 2, 3333, 1, 128, dtype=torch.bfloat16, device="cuda").transpose(1, 2)
+    q_offsets = torch.sort(torch.randperm(64, generator=rng)[:16]).values
+    k_offsets = torch.sort(torch.randperm(128, generator=rng)[:32]).values
+    scores = torch.ops.psa.estimate_importance(q, k, q_offsets.cuda(), k_offsets.cuda(), block_m=64, block_n=128,
+                                               method="sampled", causal=causal)
+    expected = reference.estimate_importance(q.double().cpu(), k.double().cpu(), causal=causal, method="sampled",
+                                             block_m=64, block_n=128, q_offsets=q_offsets, k_offsets=k_offsets)
+    torch.testing.assert_close(scores.cpu().double(), expected.double(), atol=2e-5, rtol=1e-3)
+
+
 def test_sampled_estimator_equals_sm80(rng, kernel):
     q = randn(rng, 1, 4, 4000, 128, dtype=torch.bfloat16, device="cuda")
     k = randn(rng, 1, 2, 4100, 128, dtype=torch.bfloat16, device="cuda")

@@ -106,4 +106,16 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
 
+// Max and sum across a whole warp (every lane gets the result).
+__device__ __forceinline__ float warp_max(float x) {
+#pragma unroll
+  for (int delta = 16; delta > 0; delta >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, delta));
+  return x;
+}
+__device__ __forceinline__ float warp_sum(float x) {
+#pragma unroll
+  for (int delta = 16; delta > 0; delta >>= 1) x += __shfl_xor_sync(0xffffffff, x, delta);
+  return x;
+}
+
 }  // namespace psa::kernels

@@ -1,6 +1,5 @@
-// Fused "sampled" block-importance estimator (spec section 4): sm80+ with mma.sync, and on sm_90a the
-// same kernel with Q K^T on wgmma (kHopper: Q and K tiles in wgmma's swizzled panel layout, one
-// warpgroup issuing two m64n64 MMAs per k16 step).
+// Fused "sampled" block-importance estimator (spec section 4) for sm80+ with mma.sync: the portable
+// kernel. On sm_90a, sm90/estimate_sampled_sm90.cuh runs the same algorithm as a TMA + wgmma GEMM.
 //
 // scores[i, j] = P[i, j] / sum_j P[i, j] with
 //   P[i, j] = max over sampled rows r of block i of exp(max_{c in block j} x_rc - max_{all c} x_rc).
@@ -21,48 +20,17 @@
 #include "estimate_sampled_common.cuh"
 #include "params.h"
 #include "shapes.h"
-#include "sm90/shapes_sm90.h"
-#if defined(PSA_WITH_SM90)
-#include "sm90/wgmma.cuh"
-#endif
 
 namespace psa::kernels {
 
-// Where element chunk `chunk` (8 elements) of row `row` of a [rows x kHeadDim] tile lives in shared
-// memory: sm80, the XOR-swizzled rows ldmatrix reads; sm90 (kHopper), 64-column panels with the
-// 128-byte swizzle that wgmma's descriptors describe (see sm90/wgmma.cuh).
-template <int kHeadDim, int kTileRows, bool kHopper>
-__device__ __forceinline__ int tile_offset(int row, int chunk) {
-  if constexpr (kHopper) {
-    using sm90::kPanelColumns;
-    return (chunk / 8) * kTileRows * kPanelColumns + row * kPanelColumns + (((chunk % 8) ^ (row % 8)) * 8);
-  } else {
-    return SwizzledRows<kHeadDim>::offset(row, chunk);
-  }
-}
-
-// kHopper: the same kernel with its Q K^T on wgmma (sm_90a; both operands from shared memory); it
-// compiles to nothing for other targets and is launched only on sm_90.
-template <typename T, int kHeadDim, bool kHopper>
+template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape<kHeadDim>::kMinBlocks)
     estimate_sampled_kernel(const SampledParams p) {
-#if defined(PSA_WITH_SM90)
-  if constexpr (kHopper) {
-#if !defined(__CUDA_ARCH_FEAT_SM90_ALL)
-    return;
-#endif
-  }
-#endif
   using Shape = SampledShape<kHeadDim>;
   using Rows = SwizzledRows<kHeadDim>;
   constexpr int kRows = Shape::kRows, kTileN = Shape::kTileN;
 
-  extern __shared__ __align__(128) unsigned char smem_unaligned[];
-  // wgmma's 128-byte swizzle repeats every kSwizzleAtomBytes: its tiles start aligned to that.
-  constexpr uintptr_t kAlign = sm90::kSwizzleAtomBytes;
-  unsigned char* smem = kHopper ? reinterpret_cast<unsigned char*>(
-                                      (reinterpret_cast<uintptr_t>(smem_unaligned) + kAlign - 1) & ~(kAlign - 1))
-                                : smem_unaligned;
+  extern __shared__ __align__(128) unsigned char smem[];
   T* s_q = reinterpret_cast<T*>(smem);                                   // [kRows x D]
   T* s_k = s_q + kRows * kHeadDim;                                       // [kStages][kTileN x D]
   float* s_row_max = reinterpret_cast<float*>(s_k + Shape::kStages * kTileN * kHeadDim);  // [kRows]
@@ -75,7 +43,7 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
   const int blocks_per_cta = kRows / p.q_samples;
   const int first_block = blockIdx.x * blocks_per_cta;
 
-  const SampledCandidates candidates(p);
+  const CandidateBlocks candidates = sampled_candidates(p);
   int active_blocks = 0;  // key blocks any of this CTA's query blocks may see
   for (int qb = 0; qb < blocks_per_cta && first_block + qb < p.n_q; ++qb) {
     active_blocks = max(active_blocks, candidates.last(first_block + qb) + 1);
@@ -90,7 +58,7 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
       const bool valid = block < p.n_q;
       const int offset = clamp_offset(p.q_offsets[row % p.q_samples], p.block_m);
       const int64_t position = min(block * p.block_m + offset, p.q_len - 1);
-      cp_async_16(s_q + tile_offset<kHeadDim, kRows, kHopper>(row, chunk),
+      cp_async_16(s_q + Rows::offset(row, chunk),
                   q + (valid ? position * p.q_stride[2] + chunk * 8 : 0), valid);
     }
     cp_async_commit();
@@ -108,7 +76,7 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
       const int block = column / p.k_samples;
       const int offset = clamp_offset(p.k_offsets[column % p.k_samples], p.block_n);
       const int64_t position = min(block * p.block_n + offset, p.k_len - 1);
-      cp_async_16(dst + tile_offset<kHeadDim, kTileN, kHopper>(row, chunk),
+      cp_async_16(dst + Rows::offset(row, chunk),
                   k + (valid ? position * p.k_stride[2] + chunk * 8 : 0), valid);
     }
   };
@@ -117,25 +85,21 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
   cp_async_commit();
   cp_async_wait<1>();
   __syncthreads();
-  // sm80: a warp owns kMTiles m16 row tiles, so every K fragment it loads feeds 2 * kMTiles MMAs.
-  // sm90: the warpgroup runs kMTiles m64 MMAs, warp w holding rows 16w..16w+15 of each. Either way
-  // a thread holds rows g and g + 8 of each m tile: local row index 2 * mt + r.
+  // A warp owns kMTiles m16 row tiles, so every K fragment it loads feeds 2 * kMTiles MMAs; a thread
+  // holds rows g and g + 8 of each m tile: local row index 2 * mt + r.
   constexpr int kMTiles = Shape::kMTiles, kWarpRows = 16 * kMTiles;
-  static_assert(!kHopper || kRows == 64 * kMTiles, "the wgmma path takes the CTA's rows as m64 tiles");
-  uint32_t q_frag[kHopper ? 1 : kMTiles][kHopper ? 1 : kHeadDim / 16][4];
+  uint32_t q_frag[kMTiles][kHeadDim / 16][4];
   int local_rows[2 * kMTiles], row_last_candidate[2 * kMTiles];
   float row_max[2 * kMTiles];
 #pragma unroll
   for (int mt = 0; mt < kMTiles; ++mt) {
-    if constexpr (!kHopper) {
 #pragma unroll
-      for (int kc = 0; kc < kHeadDim / 16; ++kc) {
-        ldmatrix_x4(q_frag[mt][kc], s_q + Rows::offset(warp * kWarpRows + mt * 16 + (lane & 15), 2 * kc + (lane >> 4)));
-      }
+    for (int kc = 0; kc < kHeadDim / 16; ++kc) {
+      ldmatrix_x4(q_frag[mt][kc], s_q + Rows::offset(warp * kWarpRows + mt * 16 + (lane & 15), 2 * kc + (lane >> 4)));
     }
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      local_rows[2 * mt + r] = kHopper ? mt * 64 + warp * 16 + g + 8 * r : warp * kWarpRows + mt * 16 + g + 8 * r;
+      local_rows[2 * mt + r] = warp * kWarpRows + mt * 16 + g + 8 * r;
       row_last_candidate[2 * mt + r] = candidates.last(first_block + local_rows[2 * mt + r] / p.q_samples);
       row_max[2 * mt + r] = -INFINITY;
     }
@@ -151,53 +115,25 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
     } else {
       cp_async_wait<0>();
     }
-    // cp.async writes through the generic proxy; wgmma reads through the async proxy.
-    if constexpr (kHopper) asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
     __syncthreads();
 
     const T* k_tile = s_k + stage * kTileN * kHeadDim;
-    float s[kMTiles][kTileN / 8][4];  // per m tile: the accumulator of an m64n64 (sm90) or 4 m16n8 tiles per n16 (sm80)
-#if defined(PSA_WITH_SM90)
-    if constexpr (kHopper) {
-      using AccumulatorRow = float[kTileN / 2];
+    float s[kMTiles][kTileN / 8][4];  // per m tile: 4 m16n8 accumulators per n16
 #pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) sm90::fence_registers(reinterpret_cast<AccumulatorRow&>(s[mt]));
-      cute::warpgroup_arrive();
-#pragma unroll
-      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-        const int panel = kk / 4, within = (kk % 4) * 16;
-        const uint64_t b = sm90::smem_descriptor(k_tile + panel * kTileN * sm90::kPanelColumns + within, 16,
-                                                 sm90::kSwizzleAtomBytes);
-#pragma unroll
-        for (int mt = 0; mt < kMTiles; ++mt) {
-          const T* q_tile = s_q + (panel * kRows + mt * 64) * sm90::kPanelColumns;
-          const uint64_t a = sm90::smem_descriptor(q_tile + within, 16, sm90::kSwizzleAtomBytes);
-          sm90::mma_ss<T, kTileN>(a, b, reinterpret_cast<AccumulatorRow&>(s[mt]), kk > 0);
-        }
-      }
-      cute::warpgroup_commit_batch();
-      cute::warpgroup_wait<0>();
-#pragma unroll
-      for (int mt = 0; mt < kMTiles; ++mt) sm90::fence_registers(reinterpret_cast<AccumulatorRow&>(s[mt]));
-    }
-#endif
-#pragma unroll
-    for (int mt = 0; mt < kMTiles && !kHopper; ++mt) {
+    for (int mt = 0; mt < kMTiles; ++mt) {
 #pragma unroll
       for (int nt = 0; nt < kTileN / 8; ++nt) s[mt][nt][0] = s[mt][nt][1] = s[mt][nt][2] = s[mt][nt][3] = 0.f;
     }
 #pragma unroll
-    for (int kc = 0; kc < kHeadDim / 16 && !kHopper; ++kc) {
+    for (int kc = 0; kc < kHeadDim / 16; ++kc) {
 #pragma unroll
       for (int np = 0; np < kTileN / 16; ++np) {
         uint32_t kb[4];
         ldmatrix_x4(kb, k_tile + Rows::offset(np * 16 + (lane & 7) + ((lane >> 4) << 3), 2 * kc + ((lane >> 3) & 1)));
 #pragma unroll
         for (int mt = 0; mt < kMTiles; ++mt) {
-          if constexpr (!kHopper) {
-            mma_16816<T>(s[mt][2 * np], q_frag[mt][kc], kb[0], kb[1]);
-            mma_16816<T>(s[mt][2 * np + 1], q_frag[mt][kc], kb[2], kb[3]);
-          }
+          mma_16816<T>(s[mt][2 * np], q_frag[mt][kc], kb[0], kb[1]);
+          mma_16816<T>(s[mt][2 * np + 1], q_frag[mt][kc], kb[2], kb[3]);
         }
       }
     }
@@ -233,27 +169,21 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
     for (int i = 0; i < 2 * kMTiles; ++i) s_row_max[local_rows[i]] = row_max[i];
   }
   __syncthreads();  // also makes the table's global writes visible to the whole CTA
-  write_sampled_scores<kRows>(p, table, s_row_max, bh, first_block, blocks_per_cta, candidates);
+  write_sampled_scores<kRows>(p, table, s_row_max, bh, first_block, blocks_per_cta, candidates, tid, Shape::kThreads,
+                              [] { __syncthreads(); });
 }
 
 template <typename T, int kHeadDim>
 cudaError_t launch_estimate_sampled(const SampledParams& p, cudaStream_t stream) {
   using Shape = SampledShape<kHeadDim>;
-#if defined(PSA_WITH_SM90)
-  // + room to align the wgmma tiles
-  const size_t smem = Shape::kSmemBytes + (p.use_wgmma ? sm90::kSwizzleAtomBytes : 0);
-  auto kernel = p.use_wgmma ? estimate_sampled_kernel<T, kHeadDim, true> : estimate_sampled_kernel<T, kHeadDim, false>;
-#else
-  const size_t smem = Shape::kSmemBytes;
-  auto kernel = estimate_sampled_kernel<T, kHeadDim, false>;
-#endif
+  auto kernel = estimate_sampled_kernel<T, kHeadDim>;
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                            static_cast<int>(smem));
+                                            static_cast<int>(Shape::kSmemBytes));
   if (status != cudaSuccess) return status;
   const int blocks_per_cta = Shape::kRows / p.q_samples;
   const dim3 grid(static_cast<unsigned>((p.n_q + blocks_per_cta - 1) / blocks_per_cta),
                   static_cast<unsigned>(p.bh_count));
-  kernel<<<grid, Shape::kThreads, smem, stream>>>(p);
+  kernel<<<grid, Shape::kThreads, Shape::kSmemBytes, stream>>>(p);
   return cudaGetLastError();
 }
 

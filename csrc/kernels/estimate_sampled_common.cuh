@@ -1,11 +1,13 @@
-// Pieces of the fused "sampled" estimator (spec section 4) shared by its sm80 (mma.sync) and sm90
-// (wgmma) kernels: offsets, causal candidates, and the pass that turns the CTA's table of per-row
-// block maxima into normalised scores. See estimate_sampled.cuh for the algorithm.
+// Pieces of the fused "sampled" estimator (spec section 4) shared by its sm80 (mma.sync,
+// estimate_sampled.cuh) and sm90 (wgmma, sm90/estimate_sampled_sm90.cuh) kernels: offsets, causal
+// candidates, and the pass that turns a CTA's table of per-row block maxima into normalised scores.
 #pragma once
 
 #include <cfloat>
 #include <cstdint>
 
+#include "candidate_blocks.cuh"
+#include "device_utils.cuh"
 #include "params.h"
 
 namespace psa::kernels {
@@ -15,52 +17,64 @@ __device__ __forceinline__ int clamp_offset(int64_t offset, int block) {
   return static_cast<int>(offset < 0 ? 0 : (offset >= block ? block - 1 : offset));
 }
 
-// Last candidate key block of query block i (-1: none). Causal: the first key of block j must be
-// visible to the last query of block i.
-struct SampledCandidates {
-  int n_k, block_m, block_n, q_len, causal_offset;
-  bool causal;
-  __device__ explicit SampledCandidates(const SampledParams& p)
-      : n_k(p.n_k), block_m(p.block_m), block_n(p.block_n), q_len(p.q_len), causal_offset(p.k_len - p.q_len),
-        causal(p.causal) {}
-  __device__ int last(int i) const {
-    if (!causal) return n_k - 1;
-    const int horizon = min((i + 1) * block_m, q_len) - 1 + causal_offset;
-    return horizon < 0 ? -1 : min(n_k - 1, horizon / block_n);
-  }
-};
+__device__ __forceinline__ CandidateBlocks sampled_candidates(const SampledParams& p) {
+  return CandidateBlocks(p.n_k, p.block_m, p.block_n, p.q_len, p.k_len, p.causal);
+}
 
 // After the last key tile: `table` ([n_k][kRows], this CTA's block maxima in the log2 domain) and
-// `row_max` (shared, [kRows]) are final and visible to the whole CTA. Writes the scores of the CTA's
-// query blocks: P[i, j] = max over block i's rows of exp2(block max - row max), normalised per row.
-template <int kRows>
+// `row_max` (shared, [kRows]) are final and visible to the `threads` threads that run this (`thread`
+// is the caller's index among them; `sync` is a barrier over exactly those threads: __syncthreads for
+// the sm80 kernel, a named barrier over the consumer warpgroups in the sm90 one). Writes the scores of
+// the CTA's query blocks: P[i, j] = max over block i's rows of exp2(block max - row max), normalised
+// per row. `table` and `row_max` must be 16-byte aligned at every block's first sampled row (kRows
+// and q_samples are multiples of 4).
+template <int kRows, typename Sync>
 __device__ void write_sampled_scores(const SampledParams& p, float* table, const float* row_max, int bh,
-                                     int first_block, int blocks_per_cta, const SampledCandidates& candidates) {
-  const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, warps = blockDim.x / 32;
-  // P[i, j] into the table entry of block i's first sampled row (read and written by one thread).
-  for (int index = tid; index < blocks_per_cta * p.n_k; index += blockDim.x) {
+                                     int first_block, int blocks_per_cta, const CandidateBlocks& candidates,
+                                     int thread, int threads, Sync sync) {
+  const int lane = thread & 31, warp = thread >> 5, warps = threads / 32;
+  // P[i, j] into the table entry of block i's first sampled row (read and written by one thread). A
+  // block's q_samples (8, 16 or 32) maxima are contiguous in the table: read them as float4s, all
+  // issued before the first is used (one L2 round trip per entry instead of one per sample).
+  for (int index = thread; index < blocks_per_cta * p.n_k; index += threads) {
     const int qb = index / p.n_k, j = index % p.n_k;
     if (first_block + qb >= p.n_q) continue;
     float peak = 0.f;
     if (j <= candidates.last(first_block + qb)) {
-      for (int sample = 0; sample < p.q_samples; ++sample) {
-        const int row = qb * p.q_samples + sample;
-        const float base = row_max[row] == -INFINITY ? 0.f : row_max[row];
-        peak = fmaxf(peak, exp2f(table[j * kRows + row] - base));
+      const float4* maxima = reinterpret_cast<const float4*>(table + j * kRows + qb * p.q_samples);
+      const float4* bases = reinterpret_cast<const float4*>(row_max + qb * p.q_samples);
+      // A row that saw no candidate has row max -inf: subtract 0 so its -inf maxima give 0, not NaN.
+      const auto term = [](float value, float row) { return exp2f(value - (row == -INFINITY ? 0.f : row)); };
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {  // 16 samples at a time: fewer live registers
+        float4 values[4];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int chunk = 4 * half + c;
+          values[c] = 4 * chunk < p.q_samples ? maxima[chunk] : make_float4(0.f, 0.f, 0.f, 0.f);
+        }
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+          const int chunk = 4 * half + c;
+          if (4 * chunk >= p.q_samples) break;
+          const float4 base = bases[chunk];
+          peak = fmaxf(peak, fmaxf(fmaxf(term(values[c].x, base.x), term(values[c].y, base.y)),
+                                   fmaxf(term(values[c].z, base.z), term(values[c].w, base.w))));
+        }
       }
     }
     table[j * kRows + qb * p.q_samples] = peak;
   }
-  __syncthreads();
+  sync();
 
   for (int qb = warp; qb < blocks_per_cta; qb += warps) {
     const int block = first_block + qb;
     if (block >= p.n_q) break;
     const float* peaks = table + qb * p.q_samples;  // peaks[j * kRows]
     float total = 0.f;
+#pragma unroll 4
     for (int j = lane; j < p.n_k; j += 32) total += peaks[j * kRows];
-#pragma unroll
-    for (int delta = 16; delta > 0; delta >>= 1) total += __shfl_xor_sync(0xffffffffu, total, delta);
+    total = warp_sum(total);
     const float inverse = total > 0.f ? 1.f / total : 0.f;
     float* out = p.scores + (static_cast<int64_t>(bh) * p.n_q + block) * p.n_k;
     for (int j = lane; j < p.n_k; j += 32) out[j] = peaks[j * kRows] * inverse;

@@ -24,6 +24,13 @@ KERNELS = {
                                    "AttentionParams", [INPUT_DTYPES, HEAD_DIMS, {"m64": "64", "m128": "128"}]),
     "estimate_sampled": ("estimate_sampled.cuh", "launch_estimate_sampled", "SampledParams",
                          [INPUT_DTYPES, HEAD_DIMS]),
+    "estimate_pooled": ("estimate_pooled.cuh", "launch_estimate_pooled", "PooledParams", [INPUT_DTYPES, HEAD_DIMS]),
+    # The Hopper estimator's input: plain CUDA.
+    "gather_sampled_rows": ("gather_sampled_rows.cuh", "launch_gather_sampled_rows", "SampledParams",
+                            [INPUT_DTYPES, HEAD_DIMS]),
+    # sm_90a only, like attention_with_levels_sm90.
+    "estimate_sampled_sm90": ("sm90/estimate_sampled_sm90.cuh", "sm90::launch_estimate_sampled_sm90",
+                              "SampledParams", [INPUT_DTYPES, HEAD_DIMS]),
     "assign_levels": ("assign_levels.cuh", "launch_assign_levels", "AssignParams", [SCORE_DTYPES]),
 }
 

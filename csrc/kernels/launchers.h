@@ -28,6 +28,20 @@ cudaError_t launch_attention_with_levels_sm90(const AttentionParams& params, cud
 template <typename T, int kHeadDim>
 cudaError_t launch_estimate_sampled(const SampledParams& params, cudaStream_t stream);
 
+// Fills params.q_rows / params.k_rows with the sampled rows of every head (the Hopper estimator's input).
+template <typename T, int kHeadDim>
+cudaError_t launch_gather_sampled_rows(const SampledParams& params, cudaStream_t stream);
+
+namespace sm90 {
+// The Hopper estimator (TMA + wgmma, sm_90a) over the gathered rows: same contract as
+// launch_estimate_sampled, with the table sized by SampledSm90Shape.
+template <typename T, int kHeadDim>
+cudaError_t launch_estimate_sampled_sm90(const SampledParams& params, cudaStream_t stream);
+}  // namespace sm90
+
+template <typename T, int kHeadDim>
+cudaError_t launch_estimate_pooled(const PooledParams& params, cudaStream_t stream);
+
 // Score: float or double.
 template <typename Score>
 cudaError_t launch_assign_levels(const AssignParams& params, cudaStream_t stream);

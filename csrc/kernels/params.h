@@ -49,13 +49,30 @@ struct SampledParams {
   const int64_t* k_offsets;           // [k_samples], offsets into a key block
   float* scores;                      // [B, Hq, n_q, n_k], contiguous
   float* table;                       // scratch: per CTA, [n_k][rows] block maxima
+  // Compact copies of the sampled rows (sm90 path; gather_sampled_rows fills them):
+  void* q_rows;                       // [B, Hq, n_q * q_samples, D], contiguous
+  void* k_rows;                       // [B, Hkv, n_k * k_samples, D], contiguous
   int bh_begin, bh_count;             // the (batch * head) range of this launch
   int batch, q_heads, kv_heads, q_len, k_len;
   int block_m, block_n, n_q, n_k;
   int q_samples, k_samples;           // 8, 16 or 32 each
   float scale_log2;
   bool causal;
-  bool use_wgmma;                     // the sm_90a variant (host sets it on sm_90 only)
+};
+
+// The pooled estimator (spec section 4, "pooled").
+struct PooledParams {
+  const void* q;                      // [B, Hq, Lq, D]
+  const void* k;                      // [B, Hkv, Lk, D]
+  int64_t q_stride[3];
+  int64_t k_stride[3];
+  float* q_means;                     // scratch [B, Hq, n_q, D]
+  float* k_means;                     // scratch [B, Hkv, n_k, D]
+  float* scores;                      // [B, Hq, n_q, n_k], contiguous
+  int batch, q_heads, kv_heads, q_len, k_len;
+  int block_m, block_n, n_q, n_k;
+  float scale_log2;
+  bool causal;
 };
 
 // Per-row ranking and level choice (spec section 5).

@@ -57,7 +57,12 @@ at::Tensor estimate_importance(const at::Tensor& q, const at::Tensor& k, const s
                 ": stride must be a positive divisor of block_m and block_n, got ", stride);
     return aten::estimate_antidiagonal(q, k, block_m, block_n, softmax_scale, causal, stride);
   }
-  if (method == "pooled") return aten::estimate_pooled(q, k, block_m, block_n, softmax_scale, causal);
+  if (method == "pooled") {
+#ifdef PSA_WITH_CUDA
+    if (q.is_cuda()) return cuda::estimate_pooled(q, k, block_m, block_n, softmax_scale, causal);
+#endif
+    return aten::estimate_pooled(q, k, block_m, block_n, softmax_scale, causal);
+  }
   PSA_CHECK(false, op, ": method must be 'sampled', 'antidiagonal' or 'pooled', got '", method, "'");
 }
 

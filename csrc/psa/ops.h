@@ -77,6 +77,8 @@ std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v);
 // The fused kernel for 8, 16 or 32 offsets per block, else aten::estimate_sampled.
 at::Tensor estimate_sampled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
                             double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets);
+at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n, double scale,
+                           bool causal);
 // Arguments as cpu::assign_levels.
 at::Tensor assign_levels(const at::Tensor& scores, bool threshold_mode, at::ArrayRef<double> bounds,
                          int64_t block_m, int64_t block_n, int64_t q_len, int64_t k_len, double min_full,

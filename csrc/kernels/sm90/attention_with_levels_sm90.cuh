@@ -50,25 +50,20 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
     attention_with_levels_sm90_kernel(const __grid_constant__ AttentionSm90Params params) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = AttentionSm90Shape<kHeadDim, kBlockM>;
+  using Storage = AttentionSm90Storage<kHeadDim, kBlockM>;
   using Barrier = cutlass::arch::ClusterBarrier;
   using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kTileN = Shape::kTileN, kStages = Shape::kStages, kPanels = Shape::kPanels;
   const AttentionParams& p = params.base;
 
   extern __shared__ unsigned char smem_unaligned[];
-  unsigned char* smem = reinterpret_cast<unsigned char*>(
-      (reinterpret_cast<uintptr_t>(smem_unaligned) + Shape::kAlignSlack - 1) & ~uintptr_t(Shape::kAlignSlack - 1));
-  T* s_q = reinterpret_cast<T*>(smem);                                   // [kPanels][kBlockM][64]
-  T* s_k = reinterpret_cast<T*>(smem + Shape::kQBytes);                  // [kStages][kPanels][kTileN][64]
-  T* s_v = reinterpret_cast<T*>(smem + Shape::kQBytes + kStages * Shape::kTileBytes);
-  float* s_bias = reinterpret_cast<float*>(smem + Shape::kBiasOffset);   // [kStages][kTileN]
-  int* s_last = reinterpret_cast<int*>(s_bias + kStages * kTileN);       // [kStages][kTileN]
-  int* s_tile_last = s_last + kStages * kTileN;                          // [kStages]
-  uint64_t* q_full = reinterpret_cast<uint64_t*>(smem + Shape::kBarrierOffset);
-  uint64_t* full = q_full + 1;                                           // [kStages]
-  uint64_t* empty = full + kStages;                                      // [kStages]
-  uint16_t* s_ids = reinterpret_cast<uint16_t*>(smem + Shape::kIdsOffset);
-  __shared__ int s_count[kNumLevels], s_start[kNumLevels];
+  Storage& smem = *reinterpret_cast<Storage*>(
+      (reinterpret_cast<uintptr_t>(smem_unaligned) + kSwizzleAtomBytes - 1) & ~uintptr_t(kSwizzleAtomBytes - 1));
+  uint16_t* s_ids = reinterpret_cast<uint16_t*>(&smem + 1);  // [n_k], the row's schedule
+  // Tile views in the kernel's element type.
+  const auto q_panel = [&](int panel) { return reinterpret_cast<T*>(&smem.q[panel][0][0]); };
+  const auto k_panel = [&](int stage, int panel) { return reinterpret_cast<T*>(&smem.k[stage][panel][0][0]); };
+  const auto v_panel = [&](int stage, int panel) { return reinterpret_cast<T*>(&smem.v[stage][panel][0][0]); };
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
   const int block = blockIdx.x, bh = blockIdx.y;
@@ -79,46 +74,49 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
   // ---- Schedule (warp 0) and barrier set-up (thread 32).
   if (warp == 0) {
     build_level_schedule(p.levels + (static_cast<int64_t>(bh) * p.n_q + block) * p.n_k, p.n_k, lane, s_ids,
-                         s_count, s_start);
+                         smem.level_count, smem.level_start);
   } else if (tid == 32) {
-    Barrier::init(q_full, 1);
+    Barrier::init(&smem.q_full, 1);
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
-      Barrier::init(&full[s], 1);                        // the producer's arrive (+ TMA bytes)
-      Barrier::init(&empty[s], Shape::kConsumers * 4);   // one arrive per consumer warp
+      Barrier::init(&smem.k_full[s], 1);                       // the producer's arrive (+ TMA bytes)
+      Barrier::init(&smem.v_full[s], 1);
+      Barrier::init(&smem.k_empty[s], Shape::kConsumers * 4);  // one arrive per consumer warp
+      Barrier::init(&smem.v_empty[s], Shape::kConsumers * 4);
     }
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
 
-  // Tiles per level (scalars: a local array indexed at run time would live in local memory).
-  const int tiles0 = (s_count[0] * p.block_n + kTileN - 1) / kTileN;
-  const int tiles1 = (s_count[1] * (p.block_n >> 1) + kTileN - 1) / kTileN;
-  const int tiles2 = (s_count[2] * (p.block_n >> 2) + kTileN - 1) / kTileN;
-  const int tiles3 = (s_count[3] * (p.block_n >> 3) + kTileN - 1) / kTileN;
-  const int n_tiles = tiles0 + tiles1 + tiles2 + tiles3;
+  // Tiles of level L. Each role counts them after its setmaxnreg: values computed before the split
+  // would have to survive the producer's small register budget, and ptxas spills them.
+  const auto level_tiles = [&](int L) {
+    return (smem.level_count[L] * (p.block_n >> L) + kTileN - 1) / kTileN;
+  };
   // With nothing selected (n_tiles == 0) the producer loads nothing and the consumers go straight to
   // the epilogue: zeros and lse = -inf.
 
   if (warp < 4) {
     // ================= Producer warpgroup =================
     cutlass::arch::warpgroup_reg_dealloc<Shape::kProducerRegisters>();
+    // Tiles per level (scalars: a local array indexed at run time would live in local memory).
+    const int tiles0 = level_tiles(0), tiles1 = level_tiles(1), tiles2 = level_tiles(2);
+    const int n_tiles = tiles0 + tiles1 + tiles2 + level_tiles(3);
     if (warp != 0 || n_tiles == 0) return;
     if (lane == 0) {
-      TxBarrier::expect_transaction(q_full, static_cast<uint32_t>(Shape::kQBytes));
+      TxBarrier::expect_transaction(&smem.q_full, static_cast<uint32_t>(sizeof(smem.q)));
       for (int c = 0; c < kBlockM / 64; ++c) {
 #pragma unroll
         for (int panel = 0; panel < kPanels; ++panel) {
-          cute::SM90_TMA_LOAD_4D::copy(&params.q_map, q_full, 0, s_q + (panel * kBlockM + c * 64) * kPanelColumns,
+          cute::SM90_TMA_LOAD_4D::copy(&params.q_map, &smem.q_full, 0, q_panel(panel) + c * 64 * kPanelColumns,
                                        panel * kPanelColumns, row_begin + c * 64, h, b);
         }
       }
-      Barrier::arrive(q_full);
+      Barrier::arrive(&smem.q_full);
     }
     for (int index = 0; index < n_tiles; ++index) {
       const int stage = index % kStages;
-      const uint32_t round = static_cast<uint32_t>(index / kStages);
-      Barrier::wait(&empty[stage], (round & 1) ^ 1);
+      const uint32_t empty_phase = ((index / kStages) & 1) ^ 1;
 
       // Locate the tile: level L, tile within the level's run.
       int L = 0, tile = index;
@@ -127,26 +125,29 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
           if (tile >= tiles2) { tile -= tiles2; L = 3; } } }
       const int per_block = p.block_n >> L, shift = __ffs(per_block) - 1;
       const int piece = min(per_block, kTileN);
-      const int count = s_count[L], start = s_start[L];
+      const int count = smem.level_count[L], start = smem.level_start[L];
       const int pool = 1 << L, tokens = (p.k_len + pool - 1) >> L;
-
-      if (lane == 0) TxBarrier::expect_transaction(&full[stage], static_cast<uint32_t>(2 * Shape::kTileBytes));
-      __syncwarp();
-      // Pieces: lane i issues piece i (kTileN / piece <= 16 pieces: piece >= 8 rows).
+      // Pieces: lane i issues piece i (kTileN / piece <= 16 pieces: piece >= 8 rows). An empty slot
+      // reads rows starting at `tokens`: entirely past the end, so zeros. (Recomputed for V rather
+      // than kept: the producer runs on 24 registers.)
       const int pieces = kTileN / piece;
-      if (lane < pieces) {
+      const auto piece_row = [&] {
         const int slot_token = tile * kTileN + lane * piece;
         const int slot = slot_token >> shift;
-        // An empty slot reads rows starting at `tokens`: entirely past the end, so zeros.
-        const int row = slot < count ? s_ids[start + slot] * per_block + (slot_token & (per_block - 1)) : tokens;
-        T* k_dst = s_k + static_cast<size_t>(stage) * kPanels * kTileN * kPanelColumns + lane * piece * kPanelColumns;
-        T* v_dst = s_v + static_cast<size_t>(stage) * kPanels * kTileN * kPanelColumns + lane * piece * kPanelColumns;
+        return slot < count ? s_ids[start + slot] * per_block + (slot_token & (per_block - 1)) : tokens;
+      };
+
+      // K, with the per-column geometry the consumers read beside it.
+      Barrier::wait(&smem.k_empty[stage], empty_phase);
+      if (lane == 0) TxBarrier::expect_transaction(&smem.k_full[stage], static_cast<uint32_t>(Shape::kTileBytes));
+      __syncwarp();
+      if (lane < pieces) {
+        const int row = piece_row();
 #pragma unroll
         for (int panel = 0; panel < kPanels; ++panel) {
-          cute::SM90_TMA_LOAD_4D::copy(&params.k_map[L], &full[stage], 0, k_dst + panel * kTileN * kPanelColumns,
-                                       panel * kPanelColumns, row, kv_head, b);
-          cute::SM90_TMA_LOAD_4D::copy(&params.v_map[L], &full[stage], 0, v_dst + panel * kTileN * kPanelColumns,
-                                       panel * kPanelColumns, row, kv_head, b);
+          cute::SM90_TMA_LOAD_4D::copy(&params.k_map[L], &smem.k_full[stage], 0,
+                                       k_panel(stage, panel) + lane * piece * kPanelColumns, panel * kPanelColumns,
+                                       row, kv_head, b);
         }
       }
       // Per column: logit bias log2(count) (-inf: empty slot or past Lk) and last covered key.
@@ -158,18 +159,39 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
         const int token = valid ? s_ids[start + slot] * per_block + (slot_token & (per_block - 1)) : 0;
         valid = valid && token < tokens;
         const int first = token * pool, last = min(first + pool, p.k_len) - 1;
-        s_bias[stage * kTileN + col] = valid ? __log2f(static_cast<float>(last - first + 1)) : -INFINITY;
-        s_last[stage * kTileN + col] = valid ? last : INT_MAX;
+        smem.bias[stage][col] = valid ? __log2f(static_cast<float>(last - first + 1)) : -INFINITY;
+        smem.last_key[stage][col] = valid ? last : INT_MAX;
         if (valid) tile_last = max(tile_last, last);
       }
       tile_last = __reduce_max_sync(0xffffffffu, tile_last);
-      if (lane == 0) s_tile_last[stage] = tile_last;
+      if (lane == 0) smem.tile_last[stage] = tile_last;
       __syncwarp();
-      if (lane == 0) Barrier::arrive(&full[stage]);
+      if (lane == 0) Barrier::arrive(&smem.k_full[stage]);
+
+      // V of the same tile.
+      Barrier::wait(&smem.v_empty[stage], empty_phase);
+      if (lane == 0) TxBarrier::expect_transaction(&smem.v_full[stage], static_cast<uint32_t>(Shape::kTileBytes));
+      __syncwarp();
+      if (lane < pieces) {
+        const int row = piece_row();
+#pragma unroll
+        for (int panel = 0; panel < kPanels; ++panel) {
+          cute::SM90_TMA_LOAD_4D::copy(&params.v_map[L], &smem.v_full[stage], 0,
+                                       v_panel(stage, panel) + lane * piece * kPanelColumns, panel * kPanelColumns,
+                                       row, kv_head, b);
+        }
+      }
+      __syncwarp();
+      if (lane == 0) Barrier::arrive(&smem.v_full[stage]);
     }
   } else {
     // ================= Consumer warpgroups =================
+    // Intra-warpgroup overlap (FA3): while O += P_{j-1} V_{j-1} runs on the tensor cores, this
+    // warpgroup computes S_j = Q K_j^T's softmax. Per tile j >= 1: issue S_j, issue the PV of j - 1,
+    // wait for S_j only, softmax, then wait for the PV, rescale O and pack P_j. The softmax reads only
+    // S registers while the MMA in flight reads P and writes O, so ptxas keeps the MMAs asynchronous.
     cutlass::arch::warpgroup_reg_alloc<Shape::kConsumerRegisters>();
+    const int n_tiles = level_tiles(0) + level_tiles(1) + level_tiles(2) + level_tiles(3);
     const int consumer = warp / 4 - 1, warp_in_group = warp % 4;
     const int g = lane >> 2, t = lane & 3;
     const int causal_offset = p.k_len - p.q_len;
@@ -182,50 +204,65 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
 #pragma unroll
     for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
     float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+    float s[kTileN / 2];           // S of the newest tile, then its probabilities
+    uint32_t pa[kTileN / 16][4];   // P of the previous tile as the PV MMA's A fragments
 
-    const T* q_base = s_q + consumer * 64 * kPanelColumns;
-    if (n_tiles > 0) Barrier::wait(q_full, 0);
-
-    for (int index = 0; index < n_tiles; ++index) {
-      const int stage = index % kStages;
-      const uint32_t round = static_cast<uint32_t>(index / kStages);
-      const T* k_tile = s_k + static_cast<size_t>(stage) * kPanels * kTileN * kPanelColumns;
-      const T* v_tile = s_v + static_cast<size_t>(stage) * kPanels * kTileN * kPanelColumns;
-      Barrier::wait(&full[stage], round & 1);
-
-      // ---- S = Q K^T
-      float s[kTileN / 2];
+    const T* q_base = q_panel(0) + consumer * 64 * kPanelColumns;
+    const auto issue_s = [&](int stage) {
       fence_registers(s);
       cute::warpgroup_arrive();
 #pragma unroll
       for (int kk = 0; kk < kHeadDim / 16; ++kk) {
         const int panel = kk / 4, within = (kk % 4) * 16;
         const uint64_t a = smem_descriptor(q_base + panel * kBlockM * kPanelColumns + within, 16, kSwizzleAtomBytes);
-        const uint64_t bdesc = smem_descriptor(k_tile + panel * kTileN * kPanelColumns + within, 16, kSwizzleAtomBytes);
+        const uint64_t bdesc = smem_descriptor(k_panel(stage, panel) + within, 16, kSwizzleAtomBytes);
         mma_ss<T, kTileN>(a, bdesc, s, kk > 0);
       }
       cute::warpgroup_commit_batch();
-      cute::warpgroup_wait<0>();
-      fence_registers(s);
-
-      // ---- bias, causal mask, online softmax (exp2 domain). Column of s[4j + e]: 8j + 2t + (e & 1).
-      const float* bias = s_bias + stage * kTileN;
-      const int* last = s_last + stage * kTileN;
-      const bool masked = p.causal && s_tile_last[stage] > first_row_limit;
-      float tile_max[2] = {-INFINITY, -INFINITY};
+    };
+    const auto issue_pv = [&](int stage) {
+      fence_registers(o);
+      cute::warpgroup_arrive();
 #pragma unroll
-      for (int j = 0; j < kTileN / 8; ++j) {
-        const float2 col_bias = *reinterpret_cast<const float2*>(bias + 8 * j + 2 * t);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) {
-          const int col = 8 * j + 2 * t + (e & 1), r = e >> 1;
-          float x = fmaf(s[4 * j + e], p.scale_log2, (e & 1) ? col_bias.y : col_bias.x);
-          if (masked && last[col] > rows[r] + causal_offset) x = -INFINITY;
-          s[4 * j + e] = x;
-          tile_max[r] = fmaxf(tile_max[r], x);
-        }
+      for (int kk = 0; kk < kTileN / 16; ++kk) {
+        const uint64_t bdesc = smem_descriptor(v_panel(stage, 0) + kk * 16 * kPanelColumns, kTileN * kPanelRowBytes,
+                                               kSwizzleAtomBytes);
+        mma_rs<T, kHeadDim>(pa[kk], bdesc, o);
       }
-      float scale_old[2];
+      cute::warpgroup_commit_batch();
+    };
+    // Bias, causal mask and online softmax of S (exp2 domain); returns how much the old O and row sum
+    // shrink. Column of s[4j + e]: 8j + 2t + (e & 1). Releases the K stage (its bias and last-key rows
+    // were the last things read from it).
+    const auto softmax = [&](int stage, float (&scale_old)[2]) {
+      fence_registers(s);
+      const float* bias = smem.bias[stage];
+      const int* last = smem.last_key[stage];
+      float tile_max[2] = {-INFINITY, -INFINITY};
+      // Two copies of the loop: the causal mask's last-key reads stay out of the common, unmasked one.
+      const auto scale_and_bias = [&](auto masked) {
+#pragma unroll
+        for (int j = 0; j < kTileN / 8; ++j) {
+          const float2 col_bias = *reinterpret_cast<const float2*>(bias + 8 * j + 2 * t);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = 8 * j + 2 * t + (e & 1), r = e >> 1;
+            float x = fmaf(s[4 * j + e], p.scale_log2, (e & 1) ? col_bias.y : col_bias.x);
+            if constexpr (decltype(masked)::value) {
+              if (last[col] > rows[r] + causal_offset) x = -INFINITY;
+            }
+            s[4 * j + e] = x;
+            tile_max[r] = fmaxf(tile_max[r], x);
+          }
+        }
+      };
+      if (p.causal && smem.tile_last[stage] > first_row_limit) {
+        scale_and_bias(std::true_type{});
+      } else {
+        scale_and_bias(std::false_type{});
+      }
+      __syncwarp();
+      if (lane == 0) Barrier::arrive(&smem.k_empty[stage]);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
@@ -245,30 +282,51 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * scale_old[r] + tile_sum[r];
-#pragma unroll
-      for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= scale_old[(i >> 1) & 1];
-
-      // ---- O += P V, P from registers: the S accumulator of n8 chunks 2kk, 2kk+1 is the A fragment of
-      // k16 step kk. All fragments are packed before the first MMA is issued, so no register the
-      // asynchronous MMAs read changes after warpgroup_arrive.
-      uint32_t pa[kTileN / 16][4];
+    };
+    // The S accumulator of n8 chunks 2kk, 2kk+1 is the A fragment of k16 step kk of O += P V.
+    const auto pack_p = [&] {
 #pragma unroll
       for (int kk = 0; kk < kTileN / 16; ++kk) {
 #pragma unroll
         for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<T>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
       }
-      fence_registers(o);
-      cute::warpgroup_arrive();
-#pragma unroll
-      for (int kk = 0; kk < kTileN / 16; ++kk) {
-        const uint64_t bdesc = smem_descriptor(v_tile + kk * 16 * kPanelColumns, kTileN * kPanelRowBytes, kSwizzleAtomBytes);
-        mma_rs<T, kHeadDim>(pa[kk], bdesc, o);
-      }
-      cute::warpgroup_commit_batch();
+    };
+    const auto release_v = [&](int stage) {
+      if (lane == 0) Barrier::arrive(&smem.v_empty[stage]);
+    };
+
+    if (n_tiles > 0) {
+      Barrier::wait(&smem.q_full, 0);
+      Barrier::wait(&smem.k_full[0], 0);
+      issue_s(0);
+      cute::warpgroup_wait<0>();
+      float scale_old[2];
+      softmax(0, scale_old);  // O is still zero: nothing to rescale
+      pack_p();
+    }
+    for (int index = 1; index < n_tiles; ++index) {
+      const int stage = index % kStages, previous = (index - 1) % kStages;
+      Barrier::wait(&smem.k_full[stage], (index / kStages) & 1);
+      issue_s(stage);
+      Barrier::wait(&smem.v_full[previous], ((index - 1) / kStages) & 1);
+      issue_pv(previous);
+      cute::warpgroup_wait<1>();  // S of this tile is done; the PV of the previous one may still run
+      float scale_old[2];
+      softmax(stage, scale_old);
       cute::warpgroup_wait<0>();
       fence_registers(o);
-      // The stage's K, V, bias and last-key rows are no longer read by this warp.
-      if (lane == 0) Barrier::arrive(&empty[stage]);
+      release_v(previous);
+#pragma unroll
+      for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= scale_old[(i >> 1) & 1];
+      pack_p();
+    }
+    if (n_tiles > 0) {
+      const int last_stage = (n_tiles - 1) % kStages;
+      Barrier::wait(&smem.v_full[last_stage], ((n_tiles - 1) / kStages) & 1);
+      issue_pv(last_stage);
+      cute::warpgroup_wait<0>();
+      fence_registers(o);
+      release_v(last_stage);
     }
 
     // ---- Epilogue: rows that saw no key write zeros and lse = -inf.

@@ -1,9 +1,11 @@
-// Tile shapes and shared-memory footprint of the Hopper attention kernel, visible to host code (no
-// device code here) so that dispatch can check limits before choosing it.
+// Tile shapes and shared-memory footprints of the Hopper kernels, visible to host code (no device code
+// here) so that dispatch can check limits before choosing them.
 #pragma once
 
 #include <cstddef>
 #include <cstdint>
+
+#include "../params.h"
 
 namespace psa::kernels::sm90 {
 
@@ -23,21 +25,72 @@ struct AttentionSm90Shape {
   // setmaxnreg budgets: the producer gives registers back, the consumers take them. A CTA starts with
   // kThreads x the launch-bounds cap (65536 / (kThreads * kMinBlocks), rounded down to 8) and
   // setmaxnreg.inc waits until the CTA's pool has the registers, so the budgets must fit that pool
-  // exactly, not the SM's 64K: 24 + 2 x 240 = 3 x 168 (a producer at 32 deadlocks the consumers).
-  static constexpr int kProducerRegisters = kBlockM == 128 ? 24 : 40;
-  static constexpr int kConsumerRegisters = kBlockM == 128 ? 240 : 216;
+  // exactly, not the SM's 64K: 40 + 2 x 232 = 3 x 168. (A producer at 24 spills its tile walk; the
+  // overlapped consumer, with S, P and O live at once, fits in 232.)
+  static constexpr int kProducerRegisters = 40;
+  static constexpr int kConsumerRegisters = kBlockM == 128 ? 232 : 216;
   static constexpr int kEntryRegisters = (65536 / (kThreads * kMinBlocks)) / 8 * 8;
   static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= (kConsumers + 1) * kEntryRegisters,
                 "setmaxnreg budgets exceed the CTA's register pool");
   static constexpr size_t kQBytes = kElementBytes * kBlockM * kHeadDim;
   static constexpr size_t kTileBytes = kElementBytes * kTileN * kHeadDim;  // one K or V stage
-  // Q, K stages, V stages (each 1024-byte aligned for the swizzle), then per stage and column: bias
-  // and last covered key; per stage the tile's last key; mbarriers; then the schedule ids.
-  static constexpr size_t kBiasOffset = kQBytes + 2 * kStages * kTileBytes;
-  static constexpr size_t kBarrierOffset = kBiasOffset + kStages * kTileN * (sizeof(float) + sizeof(int)) + kStages * sizeof(int);
-  static constexpr size_t kIdsOffset = kBarrierOffset + (1 + 2 * kStages) * sizeof(uint64_t);
-  static constexpr size_t kAlignSlack = 1024;  // dynamic shared memory is only 16-byte aligned
-  static size_t smem_bytes(int n_k) { return kIdsOffset + sizeof(uint16_t) * static_cast<size_t>(n_k) + kAlignSlack; }
+  static size_t smem_bytes(int n_k);
+};
+
+// Shared memory of the Hopper attention kernel. Tiles are 16-bit elements in 64-column panels with the
+// 128-byte swizzle (wgmma.cuh); the kernel views them as its element type. K and V have separate
+// full/empty barriers, so a K stage is refilled as soon as its S = Q K^T and softmax are done while V
+// of the same tile is still in use. The level schedule's key block ids (n_k of them) follow the struct.
+template <int kHeadDim, int kBlockM>
+struct AttentionSm90Storage {
+  using Shape = AttentionSm90Shape<kHeadDim, kBlockM>;
+  static constexpr int kStages = Shape::kStages, kTileN = Shape::kTileN, kPanels = Shape::kPanels;
+  alignas(kSwizzleAtomBytes) uint16_t q[kPanels][kBlockM][kPanelColumns];
+  alignas(kSwizzleAtomBytes) uint16_t k[kStages][kPanels][kTileN][kPanelColumns];
+  alignas(kSwizzleAtomBytes) uint16_t v[kStages][kPanels][kTileN][kPanelColumns];
+  // Per K stage and column: logit bias log2(count) (-inf: nothing there) and the last covered key;
+  // per K stage, the tile's last key (whether the causal mask is needed at all).
+  float bias[kStages][kTileN];
+  int last_key[kStages][kTileN];
+  int tile_last[kStages];
+  uint64_t q_full;
+  uint64_t k_full[kStages], k_empty[kStages];
+  uint64_t v_full[kStages], v_empty[kStages];
+  int level_count[kNumLevels], level_start[kNumLevels];
+};
+
+template <int kHeadDim, int kBlockM>
+size_t AttentionSm90Shape<kHeadDim, kBlockM>::smem_bytes(int n_k) {
+  // + the schedule's ids, + slack to align the start (dynamic shared memory is only 16-byte aligned)
+  return sizeof(AttentionSm90Storage<kHeadDim, kBlockM>) + sizeof(uint16_t) * static_cast<size_t>(n_k) +
+         kSwizzleAtomBytes;
+}
+
+// The sampled estimator's GEMM (estimate_sampled_sm90.cuh): kRows sampled query rows resident per CTA,
+// sampled keys streamed kTileN at a time.
+template <int kHeadDim>
+struct SampledSm90Shape {
+  static constexpr int kConsumers = 2;                     // warpgroups
+  static constexpr int kMTiles = 2;                        // m64 tiles per consumer
+  static constexpr int kRows = 64 * kMTiles * kConsumers;  // 256: 8 query blocks of 32 samples
+  static constexpr int kThreads = 128 * (kConsumers + 1);  // + the producer warpgroup
+  static constexpr int kTileN = 128;                       // sampled keys per tile
+  static constexpr int kPanels = kHeadDim / kPanelColumns;
+  // Q (64 KiB at head_dim 128) plus the K ring fill the shared memory of one CTA per SM.
+  static constexpr int kStages = kHeadDim == 128 ? 4 : 8;
+  // 24 + 2 x 240 = 3 x 168 (the producer is one thread issuing TMA).
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = 240;
+  static constexpr int kEntryRegisters = (65536 / kThreads) / 8 * 8;
+  static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= (kConsumers + 1) * kEntryRegisters,
+                "setmaxnreg budgets exceed the CTA's register pool");
+  static int64_t ctas_per_head(int n_q, int q_samples) {
+    return (static_cast<int64_t>(n_q) * q_samples + kRows - 1) / kRows;
+  }
+  // Scratch floats of one (batch, head): every CTA's [n_k][kRows] table of block maxima.
+  static int64_t table_floats_per_head(int n_q, int q_samples, int n_k) {
+    return ctas_per_head(n_q, q_samples) * kRows * n_k;
+  }
 };
 
 }  // namespace psa::kernels::sm90

@@ -1,11 +1,14 @@
-// CUDA host side of the sampled estimator: the fused kernel for 8, 16 or 32 offsets per block, the
-// ATen path for other counts.
+// CUDA host side of the estimators. Sampled: for 8, 16 or 32 offsets per block the fused kernels (on
+// sm_90 the sampled rows are gathered into compact tensors and a TMA + wgmma GEMM reduces them; else
+// the portable mma.sync kernel), the ATen path for other counts. Pooled: block means, then one small
+// kernel for the logits and the softmax.
 #include <algorithm>
 #include <string>
 
 #include "../ops.h"
 #include "common.h"
 #include "kernels/launchers.h"
+#include "kernels/sm90/shapes_sm90.h"
 
 namespace psa::cuda {
 namespace {
@@ -57,25 +60,88 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
                                                                 : sm90_device_unavailable_reason(q.device());
   PSA_CHECK(sm90_reason.empty() || choice != KernelChoice::kSm90, kOp,
             ": PSA_CUDA_KERNEL=sm90 but the Hopper estimator cannot run: ", sm90_reason);
-  params.use_wgmma = sm90_reason.empty();
+  const bool hopper = sm90_reason.empty();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  // Both head dims share the CTA shape; only the Q/K tiles differ.
-  const int64_t per_head = kernels::SampledShape<64>::table_floats_per_head(params.n_q, params.q_samples, params.n_k);
+  at::Tensor q_rows, k_rows;  // the Hopper kernel's compact sampled rows; they live until the launches are queued
+  if (hopper) {
+    q_rows = at::empty({batch, q_heads, n_q * params.q_samples, dim}, q.options());
+    k_rows = at::empty({batch, k.size(1), n_k * params.k_samples, dim}, k.options());
+    params.q_rows = q_rows.data_ptr();
+    params.k_rows = k_rows.data_ptr();
+    check_launch(kOp, dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      return dim == 128 ? kernels::launch_gather_sampled_rows<T, 128>(params, stream)
+                        : kernels::launch_gather_sampled_rows<T, 64>(params, stream);
+    }));
+  }
+
+  // Both head dims share a kernel's CTA shape; only the Q/K tiles differ.
+  const int64_t per_head =
+      hopper ? kernels::sm90::SampledSm90Shape<64>::table_floats_per_head(params.n_q, params.q_samples, params.n_k)
+             : kernels::SampledShape<64>::table_floats_per_head(params.n_q, params.q_samples, params.n_k);
   const int64_t heads = batch * q_heads;
   const int64_t chunk = std::clamp<int64_t>(kMaxTableBytes / (per_head * 4), 1, std::min<int64_t>(heads, 65535));
   auto table = at::empty({chunk * per_head}, q.options().dtype(at::kFloat));
   params.table = table.data_ptr<float>();
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   for (int64_t begin = 0; begin < heads; begin += chunk) {
     params.bh_begin = static_cast<int>(begin);
     params.bh_count = static_cast<int>(std::min(chunk, heads - begin));
     const cudaError_t status = dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
+#ifdef PSA_WITH_SM90  // else sm90_device_unavailable_reason is never empty
+      if (hopper) {
+        return dim == 128 ? kernels::sm90::launch_estimate_sampled_sm90<T, 128>(params, stream)
+                          : kernels::sm90::launch_estimate_sampled_sm90<T, 64>(params, stream);
+      }
+#endif
       return dim == 128 ? kernels::launch_estimate_sampled<T, 128>(params, stream)
                         : kernels::launch_estimate_sampled<T, 64>(params, stream);
     });
     check_launch(kOp, status);
   }
+  return scores;
+}
+
+at::Tensor estimate_pooled(const at::Tensor& q_in, const at::Tensor& k_in, int64_t block_m, int64_t block_n,
+                           double scale, bool causal) {
+  const c10::cuda::CUDAGuard device_guard(q_in.device());
+  const auto q = rows_16b_aligned(q_in), k = rows_16b_aligned(k_in);
+  const int64_t batch = q.size(0), q_heads = q.size(1), dim = q.size(3);
+  const int64_t n_q = ceil_div(q.size(2), block_m), n_k = ceil_div(k.size(2), block_n);
+  // Blocks index gridDim.y.
+  PSA_CHECK(std::max(n_q, n_k) <= 65535, kOp, ": the pooled estimator takes at most 65535 blocks per sequence on CUDA, got ",
+            std::max(n_q, n_k));
+  auto scores = at::empty({batch, q_heads, n_q, n_k}, q.options().dtype(at::kFloat));
+  if (scores.numel() == 0) return scores;
+  auto q_means = at::empty({batch, q_heads, n_q, dim}, scores.options());
+  auto k_means = at::empty({batch, k.size(1), n_k, dim}, scores.options());
+
+  kernels::PooledParams params{};
+  params.q = q.data_ptr();
+  params.k = k.data_ptr();
+  set_strides(params.q_stride, q);
+  set_strides(params.k_stride, k);
+  params.q_means = q_means.data_ptr<float>();
+  params.k_means = k_means.data_ptr<float>();
+  params.scores = scores.data_ptr<float>();
+  params.batch = static_cast<int>(batch);
+  params.q_heads = static_cast<int>(q_heads);
+  params.kv_heads = static_cast<int>(k.size(1));
+  params.q_len = static_cast<int>(q.size(2));
+  params.k_len = static_cast<int>(k.size(2));
+  params.block_m = static_cast<int>(block_m);
+  params.block_n = static_cast<int>(block_n);
+  params.n_q = static_cast<int>(n_q);
+  params.n_k = static_cast<int>(n_k);
+  params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  params.causal = causal;
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  check_launch(kOp, dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    return dim == 128 ? kernels::launch_estimate_pooled<T, 128>(params, stream)
+                      : kernels::launch_estimate_pooled<T, 64>(params, stream);
+  }));
   return scores;
 }
 

@@ -1,0 +1,43 @@
+#!/usr/bin/env bash
+# One call on a GPU machine without a registry: install the carried CUTLASS wheel, build psa for
+# Hopper, then run the steps named on the command line, in order, logging each to $OUT (or /tmp):
+#   tests [pytest args...]  the CUDA suite (or the given test files / -k expressions) until the next step
+#   sanitizer               compute-sanitizer memcheck and racecheck on tests/sanitizer_case.py
+#   bench [args...]         benchmarks/bench_attention.py with the given arguments
+# Example: bash benchmarks/gpu_session.sh tests tests/test_cuda_sm90.py bench --shapes wan1.3b_480p
+# Each step is cut off after STEP_TIMEOUT seconds (default 400), so a hung kernel still leaves the
+# other steps' output. Wheels: .whl/nvidia_cutlass-4.2.0.0-*.whl (see the README).
+set -uo pipefail
+cd "$(dirname "$0")/.."
+log_dir=${OUT:-/tmp}
+export PYTHONUNBUFFERED=1
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/nvidia_cutlass-*.whl || exit 1
+export CUTLASS_INCLUDE_DIR=/tmp/site/cutlass_library/source/include
+start=$(date +%s)
+MAX_JOBS=${MAX_JOBS:-16} PSA_CUDA_ARCHS=${PSA_CUDA_ARCHS:-9.0a} \
+  python3 -m pip install -q --no-deps --no-build-isolation -e . >"$log_dir/build.log" 2>&1 \
+  || { tail -40 "$log_dir/build.log"; exit 1; }
+echo "build: $(( $(date +%s) - start )) s"
+nvidia-smi --query-gpu=name,clocks.sm,power.draw --format=csv,noheader
+
+limit="timeout ${STEP_TIMEOUT:-400}"
+step=""; args=()
+run_step() {
+  case "$step" in
+    tests) $limit python3 -m pytest -q -x -p no:cacheprovider "${args[@]:-tests}" 2>&1 | tee "$log_dir/tests.log" \
+             | tail -25 ;;
+    sanitizer)
+      $limit compute-sanitizer --tool memcheck python3 tests/sanitizer_case.py 2>&1 | tail -4
+      $limit compute-sanitizer --tool racecheck python3 tests/sanitizer_case.py 2>&1 | tail -4 ;;
+    bench) $limit python3 benchmarks/bench_attention.py "${args[@]}" 2>&1 | tee "$log_dir/bench.log" ;;
+    "") ;;
+    *) echo "unknown step $step"; exit 2 ;;
+  esac
+}
+for word in "$@"; do
+  case "$word" in
+    tests|sanitizer|bench) run_step; step=$word; args=() ;;
+    *) args+=("$word") ;;
+  esac
+done
+run_step

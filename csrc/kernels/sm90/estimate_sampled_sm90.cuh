@@ -1,0 +1,282 @@
+// The "sampled" block-importance estimator (spec section 4) on Hopper (sm_90a): a TMA + wgmma GEMM of
+// the sampled query rows against the sampled keys whose epilogue keeps only per-row block maxima.
+// Same results as the portable kernel (../estimate_sampled.cuh); see there for the algorithm.
+//
+// Why it is shaped this way: the work is a GEMM with a short inner dimension (head_dim), so what
+// bounds it is feeding the tensor cores, not the math. The sampled rows are first copied into compact
+// tensors (gather_sampled_rows.cuh: a memory-bound pass over a quarter of Q and K), so that every tile
+// is one TMA box and the mainloop computes no gather addresses. A CTA keeps kRows = 256 sampled query
+// rows resident (8 query blocks of 32 samples) and streams the sampled keys through a kStages ring, so
+// each 128-key tile (32 KiB at head_dim 128) feeds 8.4 MFLOP of wgmma: about 2.5 TB/s of L2 traffic at
+// the GEMM peak, well inside what L2 delivers.
+//   - Warpgroup 0 is the producer: one thread issues the TMA loads (Q once, then K tiles).
+//   - Warpgroups 1 and 2 each own 128 rows as two m64 tiles. Per key tile a consumer issues the MMAs of
+//     m tile 0, then of m tile 1, and reduces m tile 0 while m tile 1 runs; the other warpgroup's MMAs
+//     cover the epilogue of m tile 1. (Also issuing the next key tile's m tile 0 before reducing m
+//     tile 1 makes ptxas serialize every wgmma, warning C7514: the schedule has to keep that
+//     warning away, see NOTES.md.)
+//   - Epilogue: per row and key block, the max over the block's kKeySamples columns. A quad of
+//     threads holds a row's 128 columns; a butterfly reduce-scatter (two shuffle rounds) leaves each
+//     thread the maxima of different key blocks (3 shuffles per row at 32 samples, instead of 8), and
+//     the scale is applied after the max (multiplication by a positive constant commutes with max
+//     exactly). Maxima go to the CTA's slice of a global [n_k][kRows] table, as in the sm80 kernel,
+//     and write_sampled_scores turns that into scores.
+#pragma once
+
+#include <cfloat>
+#include <type_traits>
+
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cute/arch/copy_sm90_tma.hpp>
+
+#include "../device_utils.cuh"
+#include "../estimate_sampled_common.cuh"
+#include "../params.h"
+#include "shapes_sm90.h"
+#include "tensor_map.h"
+#include "wgmma.cuh"
+
+namespace psa::kernels::sm90 {
+
+// SampledParams plus the TMA descriptors of the compact sampled rows (p.q_rows, p.k_rows).
+struct SampledSm90Params {
+  SampledParams base;
+  CUtensorMap q_map;  // [B, Hq, n_q * q_samples, D], box kRows x 64
+  CUtensorMap k_map;  // [B, Hkv, n_k * k_samples, D], box kTileN x 64
+};
+
+template <typename T, int kHeadDim>
+struct SampledSm90Storage {
+  using Shape = SampledSm90Shape<kHeadDim>;
+  alignas(kSwizzleAtomBytes) T q[Shape::kPanels][Shape::kRows][kPanelColumns];
+  alignas(kSwizzleAtomBytes) T k[Shape::kStages][Shape::kPanels][Shape::kTileN][kPanelColumns];
+  float row_max[Shape::kRows];
+  uint64_t q_full;
+  uint64_t full[Shape::kStages];
+  uint64_t empty[Shape::kStages];
+};
+
+// Maxima of kGroups groups of columns, reduced over the 4 threads of a quad and scattered: on return
+// owned[m] is the max over the whole quad of group 4m + t (t = lane % 4). Step one exchanges the
+// groups whose bit 1 differs from the thread's, step two those whose bit 0 differs.
+template <int kGroups>
+__device__ __forceinline__ void quad_reduce_scatter_max(const float (&groups)[kGroups], float (&owned)[kGroups / 4],
+                                                        int t) {
+  static_assert(kGroups % 4 == 0, "a quad splits the groups four ways");
+  const bool high = t & 2, odd = t & 1;
+  float half[kGroups / 2];
+#pragma unroll
+  for (int i = 0; i < kGroups / 2; ++i) {
+    const int low_group = ((i >> 1) << 2) | (i & 1);  // bit 1 clear; low_group | 2 has it set
+    const float send = high ? groups[low_group] : groups[low_group | 2];
+    const float keep = high ? groups[low_group | 2] : groups[low_group];
+    half[i] = fmaxf(keep, __shfl_xor_sync(0xffffffffu, send, 2));
+  }
+#pragma unroll
+  for (int m = 0; m < kGroups / 4; ++m) {
+    const float send = odd ? half[2 * m] : half[2 * m + 1];
+    const float keep = odd ? half[2 * m + 1] : half[2 * m];
+    owned[m] = fmaxf(keep, __shfl_xor_sync(0xffffffffu, send, 1));
+  }
+}
+
+template <typename T, int kHeadDim, int kKeySamples>
+__global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
+    estimate_sampled_sm90_kernel(const __grid_constant__ SampledSm90Params params) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Shape = SampledSm90Shape<kHeadDim>;
+  using Storage = SampledSm90Storage<T, kHeadDim>;
+  using Barrier = cutlass::arch::ClusterBarrier;
+  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr int kRows = Shape::kRows, kTileN = Shape::kTileN, kStages = Shape::kStages, kPanels = Shape::kPanels;
+  constexpr int kMTiles = Shape::kMTiles;
+  constexpr int kGroups = kTileN / kKeySamples;  // key blocks per tile
+  constexpr int kGroupChunks = kKeySamples / 8;  // n8 accumulator chunks per key block
+  const SampledParams& p = params.base;
+
+  extern __shared__ unsigned char smem_unaligned[];
+  Storage& smem = *reinterpret_cast<Storage*>(
+      (reinterpret_cast<uintptr_t>(smem_unaligned) + kSwizzleAtomBytes - 1) & ~uintptr_t(kSwizzleAtomBytes - 1));
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int bh = p.bh_begin + blockIdx.y, b = bh / p.q_heads, h = bh % p.q_heads;
+  const int kv_head = h / (p.q_heads / p.kv_heads);
+  const int blocks_per_cta = kRows / p.q_samples;
+  const int first_block = blockIdx.x * blocks_per_cta;
+  float* table = p.table + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kRows * p.n_k;
+
+  const CandidateBlocks candidates = sampled_candidates(p);
+  int active_blocks = 0;  // key blocks any of this CTA's query blocks may see
+  for (int qb = 0; qb < blocks_per_cta && first_block + qb < p.n_q; ++qb) {
+    active_blocks = max(active_blocks, candidates.last(first_block + qb) + 1);
+  }
+  const int n_tiles = (active_blocks * kKeySamples + kTileN - 1) / kTileN;
+
+  if (tid == 0) {
+    Barrier::init(&smem.q_full, 1);
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      Barrier::init(&smem.full[s], 1);                       // the producer's arrive (+ TMA bytes)
+      Barrier::init(&smem.empty[s], Shape::kConsumers * 4);  // one arrive per consumer warp
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warp < 4) {
+    // ================= Producer warpgroup =================
+    cutlass::arch::warpgroup_reg_dealloc<Shape::kProducerRegisters>();
+    if (tid != 0 || n_tiles == 0) return;
+    TxBarrier::expect_transaction(&smem.q_full, static_cast<uint32_t>(sizeof(smem.q)));
+#pragma unroll
+    for (int panel = 0; panel < kPanels; ++panel) {
+      cute::SM90_TMA_LOAD_4D::copy(&params.q_map, &smem.q_full, 0, &smem.q[panel][0][0], panel * kPanelColumns,
+                                   blockIdx.x * kRows, h, b);
+    }
+    Barrier::arrive(&smem.q_full);
+    for (int tile = 0; tile < n_tiles; ++tile) {
+      const int stage = tile % kStages;
+      Barrier::wait(&smem.empty[stage], ((tile / kStages) & 1) ^ 1);
+      TxBarrier::expect_transaction(&smem.full[stage], static_cast<uint32_t>(sizeof(smem.k[0])));
+#pragma unroll
+      for (int panel = 0; panel < kPanels; ++panel) {
+        cute::SM90_TMA_LOAD_4D::copy(&params.k_map, &smem.full[stage], 0, &smem.k[stage][panel][0][0],
+                                     panel * kPanelColumns, tile * kTileN, kv_head, b);
+      }
+      Barrier::arrive(&smem.full[stage]);
+    }
+    return;
+  }
+
+  // ================= Consumer warpgroups =================
+  cutlass::arch::warpgroup_reg_alloc<Shape::kConsumerRegisters>();
+  const int consumer = warp / 4 - 1, warp_in_group = warp % 4;
+  const int g = lane >> 2, t = lane & 3;
+  // A thread holds rows g and g + 8 of its warp's 16 rows in each m64 tile: slot 2 * mt + r.
+  int local_rows[2 * kMTiles], row_last[2 * kMTiles];
+  float row_max[2 * kMTiles];
+#pragma unroll
+  for (int mt = 0; mt < kMTiles; ++mt) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const int row = consumer * 64 * kMTiles + mt * 64 + warp_in_group * 16 + g + 8 * r;
+      local_rows[2 * mt + r] = row;
+      row_last[2 * mt + r] = candidates.last(first_block + row / p.q_samples);
+      row_max[2 * mt + r] = -INFINITY;
+    }
+  }
+
+  using Accumulator = float[kTileN / 2];  // m64n128: column of element 4j + e is 8j + 2t + (e & 1)
+  Accumulator acc[kMTiles];
+  const T* q_rows = &smem.q[0][consumer * 64 * kMTiles][0];
+  // Issues S[m tile mt] = Q K^T for the key tile in `stage` (asynchronous; one commit group).
+  auto issue = [&](int mt, int stage) {
+    fence_registers(acc[mt]);
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+      const int panel = kk / 4, within = (kk % 4) * 16;
+      const uint64_t a = smem_descriptor(q_rows + (panel * kRows + mt * 64) * kPanelColumns + within, 16,
+                                         kSwizzleAtomBytes);
+      const uint64_t bdesc = smem_descriptor(&smem.k[stage][panel][0][within], 16, kSwizzleAtomBytes);
+      mma_ss<T, kTileN>(a, bdesc, acc[mt], kk > 0);
+    }
+    cute::warpgroup_commit_batch();
+  };
+  // Block maxima of m tile mt of key tile `tile` into the table and the row maxima.
+  auto reduce = [&](int mt, int tile) {
+    fence_registers(acc[mt]);
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float groups[kGroups];
+#pragma unroll
+      for (int group = 0; group < kGroups; ++group) {
+        float m = -INFINITY;
+#pragma unroll
+        for (int c = 0; c < kGroupChunks; ++c) {
+          const int j = group * kGroupChunks + c;
+          m = fmaxf(m, fmaxf(acc[mt][4 * j + 2 * r], acc[mt][4 * j + 2 * r + 1]));
+        }
+        groups[group] = m;
+      }
+      float owned[kGroups / 4];
+      quad_reduce_scatter_max(groups, owned, t);
+      const int slot = 2 * mt + r;
+#pragma unroll
+      for (int m = 0; m < kGroups / 4; ++m) {
+        const int key_block = tile * kGroups + 4 * m + t;
+        const float value = key_block > row_last[slot] ? -INFINITY : owned[m] * p.scale_log2;
+        row_max[slot] = fmaxf(row_max[slot], value);
+        if (key_block < active_blocks) table[key_block * kRows + local_rows[slot]] = value;
+      }
+    }
+  };
+  static_assert(kMTiles == 2, "the mainloop overlaps one m tile's epilogue with the other's MMAs");
+
+  if (n_tiles > 0) Barrier::wait(&smem.q_full, 0);
+  for (int tile = 0; tile < n_tiles; ++tile) {
+    const int stage = tile % kStages;
+    Barrier::wait(&smem.full[stage], (tile / kStages) & 1);
+    issue(0, stage);
+    issue(1, stage);
+    cute::warpgroup_wait<1>();  // m tile 0 is done; m tile 1 runs under its epilogue
+    reduce(0, tile);
+    cute::warpgroup_wait<0>();
+    if (lane == 0) Barrier::arrive(&smem.empty[stage]);  // this warp no longer reads the stage
+    reduce(1, tile);
+  }
+
+  // Row maxima: each thread of a quad saw different key blocks.
+#pragma unroll
+  for (int slot = 0; slot < 2 * kMTiles; ++slot) {
+    const float m = quad_max(row_max[slot]);
+    if (t == 0) smem.row_max[local_rows[slot]] = m;
+  }
+  // A barrier over the consumer warpgroups only (the producer has exited); it also orders the table's
+  // global writes before other threads read them.
+  const auto consumers_sync = [] {
+    cutlass::arch::NamedBarrier::sync(Shape::kConsumers * 128, 0);
+  };
+  consumers_sync();
+  write_sampled_scores<kRows>(p, table, smem.row_max, bh, first_block, blocks_per_cta, candidates, tid - 128,
+                              Shape::kConsumers * 128, consumers_sync);
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+template <typename T, int kHeadDim>
+cudaError_t launch_estimate_sampled_sm90(const SampledParams& p, cudaStream_t stream) {
+  using Shape = SampledSm90Shape<kHeadDim>;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  SampledSm90Params params{};
+  params.base = p;
+  const int64_t q_rows_stride[3] = {static_cast<int64_t>(p.q_heads) * p.n_q * p.q_samples * kHeadDim,
+                                    static_cast<int64_t>(p.n_q) * p.q_samples * kHeadDim, kHeadDim};
+  const int64_t k_rows_stride[3] = {static_cast<int64_t>(p.kv_heads) * p.n_k * p.k_samples * kHeadDim,
+                                    static_cast<int64_t>(p.n_k) * p.k_samples * kHeadDim, kHeadDim};
+  cudaError_t status = encode_bhld_map(&params.q_map, p.q_rows, kBf16, p.batch, p.q_heads,
+                                       static_cast<int64_t>(p.n_q) * p.q_samples, kHeadDim, q_rows_stride, Shape::kRows);
+  if (status == cudaSuccess) {
+    status = encode_bhld_map(&params.k_map, p.k_rows, kBf16, p.batch, p.kv_heads,
+                             static_cast<int64_t>(p.n_k) * p.k_samples, kHeadDim, k_rows_stride, Shape::kTileN);
+  }
+  if (status != cudaSuccess) return status;
+  const auto launch = [&](auto kernel) {
+    constexpr size_t smem = sizeof(SampledSm90Storage<T, kHeadDim>) + kSwizzleAtomBytes;  // + alignment slack
+    cudaError_t result = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                              static_cast<int>(smem));
+    if (result != cudaSuccess) return result;
+    const dim3 grid(static_cast<unsigned>(Shape::ctas_per_head(p.n_q, p.q_samples)),
+                    static_cast<unsigned>(p.bh_count));
+    kernel<<<grid, Shape::kThreads, smem, stream>>>(params);
+    return cudaGetLastError();
+  };
+  switch (p.k_samples) {
+    case 8: return launch(estimate_sampled_sm90_kernel<T, kHeadDim, 8>);
+    case 16: return launch(estimate_sampled_sm90_kernel<T, kHeadDim, 16>);
+    case 32: return launch(estimate_sampled_sm90_kernel<T, kHeadDim, 32>);
+    default: return cudaErrorInvalidValue;  // the host sends only 8, 16 or 32
+  }
+}
+
+}  // namespace psa::kernels::sm90

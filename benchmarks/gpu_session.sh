@@ -6,12 +6,14 @@
 #   bench [args...]         benchmarks/bench_attention.py with the given arguments
 # Example: bash benchmarks/gpu_session.sh tests tests/test_cuda_sm90.py bench --shapes wan1.3b_480p
 # Each step is cut off after STEP_TIMEOUT seconds (default 400), so a hung kernel still leaves the
-# other steps' output. Wheels: .whl/nvidia_cutlass-4.2.0.0-*.whl (see the README).
+# other steps' output. Wheels in .whl/: nvidia_cutlass-4.2.0.0 and setuptools>=77 (see the README).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 log_dir=${OUT:-/tmp}
 export PYTHONUNBUFFERED=1
-python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/nvidia_cutlass-*.whl || exit 1
+# setuptools too: pyproject.toml's SPDX license field needs setuptools >= 77, newer than some images'.
+python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export CUTLASS_INCLUDE_DIR=/tmp/site/cutlass_library/source/include
 start=$(date +%s)
 MAX_JOBS=${MAX_JOBS:-16} PSA_CUDA_ARCHS=${PSA_CUDA_ARCHS:-9.0a} \

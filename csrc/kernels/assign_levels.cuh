@@ -1,4 +1,4 @@
-// Level assignment (spec section 5) on the GPU: one CTA per row of blocks.
+// Level assignment (docs/spec.md section 5) on the GPU: one CTA per row of blocks.
 //
 // The row's candidate blocks are a prefix [0, m) of the key blocks (all of them without causal
 // masking; up to the diagonal block with it). A block radix sort ranks them by score, descending;

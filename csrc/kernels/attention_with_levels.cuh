@@ -1,4 +1,4 @@
-// Block-tile attention over a level map (spec section 3), for sm80+ with mma.sync.
+// Block-tile attention over a level map (docs/spec.md section 3), for sm80+ with mma.sync.
 //
 // One CTA owns one query block of kBlockM rows (one warp per 16 rows) and runs one online softmax
 // over every key tile its level-map row selects:
@@ -23,20 +23,13 @@
 #include <cfloat>
 #include <climits>
 
+#include "common/tile_geometry.cuh"
 #include "device_utils.cuh"
 #include "level_schedule.cuh"
 #include "params.h"
 #include "shapes.h"
 
 namespace psa::kernels {
-
-// Where tile `index` of a row's schedule lives: level, tile within the level, and the level geometry.
-struct TileRef {
-  int level;         // level index L (pool factor 1 << L)
-  int tile;          // tile index within the level's run
-  int per_block;     // pooled tokens per key block at this level
-  int shift;         // log2(per_block)
-};
 
 template <typename T, int kHeadDim, int kBlockM>
 __global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads,
@@ -81,29 +74,16 @@ __global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads,
   }
   __syncthreads();
 
-  // Tiles per level, as scalars: a local array captured by the lambdas below would live in memory.
-  const int tiles0 = (s_count[0] * p.block_n + kTileN - 1) / kTileN;
-  const int tiles1 = (s_count[1] * (p.block_n >> 1) + kTileN - 1) / kTileN;
-  const int tiles2 = (s_count[2] * (p.block_n >> 2) + kTileN - 1) / kTileN;
-  const int tiles3 = (s_count[3] * (p.block_n >> 3) + kTileN - 1) / kTileN;
-  const int n_tiles = tiles0 + tiles1 + tiles2 + tiles3;
-  auto locate = [&](int index) {
-    TileRef ref{0, index, p.block_n, 0};
-    if (ref.tile >= tiles0) { ref.tile -= tiles0; ref.level = 1; }
-    if (ref.level == 1 && ref.tile >= tiles1) { ref.tile -= tiles1; ref.level = 2; }
-    if (ref.level == 2 && ref.tile >= tiles2) { ref.tile -= tiles2; ref.level = 3; }
-    ref.per_block = p.block_n >> ref.level;
-    ref.shift = __ffs(ref.per_block) - 1;
-    return ref;
-  };
+  using Geometry = TileGeometry<kTileN>;
+  const int n_tiles = Geometry::level_tiles(s_count, p.block_n, 0) + Geometry::level_tiles(s_count, p.block_n, 1) +
+                      Geometry::level_tiles(s_count, p.block_n, 2) + Geometry::level_tiles(s_count, p.block_n, 3);
+  auto locate = [&](int index) { return Geometry::locate(index, s_count, s_start, p.block_n, p.k_len, s_ids); };
 
   // Gathers tile `index` of the schedule into `stage`: K and V rows by cp.async, and per column the
   // logit bias log2(count) (-inf for an empty slot) and the last original key the token covers.
   auto load_tile = [&](int index, int stage) {
-    const TileRef ref = locate(index);
-    const int L = ref.level, pool = 1 << L;
-    const int count = s_count[L], start = s_start[L];
-    const int tokens = (p.k_len + pool - 1) >> L;
+    const Geometry geometry = locate(index);
+    const int L = geometry.level;
     // Select the level's pointers and strides with constant indices: indexing the kernel parameters
     // with a runtime L would copy them to local memory.
     const T *k = nullptr, *v = nullptr;
@@ -119,38 +99,22 @@ __global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads,
     }
     T* k_dst = s_k + stage * Shape::kTileElements;
     T* v_dst = s_v + stage * Shape::kTileElements;
-    auto token_of = [&](int row, bool& valid) {
-      const int slot_token = ref.tile * kTileN + row;
-      const int slot = slot_token >> ref.shift;
-      valid = slot < count;
-      const int token = valid ? s_ids[start + slot] * ref.per_block + (slot_token & (ref.per_block - 1)) : 0;
-      valid = valid && token < tokens;
-      return token;
-    };
     for (int c = tid; c < kTileN * Shape::kChunks; c += Shape::kThreads) {
       const int row = c / Shape::kChunks, chunk = c % Shape::kChunks;
-      bool valid;
-      const int64_t token = token_of(row, valid);
-      cp_async_16(k_dst + Rows::offset(row, chunk), k + token * k_token_stride + chunk * 8, valid);
-      cp_async_16(v_dst + Rows::offset(row, chunk), v + token * v_token_stride + chunk * 8, valid);
+      const int64_t token = geometry.token(row, s_ids);
+      const bool valid = token < geometry.tokens;
+      cp_async_16(k_dst + Rows::offset(row, chunk), k + (valid ? token * k_token_stride + chunk * 8 : 0), valid);
+      cp_async_16(v_dst + Rows::offset(row, chunk), v + (valid ? token * v_token_stride + chunk * 8 : 0), valid);
     }
     for (int row = tid; row < kTileN; row += Shape::kThreads) {
-      bool valid;
-      const int token = token_of(row, valid);
-      const int first = token * pool, last = min(first + pool, p.k_len) - 1;
-      s_bias[stage * kTileN + row] = valid ? __log2f(static_cast<float>(last - first + 1)) : -INFINITY;
-      s_last[stage * kTileN + row] = valid ? last : INT_MAX;
+      s_bias[stage * kTileN + row] = geometry.bias(row, s_ids);
+      s_last[stage * kTileN + row] = geometry.last_key(row, s_ids);
     }
   };
 
   // Whether any token of the tile may be hidden from some row of this block by the causal mask.
   auto tile_needs_causal_mask = [&](int index) {
-    if (!p.causal) return false;
-    const TileRef ref = locate(index);
-    const int last_slot = min(s_count[ref.level] - 1, (ref.tile * kTileN + kTileN - 1) >> ref.shift);
-    const int last_block = s_ids[s_start[ref.level] + last_slot];
-    const int last_key = min((last_block + 1) * p.block_n, p.k_len) - 1;
-    return last_key > row_begin + causal_offset;
+    return p.causal && locate(index).tile_last_key(s_ids) > row_begin + causal_offset;
   };
 
   float o[kHeadDim / 8][4];

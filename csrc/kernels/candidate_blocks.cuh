@@ -1,4 +1,4 @@
-// Which key blocks an estimator scores for a query block (spec section 4): all of them, or under
+// Which key blocks an estimator scores for a query block (docs/spec.md section 4): all of them, or under
 // causal attention those whose first key is visible to the block's last query (bottom-right
 // alignment). The device twin of csrc/psa/blocks.cpp's candidate_blocks.
 #pragma once

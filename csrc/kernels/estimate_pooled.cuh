@@ -1,4 +1,4 @@
-// The "pooled" block-importance estimator (spec section 4): softmax over candidate key blocks of
+// The "pooled" block-importance estimator (docs/spec.md section 4): softmax over candidate key blocks of
 // scale * (mean of query block i) . (mean of key block j).
 //
 // Its arithmetic is tiny (n_q x n_k dot products of head_dim); its cost is reading Q and K once to take

@@ -1,4 +1,4 @@
-// Fused "sampled" block-importance estimator (spec section 4) for sm80+ with mma.sync: the portable
+// Fused "sampled" block-importance estimator (docs/spec.md section 4) for sm80+ with mma.sync: the portable
 // kernel. On sm_90a, sm90/estimate_sampled_sm90.cuh runs the same algorithm as a TMA + wgmma GEMM.
 //
 // scores[i, j] = P[i, j] / sum_j P[i, j] with
@@ -169,7 +169,7 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
     for (int i = 0; i < 2 * kMTiles; ++i) s_row_max[local_rows[i]] = row_max[i];
   }
   __syncthreads();  // also makes the table's global writes visible to the whole CTA
-  write_sampled_scores<kRows>(p, table, s_row_max, bh, first_block, blocks_per_cta, candidates, tid, Shape::kThreads,
+  write_sampled_scores<kRows, 4>(p, table, s_row_max, bh, first_block, blocks_per_cta, candidates, tid, Shape::kThreads,
                               [] { __syncthreads(); });
 }
 

@@ -1,4 +1,4 @@
-// Pieces of the fused "sampled" estimator (spec section 4) shared by its sm80 (mma.sync,
+// Pieces of the fused "sampled" estimator (docs/spec.md section 4) shared by its sm80 (mma.sync,
 // estimate_sampled.cuh) and sm90 (wgmma, sm90/estimate_sampled_sm90.cuh) kernels: offsets, causal
 // candidates, and the pass that turns a CTA's table of per-row block maxima into normalised scores.
 #pragma once
@@ -28,7 +28,9 @@ __device__ __forceinline__ CandidateBlocks sampled_candidates(const SampledParam
 // the CTA's query blocks: P[i, j] = max over block i's rows of exp2(block max - row max), normalised
 // per row. `table` and `row_max` must be 16-byte aligned at every block's first sampled row (kRows
 // and q_samples are multiples of 4).
-template <int kRows, typename Sync>
+// kLoadsInFlight: float4 loads of table maxima issued together (the 32 maxima of a 32-sample block are
+// 8 float4s); the sm80 kernel, short of registers at three CTAs per SM, takes 4 at a time.
+template <int kRows, int kLoadsInFlight, typename Sync>
 __device__ void write_sampled_scores(const SampledParams& p, float* table, const float* row_max, int bh,
                                      int first_block, int blocks_per_cta, const CandidateBlocks& candidates,
                                      int thread, int threads, Sync sync) {
@@ -46,16 +48,16 @@ __device__ void write_sampled_scores(const SampledParams& p, float* table, const
       // A row that saw no candidate has row max -inf: subtract 0 so its -inf maxima give 0, not NaN.
       const auto term = [](float value, float row) { return exp2f(value - (row == -INFINITY ? 0.f : row)); };
 #pragma unroll
-      for (int half = 0; half < 2; ++half) {  // 16 samples at a time: fewer live registers
-        float4 values[4];
+      for (int round = 0; round < 8 / kLoadsInFlight; ++round) {
+        float4 values[kLoadsInFlight];
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int chunk = 4 * half + c;
+        for (int c = 0; c < kLoadsInFlight; ++c) {
+          const int chunk = kLoadsInFlight * round + c;
           values[c] = 4 * chunk < p.q_samples ? maxima[chunk] : make_float4(0.f, 0.f, 0.f, 0.f);
         }
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
-          const int chunk = 4 * half + c;
+        for (int c = 0; c < kLoadsInFlight; ++c) {
+          const int chunk = kLoadsInFlight * round + c;
           if (4 * chunk >= p.q_samples) break;
           const float4 base = bases[chunk];
           peak = fmaxf(peak, fmaxf(fmaxf(term(values[c].x, base.x), term(values[c].y, base.y)),

@@ -1,4 +1,4 @@
-// Copies the sampled rows of the "sampled" estimator (spec section 4) into compact tensors: row
+// Copies the sampled rows of the "sampled" estimator (docs/spec.md section 4) into compact tensors: row
 // `block * samples + s` of the output is row `min(block * block_size + offsets[s], length - 1)` of the
 // input, so the last, partial block repeats its last real row as the reference does. The Hopper
 // estimator then loads every tile as one TMA box instead of computing a gather address per 16 bytes
@@ -48,7 +48,8 @@ cudaError_t launch_gather_sampled_rows(const SampledParams& p, cudaStream_t stre
         rows, static_cast<T*>(dst));
     return cudaGetLastError();
   };
-  cudaError_t status = gather(p.q, p.q_stride, p.q_heads, p.q_len, p.block_m, p.q_offsets, p.q_samples, p.n_q, p.q_rows);
+  cudaError_t status =
+      gather(p.q, p.q_stride, p.q_heads, p.q_len, p.block_m, p.q_offsets, p.q_samples, p.n_q, p.q_rows);
   if (status != cudaSuccess) return status;
   return gather(p.k, p.k_stride, p.kv_heads, p.k_len, p.block_n, p.k_offsets, p.k_samples, p.n_k, p.k_rows);
 }

@@ -5,7 +5,7 @@
 
 namespace psa::kernels {
 
-// Mean pooling of K and V into levels 2, 4, 8 (spec section 2).
+// Mean pooling of K and V into levels 2, 4, 8 (docs/spec.md section 2).
 struct PyramidParams {
   const void* k;         // [B, H, L, D], last dim contiguous
   const void* v;         // [B, H, L, D], last dim contiguous
@@ -22,7 +22,7 @@ namespace psa::kernels {
 
 constexpr int kNumLevels = 4;  // pooling factors 1, 2, 4, 8 = 1 << level index
 
-// Attention over a level map (spec section 3).
+// Attention over a level map (docs/spec.md section 3).
 struct AttentionParams {
   const void* q;                      // [B, Hq, Lq, D]
   const void* k[kNumLevels];          // level index L: [B, Hkv, ceil(Lk / 2^L), D]
@@ -39,7 +39,7 @@ struct AttentionParams {
   bool causal;
 };
 
-// The fused sampled estimator (spec section 4, "sampled").
+// The fused sampled estimator (docs/spec.md section 4, "sampled").
 struct SampledParams {
   const void* q;                      // [B, Hq, Lq, D]
   const void* k;                      // [B, Hkv, Lk, D]
@@ -60,7 +60,7 @@ struct SampledParams {
   bool causal;
 };
 
-// The pooled estimator (spec section 4, "pooled").
+// The pooled estimator (docs/spec.md section 4, "pooled").
 struct PooledParams {
   const void* q;                      // [B, Hq, Lq, D]
   const void* k;                      // [B, Hkv, Lk, D]
@@ -75,7 +75,7 @@ struct PooledParams {
   bool causal;
 };
 
-// Per-row ranking and level choice (spec section 5).
+// Per-row ranking and level choice (docs/spec.md section 5).
 struct AssignParams {
   const void* scores;                 // float or double [B, Hq, n_q, n_k], contiguous
   const bool* force_key_blocks;       // [B, n_k]

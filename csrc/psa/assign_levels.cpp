@@ -7,7 +7,7 @@ namespace {
 
 constexpr const char* kOp = "psa.assign_levels";
 
-// int64 [B, Hkv, n_k]: the coarsest level each key block may take (spec section 5). sim_l is the mean,
+// int64 [B, Hkv, n_k]: the coarsest level each key block may take (docs/spec.md section 5). sim_l is the mean,
 // over the groups of l keys of the block, of the cosine similarity between the group's first and last
 // real key; a group of one key counts as 1. cap = max(1, every l with sim_l > t_l).
 at::Tensor similarity_cap(const at::Tensor& k, int64_t block_n, at::ArrayRef<double> thresholds) {

@@ -6,10 +6,11 @@
 namespace psa {
 namespace {
 
-// block // 4 offsets, evenly strided, each in the middle of its stride (spec section 4: deterministic).
+// block // 4 offsets, evenly strided, each in the middle of its stride (docs/spec.md section 4: deterministic).
+// One arange (a single small kernel on CUDA), not arange * step + step / 2.
 at::Tensor default_sample_offsets(int64_t block, const at::TensorOptions& options) {
   const int64_t count = block / 4, step = block / count;
-  return at::arange(count, options.dtype(at::kLong)) * step + step / 2;
+  return at::arange(step / 2, step / 2 + count * step, step, options.dtype(at::kLong));
 }
 
 at::Tensor checked_offsets(const char* name, const std::optional<at::Tensor>& offsets, int64_t block,

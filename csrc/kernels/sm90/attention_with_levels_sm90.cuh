@@ -1,4 +1,4 @@
-// Block-tile attention over a level map (spec section 3) for Hopper (sm_90a): TMA, mbarriers, wgmma,
+// Block-tile attention over a level map (docs/spec.md section 3) for Hopper (sm_90a): TMA, mbarriers, wgmma,
 // warp specialization. Same contract as ../attention_with_levels.cuh (the sm80 kernel, kept as the
 // fallback); this file only changes how tiles move and multiply.
 //
@@ -9,11 +9,12 @@
 //     each piece `piece = min(block_n >> L, kTileN)` contiguous rows of level L's K or V (one key
 //     block, or a slice of one). Lane i issues piece i as one TMA box per 64 head_dim columns, into
 //     consecutive shared-memory rows; empty slots get a box past the end of the tensor, which TMA
-//     fills with zeros. The same lanes write the tile's per-column logit bias log2(count) (-inf for
-//     empty slots and tokens past Lk) and the last original key each column covers (causal mask).
+//     fills with zeros.
 //   - Warpgroups 1..kConsumers each own 64 query rows. Per tile: S = Q K^T (wgmma, both operands in
 //     shared memory), bias + causal mask + online softmax in registers (exp2 domain), O += P V (wgmma
-//     with P from registers), then release the stage to the producer.
+//     with P from registers), overlapped across tiles as FA3 does. The per-column bias log2(count)
+//     and the causal mask's last covered keys come from the schedule (common/tile_geometry.cuh), so
+//     the producer hands the consumers nothing but TMA bytes.
 // K/V stages cycle through a kStages ring of full/empty mbarriers. The kernel reads Q, K, V (every
 // level) in place through their strides; GQA maps a query head to its key head by index.
 #pragma once
@@ -26,6 +27,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cute/arch/copy_sm90_tma.hpp>
 
+#include "../common/tile_geometry.cuh"
 #include "../device_utils.cuh"
 #include "../level_schedule.cuh"
 #include "../params.h"
@@ -90,18 +92,15 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
 
   // Tiles of level L. Each role counts them after its setmaxnreg: values computed before the split
   // would have to survive the producer's small register budget, and ptxas spills them.
-  const auto level_tiles = [&](int L) {
-    return (smem.level_count[L] * (p.block_n >> L) + kTileN - 1) / kTileN;
-  };
+  using Geometry = TileGeometry<kTileN>;
+  const auto level_tiles = [&](int L) { return Geometry::level_tiles(smem.level_count, p.block_n, L); };
   // With nothing selected (n_tiles == 0) the producer loads nothing and the consumers go straight to
   // the epilogue: zeros and lse = -inf.
 
   if (warp < 4) {
     // ================= Producer warpgroup =================
     cutlass::arch::warpgroup_reg_dealloc<Shape::kProducerRegisters>();
-    // Tiles per level (scalars: a local array indexed at run time would live in local memory).
-    const int tiles0 = level_tiles(0), tiles1 = level_tiles(1), tiles2 = level_tiles(2);
-    const int n_tiles = tiles0 + tiles1 + tiles2 + level_tiles(3);
+    const int n_tiles = level_tiles(0) + level_tiles(1) + level_tiles(2) + level_tiles(3);
     if (warp != 0 || n_tiles == 0) return;
     if (lane == 0) {
       TxBarrier::expect_transaction(&smem.q_full, static_cast<uint32_t>(sizeof(smem.q)));
@@ -117,72 +116,31 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
     for (int index = 0; index < n_tiles; ++index) {
       const int stage = index % kStages;
       const uint32_t empty_phase = ((index / kStages) & 1) ^ 1;
-
-      // Locate the tile: level L, tile within the level's run.
-      int L = 0, tile = index;
-      if (tile >= tiles0) { tile -= tiles0; L = 1;
-        if (tile >= tiles1) { tile -= tiles1; L = 2;
-          if (tile >= tiles2) { tile -= tiles2; L = 3; } } }
-      const int per_block = p.block_n >> L, shift = __ffs(per_block) - 1;
-      const int piece = min(per_block, kTileN);
-      const int count = smem.level_count[L], start = smem.level_start[L];
-      const int pool = 1 << L, tokens = (p.k_len + pool - 1) >> L;
+      const Geometry geometry =
+          Geometry::locate(index, smem.level_count, smem.level_start, p.block_n, p.k_len, s_ids);
       // Pieces: lane i issues piece i (kTileN / piece <= 16 pieces: piece >= 8 rows). An empty slot
-      // reads rows starting at `tokens`: entirely past the end, so zeros. (Recomputed for V rather
-      // than kept: the producer runs on 24 registers.)
-      const int pieces = kTileN / piece;
-      const auto piece_row = [&] {
-        const int slot_token = tile * kTileN + lane * piece;
-        const int slot = slot_token >> shift;
-        return slot < count ? s_ids[start + slot] * per_block + (slot_token & (per_block - 1)) : tokens;
+      // reads rows starting at `tokens`: entirely past the end, so zeros.
+      const int piece = min(geometry.per_block, kTileN), pieces = kTileN / piece;
+      const int L = geometry.level;
+      const auto load = [&](const CUtensorMap* map, uint64_t* full, uint64_t* empty, const auto& panel_of) {
+        Barrier::wait(empty, empty_phase);
+        if (lane == 0) TxBarrier::expect_transaction(full, static_cast<uint32_t>(Shape::kTileBytes));
+        __syncwarp();
+        if (lane < pieces) {
+          const int row = geometry.token(lane * piece, s_ids);
+#pragma unroll
+          for (int panel = 0; panel < kPanels; ++panel) {
+            cute::SM90_TMA_LOAD_4D::copy(map, full, 0, panel_of(panel) + lane * piece * kPanelColumns,
+                                         panel * kPanelColumns, row, kv_head, b);
+          }
+        }
+        __syncwarp();
+        if (lane == 0) Barrier::arrive(full);
       };
-
-      // K, with the per-column geometry the consumers read beside it.
-      Barrier::wait(&smem.k_empty[stage], empty_phase);
-      if (lane == 0) TxBarrier::expect_transaction(&smem.k_full[stage], static_cast<uint32_t>(Shape::kTileBytes));
-      __syncwarp();
-      if (lane < pieces) {
-        const int row = piece_row();
-#pragma unroll
-        for (int panel = 0; panel < kPanels; ++panel) {
-          cute::SM90_TMA_LOAD_4D::copy(&params.k_map[L], &smem.k_full[stage], 0,
-                                       k_panel(stage, panel) + lane * piece * kPanelColumns, panel * kPanelColumns,
-                                       row, kv_head, b);
-        }
-      }
-      // Per column: logit bias log2(count) (-inf: empty slot or past Lk) and last covered key.
-      int tile_last = -1;
-      for (int col = lane; col < kTileN; col += 32) {
-        const int slot_token = tile * kTileN + col;
-        const int slot = slot_token >> shift;
-        bool valid = slot < count;
-        const int token = valid ? s_ids[start + slot] * per_block + (slot_token & (per_block - 1)) : 0;
-        valid = valid && token < tokens;
-        const int first = token * pool, last = min(first + pool, p.k_len) - 1;
-        smem.bias[stage][col] = valid ? __log2f(static_cast<float>(last - first + 1)) : -INFINITY;
-        smem.last_key[stage][col] = valid ? last : INT_MAX;
-        if (valid) tile_last = max(tile_last, last);
-      }
-      tile_last = __reduce_max_sync(0xffffffffu, tile_last);
-      if (lane == 0) smem.tile_last[stage] = tile_last;
-      __syncwarp();
-      if (lane == 0) Barrier::arrive(&smem.k_full[stage]);
-
-      // V of the same tile.
-      Barrier::wait(&smem.v_empty[stage], empty_phase);
-      if (lane == 0) TxBarrier::expect_transaction(&smem.v_full[stage], static_cast<uint32_t>(Shape::kTileBytes));
-      __syncwarp();
-      if (lane < pieces) {
-        const int row = piece_row();
-#pragma unroll
-        for (int panel = 0; panel < kPanels; ++panel) {
-          cute::SM90_TMA_LOAD_4D::copy(&params.v_map[L], &smem.v_full[stage], 0,
-                                       v_panel(stage, panel) + lane * piece * kPanelColumns, panel * kPanelColumns,
-                                       row, kv_head, b);
-        }
-      }
-      __syncwarp();
-      if (lane == 0) Barrier::arrive(&smem.v_full[stage]);
+      load(&params.k_map[L], &smem.k_full[stage], &smem.k_empty[stage],
+           [&](int panel) { return k_panel(stage, panel); });
+      load(&params.v_map[L], &smem.v_full[stage], &smem.v_empty[stage],
+           [&](int panel) { return v_panel(stage, panel); });
     }
   } else {
     // ================= Consumer warpgroups =================
@@ -231,38 +189,43 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
       }
       cute::warpgroup_commit_batch();
     };
-    // Bias, causal mask and online softmax of S (exp2 domain); returns how much the old O and row sum
-    // shrink. Column of s[4j + e]: 8j + 2t + (e & 1). Releases the K stage (its bias and last-key rows
-    // were the last things read from it).
-    const auto softmax = [&](int stage, float (&scale_old)[2]) {
+    // Bias, causal mask and online softmax of S (exp2 domain) for tile `index`; returns how much the
+    // old O and row sum shrink. Column of s[4j + e]: 8j + 2t + (e & 1).
+    const auto softmax = [&](int index, float (&scale_old)[2]) {
       fence_registers(s);
-      const float* bias = smem.bias[stage];
-      const int* last = smem.last_key[stage];
+      const Geometry geometry =
+          Geometry::locate(index, smem.level_count, smem.level_start, p.block_n, p.k_len, s_ids);
       float tile_max[2] = {-INFINITY, -INFINITY};
-      // Two copies of the loop: the causal mask's last-key reads stay out of the common, unmasked one.
-      const auto scale_and_bias = [&](auto masked) {
+      // Separate copies of the loop, so the common case (a full tile, no mask: one constant bias) has
+      // no per-column geometry in it at all; branches inside the unrolled loop would be if-converted.
+      const auto scale_and_bias = [&](auto masked, auto full) {
 #pragma unroll
         for (int j = 0; j < kTileN / 8; ++j) {
-          const float2 col_bias = *reinterpret_cast<const float2*>(bias + 8 * j + 2 * t);
+          float col_bias[2];
+#pragma unroll
+          for (int c = 0; c < 2; ++c) {
+            col_bias[c] = decltype(full)::value ? static_cast<float>(geometry.level)
+                                                : geometry.bias(8 * j + 2 * t + c, s_ids);
+          }
 #pragma unroll
           for (int e = 0; e < 4; ++e) {
             const int col = 8 * j + 2 * t + (e & 1), r = e >> 1;
-            float x = fmaf(s[4 * j + e], p.scale_log2, (e & 1) ? col_bias.y : col_bias.x);
+            float x = fmaf(s[4 * j + e], p.scale_log2, col_bias[e & 1]);
             if constexpr (decltype(masked)::value) {
-              if (last[col] > rows[r] + causal_offset) x = -INFINITY;
+              if (geometry.last_key(col, s_ids) > rows[r] + causal_offset) x = -INFINITY;
             }
             s[4 * j + e] = x;
             tile_max[r] = fmaxf(tile_max[r], x);
           }
         }
       };
-      if (p.causal && smem.tile_last[stage] > first_row_limit) {
-        scale_and_bias(std::true_type{});
+      if (p.causal && geometry.tile_last_key(s_ids) > first_row_limit) {
+        scale_and_bias(std::true_type{}, std::false_type{});
+      } else if (geometry.full) {
+        scale_and_bias(std::false_type{}, std::true_type{});
       } else {
-        scale_and_bias(std::false_type{});
+        scale_and_bias(std::false_type{}, std::false_type{});
       }
-      __syncwarp();
-      if (lane == 0) Barrier::arrive(&smem.k_empty[stage]);
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
         tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
@@ -291,6 +254,10 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
         for (int i = 0; i < 4; ++i) pa[kk][i] = pack2<T>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
       }
     };
+    // A stage is released by one arrive per consumer warp, once the warp's MMAs that read it are done.
+    const auto release_k = [&](int stage) {
+      if (lane == 0) Barrier::arrive(&smem.k_empty[stage]);
+    };
     const auto release_v = [&](int stage) {
       if (lane == 0) Barrier::arrive(&smem.v_empty[stage]);
     };
@@ -300,6 +267,7 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
       Barrier::wait(&smem.k_full[0], 0);
       issue_s(0);
       cute::warpgroup_wait<0>();
+      release_k(0);
       float scale_old[2];
       softmax(0, scale_old);  // O is still zero: nothing to rescale
       pack_p();
@@ -311,8 +279,9 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
       Barrier::wait(&smem.v_full[previous], ((index - 1) / kStages) & 1);
       issue_pv(previous);
       cute::warpgroup_wait<1>();  // S of this tile is done; the PV of the previous one may still run
+      release_k(stage);
       float scale_old[2];
-      softmax(stage, scale_old);
+      softmax(index, scale_old);
       cute::warpgroup_wait<0>();
       fence_registers(o);
       release_v(previous);

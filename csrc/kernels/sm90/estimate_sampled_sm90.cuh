@@ -1,4 +1,4 @@
-// The "sampled" block-importance estimator (spec section 4) on Hopper (sm_90a): a TMA + wgmma GEMM of
+// The "sampled" block-importance estimator (docs/spec.md section 4) on Hopper (sm_90a): a TMA + wgmma GEMM of
 // the sampled query rows against the sampled keys whose epilogue keeps only per-row block maxima.
 // Same results as the portable kernel (../estimate_sampled.cuh); see there for the algorithm.
 //
@@ -239,7 +239,7 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
     cutlass::arch::NamedBarrier::sync(Shape::kConsumers * 128, 0);
   };
   consumers_sync();
-  write_sampled_scores<kRows>(p, table, smem.row_max, bh, first_block, blocks_per_cta, candidates, tid - 128,
+  write_sampled_scores<kRows, 8>(p, table, smem.row_max, bh, first_block, blocks_per_cta, candidates, tid - 128,
                               Shape::kConsumers * 128, consumers_sync);
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
@@ -255,7 +255,8 @@ cudaError_t launch_estimate_sampled_sm90(const SampledParams& p, cudaStream_t st
   const int64_t k_rows_stride[3] = {static_cast<int64_t>(p.kv_heads) * p.n_k * p.k_samples * kHeadDim,
                                     static_cast<int64_t>(p.n_k) * p.k_samples * kHeadDim, kHeadDim};
   cudaError_t status = encode_bhld_map(&params.q_map, p.q_rows, kBf16, p.batch, p.q_heads,
-                                       static_cast<int64_t>(p.n_q) * p.q_samples, kHeadDim, q_rows_stride, Shape::kRows);
+                                       static_cast<int64_t>(p.n_q) * p.q_samples, kHeadDim, q_rows_stride,
+                                       Shape::kRows);
   if (status == cudaSuccess) {
     status = encode_bhld_map(&params.k_map, p.k_rows, kBf16, p.batch, p.kv_heads,
                              static_cast<int64_t>(p.n_k) * p.k_samples, kHeadDim, k_rows_stride, Shape::kTileN);

@@ -39,8 +39,9 @@ struct AttentionSm90Shape {
 
 // Shared memory of the Hopper attention kernel. Tiles are 16-bit elements in 64-column panels with the
 // 128-byte swizzle (wgmma.cuh); the kernel views them as its element type. K and V have separate
-// full/empty barriers, so a K stage is refilled as soon as its S = Q K^T and softmax are done while V
-// of the same tile is still in use. The level schedule's key block ids (n_k of them) follow the struct.
+// full/empty barriers, so a K stage is refilled as soon as its S = Q K^T is done while V of the same
+// tile is still in use. The level schedule (ids of n_k key blocks) follows the struct; the producer
+// writes nothing else to shared memory, so every consumer read is ordered by a barrier the tools see.
 template <int kHeadDim, int kBlockM>
 struct AttentionSm90Storage {
   using Shape = AttentionSm90Shape<kHeadDim, kBlockM>;
@@ -48,11 +49,6 @@ struct AttentionSm90Storage {
   alignas(kSwizzleAtomBytes) uint16_t q[kPanels][kBlockM][kPanelColumns];
   alignas(kSwizzleAtomBytes) uint16_t k[kStages][kPanels][kTileN][kPanelColumns];
   alignas(kSwizzleAtomBytes) uint16_t v[kStages][kPanels][kTileN][kPanelColumns];
-  // Per K stage and column: logit bias log2(count) (-inf: nothing there) and the last covered key;
-  // per K stage, the tile's last key (whether the causal mask is needed at all).
-  float bias[kStages][kTileN];
-  int last_key[kStages][kTileN];
-  int tile_last[kStages];
   uint64_t q_full;
   uint64_t k_full[kStages], k_empty[kStages];
   uint64_t v_full[kStages], v_empty[kStages];

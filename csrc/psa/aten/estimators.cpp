@@ -1,4 +1,4 @@
-// The three block-importance estimators (spec section 4) as device-generic ATen code: the CPU
+// The three block-importance estimators (docs/spec.md section 4) as device-generic ATen code: the CPU
 // backend's kernels and the CUDA backend's fallback for what its fused kernel does not cover. The
 // logits of a few query blocks at a time are materialised, so memory stays bounded at any length;
 // nothing here reads a device value on the host, so on CUDA it runs without a synchronisation.

@@ -1,4 +1,4 @@
-// CPU reference kernel of level assignment (spec section 5): one row of blocks at a time, ranked by a
+// CPU reference kernel of level assignment (docs/spec.md section 5): one row of blocks at a time, ranked by a
 // stable sort so that ties go to the lower block index.
 #include <ATen/Parallel.h>
 

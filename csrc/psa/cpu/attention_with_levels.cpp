@@ -1,4 +1,4 @@
-// CPU reference kernel of attention over a level map (spec section 3).
+// CPU reference kernel of attention over a level map (docs/spec.md section 3).
 //
 // For each (batch, head, query block) the visible tokens of every level are gathered into one
 // contiguous key/value panel, so that the block is one softmax over two matmuls. Consecutive key

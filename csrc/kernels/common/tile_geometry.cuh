@@ -1,0 +1,86 @@
+// The geometry of one tile of a level-map row (docs/spec.md section 3): which level it belongs to and, for
+// each of its kTileN columns, which pooled token of which key block it holds, that token's logit bias
+// log2(count) and the last original key it covers (for the causal mask).
+//
+// A row's schedule (level_schedule.cuh) lists the key blocks of each level in ascending order, and
+// each level's blocks, pooled, are concatenated and cut into tiles of kTileN tokens. So:
+//   - empty slots exist only in the last tile of a level, and tokens grow along a tile's columns: a
+//     tile whose last column holds a token covering 1 << L real keys is full, with bias exactly L for
+//     every column (log2 of 1 << L). Only tiles holding the end of the last key block (one, or two
+//     when a block is wider than a tile) and a level's last tile are not;
+//   - the tile's last covered key is its last column's.
+// Producer (TMA rows) and consumers (bias, mask) compute these from the schedule, which is written
+// before the kernel's first barrier: no per-tile shared-memory hand-off.
+#pragma once
+
+#include <climits>
+#include <cmath>
+#include <cstdint>
+
+namespace psa::kernels {
+
+template <int kTileN>
+struct TileGeometry {
+  int level;                  // L: pooling factor 1 << L
+  int tile;                   // tile index within the level's run
+  int per_block, shift;       // pooled tokens per key block at this level, log2 of it
+  int count, start;           // the level's key blocks: ids[start .. start + count)
+  int tokens;                 // pooled tokens of the whole key sequence at this level
+  int k_len;
+  bool full;                  // every column valid, each token covering exactly 1 << L keys
+
+  // Tiles of each level (scalars: a run-time indexed local array would go to local memory).
+  __device__ static int level_tiles(const int* level_count, int block_n, int L) {
+    return (level_count[L] * (block_n >> L) + kTileN - 1) / kTileN;
+  }
+
+  // The tile `index` of the row (0 <= index < the sum of level_tiles over the levels); `ids` is the
+  // schedule (one read of it decides whether the tile is full).
+  __device__ static TileGeometry locate(int index, const int* level_count, const int* level_start, int block_n,
+                                        int k_len, const uint16_t* ids) {
+    TileGeometry g;
+    const int tiles0 = level_tiles(level_count, block_n, 0), tiles1 = level_tiles(level_count, block_n, 1);
+    const int tiles2 = level_tiles(level_count, block_n, 2);
+    int L = 0, tile = index;
+    if (tile >= tiles0) { tile -= tiles0; L = 1;
+      if (tile >= tiles1) { tile -= tiles1; L = 2;
+        if (tile >= tiles2) { tile -= tiles2; L = 3; } } }
+    g.level = L;
+    g.tile = tile;
+    g.per_block = block_n >> L;
+    g.shift = __ffs(g.per_block) - 1;
+    g.count = level_count[L];
+    g.start = level_start[L];
+    g.tokens = (k_len + (1 << L) - 1) >> L;
+    g.k_len = k_len;
+    g.full = (tile + 1) * kTileN <= g.count * g.per_block && ((g.token(kTileN - 1, ids) + 1) << L) <= k_len;
+    return g;
+  }
+
+  // Pooled token at column `col` (0 <= col < kTileN), or a value >= tokens for an empty slot.
+  __device__ int token(int col, const uint16_t* ids) const {
+    const int slot_token = tile * kTileN + col;
+    const int slot = slot_token >> shift;
+    return slot < count ? ids[start + slot] * per_block + (slot_token & (per_block - 1)) : tokens;
+  }
+  // Logit bias (log2 domain) of column `col`: log2 of the keys its token covers, -inf for none.
+  __device__ float bias(int col, const uint16_t* ids) const {
+    if (full) return static_cast<float>(level);
+    const int t = token(col, ids);
+    if (t >= tokens) return -INFINITY;
+    return __log2f(static_cast<float>(min(1 << level, k_len - (t << level))));
+  }
+  // Last original key covered by column `col` (INT_MAX for an empty slot: never visible).
+  __device__ int last_key(int col, const uint16_t* ids) const {
+    const int t = token(col, ids);
+    return t < tokens ? min((t + 1) << level, k_len) - 1 : INT_MAX;
+  }
+  // Last original key any column of the tile covers.
+  __device__ int tile_last_key(const uint16_t* ids) const {
+    const int last_column = min(kTileN, count * per_block - tile * kTileN) - 1;
+    const int t = min(token(last_column, ids), tokens - 1);
+    return min((t + 1) << level, k_len) - 1;
+  }
+};
+
+}  // namespace psa::kernels

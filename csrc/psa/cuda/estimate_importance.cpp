@@ -19,6 +19,28 @@ constexpr int64_t kMaxTableBytes = int64_t{256} << 20;
 
 bool fused_sample_count(int64_t samples) { return samples == 8 || samples == 16 || samples == 32; }
 
+// The fields SampledParams and PooledParams share: inputs, scores and the block geometry.
+template <typename Params>
+void fill_common_params(Params& params, const at::Tensor& q, const at::Tensor& k, const at::Tensor& scores,
+                        int64_t block_m, int64_t block_n, double scale, bool causal) {
+  params.q = q.data_ptr();
+  params.k = k.data_ptr();
+  set_strides(params.q_stride, q);
+  set_strides(params.k_stride, k);
+  params.scores = scores.data_ptr<float>();
+  params.batch = static_cast<int>(q.size(0));
+  params.q_heads = static_cast<int>(q.size(1));
+  params.kv_heads = static_cast<int>(k.size(1));
+  params.q_len = static_cast<int>(q.size(2));
+  params.k_len = static_cast<int>(k.size(2));
+  params.block_m = static_cast<int>(block_m);
+  params.block_n = static_cast<int>(block_n);
+  params.n_q = static_cast<int>(scores.size(2));
+  params.n_k = static_cast<int>(scores.size(3));
+  params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  params.causal = causal;
+}
+
 }  // namespace
 
 at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int64_t block_m, int64_t block_n,
@@ -35,26 +57,11 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
   if (scores.numel() == 0) return scores;
 
   kernels::SampledParams params{};
-  params.q = q.data_ptr();
-  params.k = k.data_ptr();
-  set_strides(params.q_stride, q);
-  set_strides(params.k_stride, k);
+  fill_common_params(params, q, k, scores, block_m, block_n, scale, causal);
   params.q_offsets = q_off.data_ptr<int64_t>();
   params.k_offsets = k_off.data_ptr<int64_t>();
-  params.scores = scores.data_ptr<float>();
-  params.batch = static_cast<int>(batch);
-  params.q_heads = static_cast<int>(q_heads);
-  params.kv_heads = static_cast<int>(k.size(1));
-  params.q_len = static_cast<int>(q.size(2));
-  params.k_len = static_cast<int>(k.size(2));
-  params.block_m = static_cast<int>(block_m);
-  params.block_n = static_cast<int>(block_n);
-  params.n_q = static_cast<int>(n_q);
-  params.n_k = static_cast<int>(n_k);
   params.q_samples = static_cast<int>(q_off.numel());
   params.k_samples = static_cast<int>(k_off.numel());
-  params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  params.causal = causal;
   const KernelChoice choice = requested_kernel(kOp);
   const std::string sm90_reason = choice == KernelChoice::kSm80 ? "PSA_CUDA_KERNEL=sm80"
                                                                 : sm90_device_unavailable_reason(q.device());
@@ -110,32 +117,17 @@ at::Tensor estimate_pooled(const at::Tensor& q_in, const at::Tensor& k_in, int64
   const int64_t batch = q.size(0), q_heads = q.size(1), dim = q.size(3);
   const int64_t n_q = ceil_div(q.size(2), block_m), n_k = ceil_div(k.size(2), block_n);
   // Blocks index gridDim.y.
-  PSA_CHECK(std::max(n_q, n_k) <= 65535, kOp, ": the pooled estimator takes at most 65535 blocks per sequence on CUDA, got ",
-            std::max(n_q, n_k));
+  PSA_CHECK(std::max(n_q, n_k) <= 65535, kOp,
+            ": the pooled estimator takes at most 65535 blocks per sequence on CUDA, got ", std::max(n_q, n_k));
   auto scores = at::empty({batch, q_heads, n_q, n_k}, q.options().dtype(at::kFloat));
   if (scores.numel() == 0) return scores;
   auto q_means = at::empty({batch, q_heads, n_q, dim}, scores.options());
   auto k_means = at::empty({batch, k.size(1), n_k, dim}, scores.options());
 
   kernels::PooledParams params{};
-  params.q = q.data_ptr();
-  params.k = k.data_ptr();
-  set_strides(params.q_stride, q);
-  set_strides(params.k_stride, k);
+  fill_common_params(params, q, k, scores, block_m, block_n, scale, causal);
   params.q_means = q_means.data_ptr<float>();
   params.k_means = k_means.data_ptr<float>();
-  params.scores = scores.data_ptr<float>();
-  params.batch = static_cast<int>(batch);
-  params.q_heads = static_cast<int>(q_heads);
-  params.kv_heads = static_cast<int>(k.size(1));
-  params.q_len = static_cast<int>(q.size(2));
-  params.k_len = static_cast<int>(k.size(2));
-  params.block_m = static_cast<int>(block_m);
-  params.block_n = static_cast<int>(block_n);
-  params.n_q = static_cast<int>(n_q);
-  params.n_k = static_cast<int>(n_k);
-  params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  params.causal = causal;
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   check_launch(kOp, dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

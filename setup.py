@@ -8,7 +8,10 @@ Knobs (environment variables):
                    Hopper kernels out and says so.
   MAX_JOBS         parallel compile jobs, default from free memory and cores
   NVCC_THREADS     threads per nvcc process, default 2
-  DEBUG            1 builds with -O0 -g
+  DEBUG            1 builds with -O0 -g (and keeps symbols; release builds are stripped)
+
+The wheel is abi3 (one wheel for CPython 3.10+: the extension uses only PyModule_Create) and its
+metadata pins the torch release it was built against, the only one its binary loads under.
 """
 
 import glob
@@ -47,6 +50,7 @@ ROOT = os.path.dirname(os.path.abspath(__file__))
 # the extension then only loads under the torch it was built against.
 DEVELOPED_WITH_TORCH = "2.14.1"
 DEFAULT_CUDA_ARCHS = "8.0;9.0a"
+PY_LIMITED_API_TAG, PY_LIMITED_API_HEX = "cp310", "0x030A0000"
 SUPPORTED_CUDA_ARCHS = ("8.0", "8.6", "8.9", "9.0", "9.0a")
 
 
@@ -128,17 +132,17 @@ def build_info(with_cuda, archs, with_sm90):
 
 
 class BuildWithInfo(cpp_extension.BuildExtension):
-    """Writes psa/_build_info.json beside _C, so that import can name a torch mismatch."""
+    """Writes _build_info.json beside _C, so that import can name a torch mismatch: into the source
+    tree only for in-place (editable) builds, else into the build tree the wheel is made from."""
 
     build_info = {}
 
     def run(self):
         super().run()
-        info = json.dumps(self.build_info, indent=2)
-        for target in {os.path.join(ROOT, "psa"), os.path.join(self.build_lib, "psa")}:
-            if os.path.isdir(target):
-                with open(os.path.join(target, "_build_info.json"), "w") as f:
-                    f.write(info + "\n")
+        target = os.path.join(ROOT if self.inplace else self.build_lib, "psa")
+        os.makedirs(target, exist_ok=True)
+        with open(os.path.join(target, "_build_info.json"), "w") as f:
+            f.write(json.dumps(self.build_info, indent=2) + "\n")
 
 
 def main():
@@ -159,7 +163,8 @@ def main():
         log("warning: no CUTLASS headers (pip install nvidia-cutlass==4.2.0.0 or set CUTLASS_INCLUDE_DIR): "
             "building without the Hopper (sm_90a) kernels")
     defines = (["-DPSA_WITH_CUDA"] if with_cuda else []) + (["-DPSA_WITH_SM90"] if with_sm90 else [])
-    cxx_flags = (["-O0", "-g"] if debug else ["-O3"]) + defines
+    # Python's limited API (3.10): module.cpp only creates the module; the ops register with torch.
+    cxx_flags = (["-O0", "-g"] if debug else ["-O3", "-g0"]) + defines + [f"-DPy_LIMITED_API={PY_LIMITED_API_HEX}"]
     extra = {"cxx": cxx_flags}
     include_dirs = [os.path.join(ROOT, "csrc")] + ([cutlass] if with_sm90 else [])
     if with_cuda:
@@ -173,11 +178,15 @@ def main():
         sources=cpu_sources() + (cuda_sources(with_sm90) if with_cuda else []),
         include_dirs=include_dirs,
         extra_compile_args=extra,
+        extra_link_args=[] if debug else ["-Wl,--strip-all"],
+        py_limited_api=True,
     )
     BuildWithInfo.build_info = build_info(with_cuda, archs, with_sm90)
     setup(
         ext_modules=[extension],
         cmdclass={"build_ext": BuildWithInfo.with_options(use_ninja=shutil.which("ninja") is not None)},
+        install_requires=[f"torch=={base_version}"],
+        options={"bdist_wheel": {"py_limited_api": PY_LIMITED_API_TAG}},
     )
 
 

@@ -18,8 +18,10 @@ def read_build_info(path: str = BUILD_INFO_PATH) -> dict:
             return json.load(f)
     except FileNotFoundError:
         raise ImportError(
-            "psa: the compiled extension is missing (no psa/_build_info.json). Build it with "
-            "`pip install --no-build-isolation -e .` from the psa checkout.") from None
+            f"psa: the compiled extension is missing ({path} does not exist): this psa package at "
+            f"{os.path.dirname(path)} was never built. From a source checkout, build it in place with "
+            "`pip install --no-build-isolation -e .`; if psa is installed from a wheel, run Python from "
+            "outside the checkout so that the installed package is imported.") from None
 
 
 def check_build_info(info: dict, torch_version: str = torch.__version__,

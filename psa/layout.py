@@ -1,4 +1,4 @@
-"""Token orders for video latents (spec section 6).
+"""Token orders for video latents (docs/spec.md section 6).
 
 Video tokens arrive in raster order of a latent grid `(T, H, W)`, width fastest. Pooling and blocks work
 best when tokens that are neighbours in the sequence are neighbours in space-time, so psa can permute

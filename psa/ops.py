@@ -83,7 +83,7 @@ def estimate_importance(q: torch.Tensor, k: torch.Tensor, config: Optional[PSACo
 def assign_levels(scores: torch.Tensor, config: Optional[PSAConfig] = None, *, k: Optional[torch.Tensor] = None,
                   q_len: Optional[int] = None, k_len: Optional[int] = None, force_keys: Positions = None,
                   force_queries: Positions = None) -> torch.Tensor:
-    """int8 level map `[B, Hq, n_q, n_k]` with values in {0, 1, 2, 4, 8} (spec section 5).
+    """int8 level map `[B, Hq, n_q, n_k]` with values in {0, 1, 2, 4, 8} (docs/spec.md section 5).
 
     `q_len`/`k_len` default to `k`'s length when `k` is given, else to whole blocks; causal maps need
     the true lengths (give `q_len`, and `k` or `k_len`). `force_keys`/`force_queries` are positions
@@ -120,7 +120,7 @@ def estimate_levels(q: torch.Tensor, k: torch.Tensor, config: Optional[PSAConfig
 def attention_with_levels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, levels: torch.Tensor, *,
                           block_m: int, block_n: int, scale: Optional[float] = None, causal: bool = False,
                           return_lse: bool = False):
-    """Attention over a given level map (spec section 3). q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lk, D]`.
+    """Attention over a given level map (docs/spec.md section 3). q `[B, Hq, Lq, D]`, k/v `[B, Hkv, Lk, D]`.
 
     Returns `out` (and float32 `lse [B, Hq, Lq]` with `return_lse`). Rows that see no key get zeros
     and `lse = -inf`.
@@ -203,7 +203,7 @@ def _sparse_attention_fake(q, k, v, force_keys=None, force_queries=None, q_offse
 def _register_not_differentiable(name: str) -> None:
     def backward(ctx, *grads):
         raise RuntimeError(f"psa.{name} is not differentiable yet: run it under torch.no_grad() or on "
-                           "inputs that do not require grad (the backward pass is planned, spec section 7)")
+                           "inputs that do not require grad (the backward pass is planned, docs/spec.md section 7)")
 
     def setup_context(ctx, inputs, output, keyword_only_inputs=None):
         pass

@@ -232,7 +232,7 @@ def estimate_importance(q: torch.Tensor, k: torch.Tensor, *, method: str, block_
 # --------------------------------------------------------------------------------------------------
 
 def similarity_cap(k: torch.Tensor, block_n: int, thresholds: Sequence[float]) -> torch.Tensor:
-    """int64 `[B, Hkv, n_k]`: the coarsest level each key block may take (spec section 5).
+    """int64 `[B, Hkv, n_k]`: the coarsest level each key block may take (docs/spec.md section 5).
 
     `sim_l` is the mean, over the groups of `l` keys inside the block, of the cosine similarity of
     the group's first and last real key (a group holding one key counts as 1).
@@ -270,7 +270,7 @@ def assign_levels(scores: torch.Tensor, *, mode: str, bounds: Sequence[float], b
                   force_keys: Optional[torch.Tensor] = None, force_queries: Optional[torch.Tensor] = None,
                   k: Optional[torch.Tensor] = None,
                   sim_thresholds: Optional[Sequence[float]] = None) -> torch.Tensor:
-    """int8 level map `[B, Hq, n_q, n_k]` from block scores (spec section 5)."""
+    """int8 level map `[B, Hq, n_q, n_k]` from block scores (docs/spec.md section 5)."""
     batch, q_heads, n_q, n_k = scores.shape
     device = scores.device
     candidates = candidate_blocks(q_len, k_len, block_m, block_n, causal, device)   # [n_q, n_k]

@@ -1,4 +1,4 @@
-"""Density, coverage and level histogram of a level map (spec section 3)."""
+"""Density, coverage and level histogram of a level map (docs/spec.md section 3)."""
 
 from __future__ import annotations
 

@@ -10,7 +10,7 @@ Supported (diffusers 0.42.1): `WanTransformer3DModel` (Wan2.1, Wan2.2; for the t
 pipeline apply to `pipe.transformer` and `pipe.transformer_2`), `CogVideoXTransformer3DModel` and
 `HunyuanVideoTransformer3DModel`. Video self-attention runs through `psa.sparse_attention`; Wan's
 cross-attention to text (and its I2V image context) stays dense. CogVideoX attends over `[text | video]`
-jointly: the text tokens are forced keys and forced query rows (spec section 5), so every video row sees
+jointly: the text tokens are forced keys and forced query rows (docs/spec.md section 5), so every video row sees
 all of the text and every text row sees everything, and they stay out of the token permutation.
 HunyuanVideo attends over `[video | text]` with padded text keys masked out; psa cannot drop single
 keys, so video-to-video runs through psa, video-to-text and text rows run dense, and the two softmaxes
@@ -124,7 +124,7 @@ class _Route:
 
     def attend(self, q, k, v, scale=None, text: int = 0, return_lse: bool = False):
         """psa over `[B, H, L, D]` tensors whose first `text` tokens are text: those are forced keys and
-        forced query rows (spec section 5) and stay out of the token permutation."""
+        forced query rows (docs/spec.md section 5) and stay out of the token permutation."""
         state = self.state
         order = _layout.get_layout(state.grid, state.order, tile=state.tile, text_before=text, device=q.device)
         q, k, v = (order.permute(x, dim=2) for x in (q, k, v))

@@ -37,12 +37,18 @@ HELD_OUT_FRAMES = range(200, 280)
 
 
 def fetch_clip(path: str = CLIP_CACHE) -> str:
-    """cockatoo.mp4 from Debian's python3-imageio package (downloaded with apt-get, then cached)."""
+    """cockatoo.mp4 from Debian's python3-imageio package (downloaded with apt-get, then cached). On a
+    machine whose package lists were never fetched, runs `apt-get update` once and tries again."""
     if os.path.exists(path):
         return path
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with tempfile.TemporaryDirectory() as work:
-        subprocess.run(["apt-get", "download", "python3-imageio"], cwd=work, check=True, capture_output=True)
+        download = ["apt-get", "download", "python3-imageio"]
+        if subprocess.run(download, cwd=work, capture_output=True).returncode != 0:
+            subprocess.run(["apt-get", "update"], capture_output=True)
+            result = subprocess.run(download, cwd=work, capture_output=True, text=True)
+            if result.returncode != 0:
+                raise RuntimeError(f"apt-get download python3-imageio failed: {result.stderr.strip()}")
         package = glob.glob(os.path.join(work, "python3-imageio_*.deb"))[0]
         subprocess.run(["dpkg-deb", "-x", package, os.path.join(work, "x")], check=True)
         found = glob.glob(os.path.join(work, "x", "**", "cockatoo.mp4"), recursive=True)

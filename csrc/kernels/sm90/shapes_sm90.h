@@ -32,7 +32,6 @@ struct AttentionSm90Shape {
   static constexpr int kEntryRegisters = (65536 / (kThreads * kMinBlocks)) / 8 * 8;
   static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= (kConsumers + 1) * kEntryRegisters,
                 "setmaxnreg budgets exceed the CTA's register pool");
-  static constexpr size_t kQBytes = kElementBytes * kBlockM * kHeadDim;
   static constexpr size_t kTileBytes = kElementBytes * kTileN * kHeadDim;  // one K or V stage
   static size_t smem_bytes(int n_k);
 };

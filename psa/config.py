@@ -39,8 +39,8 @@ class PSAConfig:
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
             value = getattr(self, name)
-            if isinstance(value, bool) or value not in BLOCK_SIZES:
-                raise ValueError(f"PSAConfig.{name} must be one of {BLOCK_SIZES}, got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or value not in BLOCK_SIZES:
+                raise ValueError(f"PSAConfig.{name} must be an int, one of {BLOCK_SIZES}, got {value!r}")
         if self.mode not in MODES:
             raise ValueError(f"PSAConfig.mode must be one of {MODES}, got {self.mode!r}")
         if self.estimator not in ESTIMATORS:
@@ -85,6 +85,8 @@ def _is_real(value) -> bool:
 
 
 def _float_tuple(name: str, values, length: int) -> tuple:
+    if hasattr(values, "tolist") and not isinstance(values, (list, tuple)):  # a numpy array or a tensor
+        values = values.tolist()
     try:
         items = tuple(values)
     except TypeError:

@@ -31,9 +31,21 @@ Grid = Tuple[int, int, int]
 
 
 def _check_grid(grid: Sequence[int], name: str = "grid") -> Grid:
-    if len(grid) != 3 or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in grid):
-        raise ValueError(f"{name} must be three positive ints (T, H, W), got {tuple(grid)!r}")
+    if (not hasattr(grid, "__len__") or len(grid) != 3
+            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in grid)):
+        raise ValueError(f"{name} must be three positive ints (T, H, W), got {grid!r}")
     return tuple(grid)
+
+
+def check_tile(tile: Sequence[int]) -> Grid:
+    """The tiled order's tile: three positive ints (frames, rows, columns)."""
+    return _check_grid(tile, "tile")
+
+
+def check_text_counts(text_before: int, text_after: int) -> None:
+    for name, count in (("text_before", text_before), ("text_after", text_after)):
+        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+            raise ValueError(f"{name} must be a non-negative int (a number of text tokens), got {count!r}")
 
 
 # --------------------------------------------------------------------------------------------------

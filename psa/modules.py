@@ -26,13 +26,19 @@ class PSAAttention(nn.Module):
         super().__init__()
         if order not in _layout.ORDERS:
             raise ValueError(f"order must be one of {_layout.ORDERS}, got {order!r}")
+        if config is not None and not isinstance(config, PSAConfig):
+            raise ValueError(f"config must be a psa.PSAConfig, got {type(config).__name__}")
         self.config = config if config is not None else PSAConfig()
-        self.order, self.tile = order, tuple(tile)
+        self.order, self.tile = order, _layout.check_tile(tile)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,
                 force_keys=None, force_queries=None, grid: Optional[Sequence[int]] = None, text_before: int = 0,
                 text_after: int = 0) -> torch.Tensor:
+        _layout.check_text_counts(text_before, text_after)
         if grid is None:
+            if text_before or text_after:
+                raise ValueError("text_before / text_after place text around the video tokens of a grid: "
+                                 "give grid=(T, H, W) too")
             return sparse_attention(q, k, v, self.config, scale=scale, force_keys=force_keys,
                                     force_queries=force_queries)
         tokens = grid[0] * grid[1] * grid[2] + text_before + text_after

@@ -30,7 +30,11 @@ def _config(config: Optional[PSAConfig]) -> PSAConfig:
 
 
 def _position_mask(name: str, positions: Positions, length: int, device) -> Optional[torch.Tensor]:
-    """A bool mask `[L]` or `[B, L]` from a mask, an index tensor, a range or a list of positions."""
+    """A bool mask `[L]` or `[B, L]` from a mask, an index tensor, a range or a list of positions.
+
+    Positions must lie in [0, length): negative ones are not counted from the end. Host lists and
+    ranges are checked here; an index tensor on the GPU is checked on the device (torch._assert_async:
+    no host sync on the hot path)."""
     if positions is None:
         return None
     if isinstance(positions, torch.Tensor) and positions.dtype == torch.bool:
@@ -40,9 +44,40 @@ def _position_mask(name: str, positions: Positions, length: int, device) -> Opti
             raise ValueError(f"{name} must be a bool mask or a 1-D integer tensor of positions, got "
                              f"{positions.dtype} of shape {tuple(positions.shape)}")
         index = positions.to(device=device, dtype=torch.long)
-    else:
-        index = torch.as_tensor(list(positions), dtype=torch.long, device=device)
+        in_range = ((index >= 0) & (index < length)).all()
+        if index.device.type == "cpu" and not torch.compiler.is_compiling():
+            if not bool(in_range):
+                raise ValueError(f"{name} must hold positions in [0, {length}), got values from "
+                                 f"{int(index.min())} to {int(index.max())}")
+        else:
+            torch._assert_async(in_range, f"{name} must hold positions in [0, {length})")
+        return torch.zeros(length, dtype=torch.bool, device=device).index_fill_(0, index, True)
+    if isinstance(positions, (str, bytes)) or not hasattr(positions, "__iter__"):
+        raise ValueError(f"{name} must be a bool mask, an integer tensor, a list or a range of positions, got "
+                         f"{type(positions).__name__}")
+    values = list(positions)
+    bad = [p for p in values if isinstance(p, bool) or not isinstance(p, int) or not 0 <= p < length]
+    if bad:
+        raise ValueError(f"{name} must hold integer positions in [0, {length}), got {bad[:5]!r}")
+    index = torch.as_tensor(values, dtype=torch.long, device=device)
     return torch.zeros(length, dtype=torch.bool, device=device).index_fill_(0, index, True)
+
+
+def _check_generator(generator, config: PSAConfig) -> None:
+    if generator is not None and config.estimator != "sampled":
+        raise ValueError(f"generator applies to the 'sampled' estimator only, got estimator={config.estimator!r}")
+    if generator is not None and not isinstance(generator, torch.Generator):
+        raise ValueError(f"generator must be a torch.Generator, got {type(generator).__name__}")
+
+
+def _check_same_device(**tensors) -> None:
+    """Every tensor argument on one device (a meta tensor among CPU ones would otherwise dispatch to
+    the fake kernel and return uninitialised memory)."""
+    named = [(name, t) for name, t in tensors.items() if isinstance(t, torch.Tensor)]
+    first_name, first = named[0]
+    for name, t in named[1:]:
+        if t.device != first.device:
+            raise ValueError(f"{name} must be on the device of {first_name} ({first.device}), got {t.device}")
 
 
 def _sample_offsets(block: int, generator: Optional[torch.Generator], device) -> Optional[torch.Tensor]:
@@ -59,6 +94,7 @@ def _sample_offsets(block: int, generator: Optional[torch.Generator], device) ->
 
 def kv_pyramid(k: torch.Tensor, v: torch.Tensor) -> Dict[int, Tuple[torch.Tensor, torch.Tensor]]:
     """`{l: (K_l, V_l)}` for l in 1, 2, 4, 8 (level 1 is `k, v` themselves)."""
+    _check_same_device(k=k, v=v)
     k2, v2, k4, v4, k8, v8 = _ops.kv_pyramid(k, v)
     return {1: (k, v), 2: (k2, v2), 4: (k4, v4), 8: (k8, v8)}
 
@@ -72,8 +108,8 @@ def estimate_importance(q: torch.Tensor, k: torch.Tensor, config: Optional[PSACo
     so the same inputs always give the same scores.
     """
     c = _config(config)
-    if generator is not None and c.estimator != "sampled":
-        raise ValueError(f"generator applies to the 'sampled' estimator only, got estimator={c.estimator!r}")
+    _check_generator(generator, c)
+    _check_same_device(q=q, k=k)
     return _ops.estimate_importance(
         q, k, block_m=c.block_m, block_n=c.block_n, method=c.estimator, scale=scale, causal=c.causal,
         stride=c.stride, q_offsets=_sample_offsets(c.block_m, generator, q.device),
@@ -100,6 +136,7 @@ def assign_levels(scores: torch.Tensor, config: Optional[PSAConfig] = None, *, k
         q_len = k_len if c.causal else n_q * c.block_m
     if c.sim_thresholds is not None and k is None:
         raise ValueError("assign_levels: config.sim_thresholds (the similarity cap) needs k")
+    _check_same_device(scores=scores, k=k, force_keys=force_keys, force_queries=force_queries)
     return _ops.assign_levels(
         scores, mode=c.mode, bounds=list(c.bounds), block_m=c.block_m, block_n=c.block_n, q_len=q_len,
         k_len=k_len, min_full=c.min_full, causal=c.causal, sink=c.sink,
@@ -125,6 +162,7 @@ def attention_with_levels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lev
     Returns `out` (and float32 `lse [B, Hq, Lq]` with `return_lse`). Rows that see no key get zeros
     and `lse = -inf`.
     """
+    _check_same_device(q=q, k=k, v=v, levels=levels)
     out, lse = _ops.attention_with_levels(q, k, v, levels, block_m=block_m, block_n=block_n, scale=scale,
                                           causal=causal)
     return (out, lse) if return_lse else out
@@ -139,6 +177,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: 
     Returns `out`, or a tuple `(out, lse?, levels?)` with the `return_*` flags.
     """
     c = _config(config)
+    _check_generator(generator, c)
+    _check_same_device(q=q, k=k, v=v, force_keys=force_keys, force_queries=force_queries)
     out, lse, levels = _ops.sparse_attention(
         q, k, v, block_m=c.block_m, block_n=c.block_n, mode=c.mode, bounds=list(c.bounds),
         estimator=c.estimator, min_full=c.min_full,
@@ -146,8 +186,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: 
         sink=c.sink, stride=c.stride, scale=scale,
         force_keys=_position_mask("force_keys", force_keys, k.shape[-2], q.device),
         force_queries=_position_mask("force_queries", force_queries, q.shape[-2], q.device),
-        q_offsets=_sample_offsets(c.block_m, generator, q.device) if c.estimator == "sampled" else None,
-        k_offsets=_sample_offsets(c.block_n, generator, q.device) if c.estimator == "sampled" else None)
+        q_offsets=_sample_offsets(c.block_m, generator, q.device),
+        k_offsets=_sample_offsets(c.block_n, generator, q.device))
     if not (return_lse or return_levels):
         return out
     return (out,) + ((lse,) if return_lse else ()) + ((levels,) if return_levels else ())

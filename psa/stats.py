@@ -19,6 +19,16 @@ def level_stats(levels: torch.Tensor, *, causal: bool = False, q_len: Optional[i
     when given, else assuming equal block sizes aligned at the bottom-right (`j <= i + n_k - n_q`).
     Returns Python floats, so it synchronises with the device: keep it off the hot path.
     """
+    if not isinstance(levels, torch.Tensor) or levels.dtype != torch.int8 or levels.dim() < 2:
+        raise ValueError("level_stats: levels must be an int8 level map [..., n_q, n_k], got "
+                         + (f"{levels.dtype} of shape {tuple(levels.shape)}" if isinstance(levels, torch.Tensor)
+                            else type(levels).__name__))
+    known = torch.zeros_like(levels, dtype=torch.bool)
+    for level in LEVEL_VALUES:
+        known |= levels == level
+    if not bool(known.all()):
+        raise ValueError(f"level_stats: levels values must be in {tuple(LEVEL_VALUES)}, got "
+                         f"{sorted(set(levels[~known].unique().tolist()))}")
     n_q, n_k = levels.shape[-2], levels.shape[-1]
     if not causal:
         candidates = torch.ones(n_q, n_k, dtype=torch.bool, device=levels.device)

@@ -222,6 +222,17 @@ def test_apply_rejects_what_it_cannot_patch():
         psa_diffusers.apply(model, order="hilbert")
     with pytest.raises(ValueError, match="layers"):
         psa_diffusers.apply(model, layers=[3])
+    with pytest.raises(ValueError, match=r"tile must be three positive ints \(T, H, W\), got \(0, 0, 0\)"):
+        psa_diffusers.apply(model, tile=(0, 0, 0))
+    with pytest.raises(ValueError, match=r"maps block indices \(ints\) to PSAConfig, got keys \['0'\]"):
+        psa_diffusers.apply(model, {"0": psa.PSAConfig()})
+
+    class Pipeline:  # what a diffusers pipeline looks like to apply(): components and a transformer
+        components = {}
+        transformer = model
+
+    with pytest.raises(ValueError, match="pass pipe.transformer"):
+        psa_diffusers.apply(Pipeline())
     psa_diffusers.apply(model)
     with pytest.raises(ValueError, match="already applied"):
         psa_diffusers.apply(model)

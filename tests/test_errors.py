@@ -154,3 +154,102 @@ def test_pyramid_errors_name_k_and_v():
         psa.kv_pyramid(k, k[:, :, :20])
     with pytest.raises(RuntimeError, match="v must be contiguous in its last dim"):
         psa.kv_pyramid(k, torch.randn(1, 2, 16, 40).transpose(-1, -2))
+
+
+@pytest.mark.parametrize("positions,match", [
+    ([10000], r"force_keys must hold integer positions in \[0, 100\), got \[10000\]"),
+    ([-1], r"force_keys must hold integer positions in \[0, 100\), got \[-1\]"),
+    ([1.5], r"force_keys must hold integer positions in \[0, 100\), got \[1.5\]"),
+    ([True], r"force_keys must hold integer positions"),
+    (5, r"force_keys must be a bool mask, an integer tensor, a list or a range of positions, got int"),
+    ("0-10", r"force_keys must be a bool mask, an integer tensor, a list or a range of positions, got str"),
+    (torch.tensor([3, 100]), r"force_keys must hold positions in \[0, 100\), got values from 3 to 100"),
+    (torch.tensor([-2]), r"force_keys must hold positions in \[0, 100\), got values from -2 to -2"),
+    (torch.tensor([1.0]), r"force_keys must be a bool mask or a 1-D integer tensor of positions"),
+])
+def test_forced_positions_are_checked(positions, match):
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=match):
+        psa.sparse_attention(q, k, v, PSAConfig(block_m=64, block_n=64), force_keys=positions)
+
+
+def test_forced_query_positions_are_checked():
+    q, k, v = qkv()
+    with pytest.raises(ValueError, match=r"force_queries must hold integer positions in \[0, 100\)"):
+        psa.sparse_attention(q, k, v, force_queries=range(90, 110))
+
+
+def test_generator_only_with_the_sampled_estimator():
+    q, k, v = qkv()
+    generator = torch.Generator().manual_seed(0)
+    for estimator in ("antidiagonal", "pooled"):
+        with pytest.raises(ValueError, match=f"generator applies to the 'sampled' estimator only, got "
+                                             f"estimator='{estimator}'"):
+            psa.sparse_attention(q, k, v, PSAConfig(estimator=estimator), generator=generator)
+    with pytest.raises(ValueError, match="generator must be a torch.Generator, got int"):
+        psa.sparse_attention(q, k, v, generator=0)
+
+
+def test_meta_tensor_beside_cpu_tensors():
+    q, k, v = qkv()
+    meta = k.to("meta")
+    with pytest.raises(ValueError, match=r"k must be on the device of q \(cpu\), got meta"):
+        psa.sparse_attention(q, meta, v)
+    with pytest.raises(ValueError, match=r"v must be on the device of q \(cpu\), got meta"):
+        attend(q, k, v.to("meta"))
+    with pytest.raises(ValueError, match=r"levels must be on the device of q \(cpu\), got meta"):
+        attend(q, k, v, levels=levels_for(q, k).to("meta"))
+    with pytest.raises(ValueError, match=r"force_keys must be on the device of q \(cpu\), got meta"):
+        psa.sparse_attention(q, k, v, force_keys=torch.zeros(100, dtype=torch.bool, device="meta"))
+    with pytest.raises(ValueError, match=r"k must be on the device of q \(cpu\), got meta"):
+        psa.estimate_importance(q, meta)
+    with pytest.raises(ValueError, match=r"v must be on the device of k \(cpu\), got meta"):
+        psa.kv_pyramid(k, v.to("meta"))
+
+
+def test_level_stats_rejects_what_is_not_a_level_map():
+    with pytest.raises(ValueError, match=r"level_stats: levels must be an int8 level map .* got torch.float32"):
+        psa.level_stats(torch.ones(1, 1, 2, 2))
+    with pytest.raises(ValueError, match=r"level_stats: levels values must be in \(0, 1, 2, 4, 8\), got \[-1, 3\]"):
+        psa.level_stats(torch.tensor([[[[1, 3], [-1, 8]]]], dtype=torch.int8))
+    with pytest.raises(ValueError, match="level_stats: levels must be an int8 level map"):
+        psa.level_stats([[1, 2], [4, 8]])
+
+
+@pytest.mark.parametrize("field,value,match", [
+    ("block_m", 64.0, r"PSAConfig.block_m must be an int, one of \(32, 64, 128\), got 64.0"),
+    ("block_n", "64", r"PSAConfig.block_n must be an int, one of \(32, 64, 128\), got '64'"),
+    ("bounds", "0.1", r"PSAConfig.bounds must be a sequence of 4 finite numbers"),
+])
+def test_config_types(field, value, match):
+    with pytest.raises(ValueError, match=match):
+        PSAConfig(**{field: value})
+
+
+def test_config_bounds_from_arrays():
+    numpy = pytest.importorskip("numpy")
+    assert PSAConfig(bounds=numpy.array([0.1, 0.2, 0.3, 0.4])).bounds == (0.1, 0.2, 0.3, 0.4)
+    with pytest.raises(ValueError, match=r"PSAConfig.bounds must be a sequence of 4 finite numbers, got \[0.1, 0.2\]"):
+        PSAConfig(bounds=numpy.array([0.1, 0.2]))
+
+
+def test_zero_heads_say_heads():
+    q, k, v = qkv()
+    with pytest.raises(RuntimeError, match=r"q must have at least one head \(dim 1 of \[B, H, L, D\]\), got 0"):
+        attend(q[:, :0], k, v)
+    with pytest.raises(RuntimeError, match=r"k must have at least one head"):
+        psa.estimate_importance(q, k[:, :0])
+
+
+def test_psa_attention_module_arguments():
+    q, k, v = qkv(q_heads=2, kv_heads=2, length=2 * 3 * 4 + 2)
+    with pytest.raises(ValueError, match=r"tile must be three positive ints \(T, H, W\), got \(0, 4, 4\)"):
+        psa.PSAAttention(tile=(0, 4, 4))
+    with pytest.raises(ValueError, match="config must be a psa.PSAConfig, got dict"):
+        psa.PSAAttention({"block_m": 64})
+    module = psa.PSAAttention(PSAConfig(block_m=32, block_n=32))
+    with pytest.raises(ValueError, match="text_before must be a non-negative int .* got -1"):
+        module(q, k, v, grid=(2, 3, 4), text_before=-1)
+    with pytest.raises(ValueError, match="give grid=\\(T, H, W\\) too"):
+        module(q, k, v, text_before=2)
+    assert module(q, k, v, grid=(2, 3, 4), text_before=2).shape == q.shape

@@ -72,7 +72,9 @@ void check_qk(const char* op, const at::Tensor& q, const at::Tensor& k) {
   check_dtype_and_head_dim(op, "q", q);
   PSA_CHECK(k.size(0) == q.size(0), op, ": k must have the batch size of q (", q.size(0), "), got ",
               k.size(0));
-  PSA_CHECK(k.size(1) >= 1 && q.size(1) % k.size(1) == 0, op,
+  PSA_CHECK(q.size(1) >= 1, op, ": q must have at least one head (dim 1 of [B, H, L, D]), got ", q.size(1));
+  PSA_CHECK(k.size(1) >= 1, op, ": k must have at least one head (dim 1 of [B, H, L, D]), got ", k.size(1));
+  PSA_CHECK(q.size(1) % k.size(1) == 0, op,
               ": the head count of q must be a multiple of that of k (GQA), got ", q.size(1), " and ", k.size(1));
   PSA_CHECK(k.size(3) == q.size(3), op, ": k must have the head_dim of q (", q.size(3), "), got ", k.size(3));
 }

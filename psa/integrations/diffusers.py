@@ -334,6 +334,9 @@ def _adapter(transformer) -> _Adapter:
     for cls in type(transformer).__mro__:
         if cls.__name__ in _ADAPTERS:
             return _ADAPTERS[cls.__name__]
+    if hasattr(transformer, "transformer") and hasattr(transformer, "components"):
+        raise ValueError(f"apply() takes the pipeline's transformer, not the pipeline: pass pipe.transformer "
+                         f"(got a {type(transformer).__name__})")
     raise ValueError(f"psa.integrations.diffusers supports {sorted(_ADAPTERS)}, got {type(transformer).__name__}")
 
 
@@ -365,6 +368,11 @@ def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] =
     """
     config = PSAConfig() if config is None else config
     per_layer = dict(config) if isinstance(config, Mapping) else None
+    if per_layer is not None:
+        bad_keys = [key for key in per_layer if isinstance(key, bool) or not isinstance(key, int)]
+        if bad_keys:
+            raise ValueError(f"a per-layer config maps block indices (ints) to PSAConfig, got keys {bad_keys[:5]!r}"
+                             " (read a saved JSON mapping with psa.tools.calibrate.configs_from_json)")
     for value in (per_layer.values() if per_layer is not None else [config]):
         if not isinstance(value, PSAConfig):
             raise ValueError(f"config must be a psa.PSAConfig or a mapping of block index to PSAConfig, "
@@ -377,6 +385,7 @@ def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] =
         raise ValueError(f"warmup_steps must be a non-negative int, got {warmup_steps!r}")
     if order not in _layout.ORDERS:
         raise ValueError(f"order must be one of {_layout.ORDERS}, got {order!r}")
+    _layout.check_tile(tile)
     adapter = _adapter(transformer)
     if getattr(transformer, _ATTRIBUTE, None) is not None:
         raise ValueError("psa is already applied to this transformer; call remove() first")

@@ -1,8 +1,10 @@
 """Typed wrappers over `torch.ops.psa`, with their fake kernels and autograd registrations.
 
-The wrappers only convert arguments and fill defaults from a `PSAConfig`: no device queries, no
-`.item()`, no prints, so they trace under `torch.compile(fullgraph=True)`. All validation of tensors
-happens once, in the C++ entry points.
+The wrappers convert arguments and fill defaults from a `PSAConfig`: no device queries, no `.item()`
+on the GPU, no prints, so they trace under `torch.compile(fullgraph=True)`. Tensors are validated once,
+in the C++ entry points; the wrappers check only host-side arguments (positions, generator) and that
+every tensor shares one device, which the dispatcher would otherwise route around (a meta tensor
+among CPU ones selects the fake kernel).
 """
 
 from __future__ import annotations

@@ -93,3 +93,12 @@ def test_cuda_input_errors_name_the_problem(bad, match):
         psa.attention_with_levels(q, q, q, levels, block_m=128, block_n=128)
     with pytest.raises(RuntimeError, match=match):
         psa.sparse_attention(q, q, q)
+
+
+def test_empty_batch_gives_empty_outputs_like_sdpa():
+    q = torch.randn(0, 4, 300, 64, device="cuda", dtype=torch.bfloat16)
+    k = v = torch.randn(0, 2, 300, 64, device="cuda", dtype=torch.bfloat16)
+    out, lse, levels = psa.sparse_attention(q, k, v, return_lse=True, return_levels=True)
+    assert out.shape == q.shape and lse.shape == (0, 4, 300) and levels.shape == (0, 4, 3, 3)
+    pyramid = psa.kv_pyramid(k, v)
+    assert pyramid[8][0].shape == (0, 2, 38, 64)

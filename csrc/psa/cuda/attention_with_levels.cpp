@@ -113,6 +113,7 @@ std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q_in,
   const auto level_map = levels.contiguous();
   auto out = at::empty({batch, q_heads, q_len, dim}, q.options());
   auto lse = at::empty({batch, q_heads, q_len}, q.options().dtype(at::kFloat));
+  if (out.numel() == 0) return {out, lse};  // an empty batch, as SDPA: nothing to launch
 
   kernels::AttentionParams params{};
   params.q = q.data_ptr();

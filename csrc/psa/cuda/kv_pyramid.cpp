@@ -33,6 +33,7 @@ std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v) {
   params.heads = static_cast<int>(heads);
   params.length = static_cast<int>(length);
   params.head_dim = static_cast<int>(dim);
+  if (k.numel() == 0) return outputs;  // an empty batch or no heads: nothing to launch (a zero grid is an error)
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   cudaError_t status;
   switch (k.scalar_type()) {

@@ -39,7 +39,8 @@ def test_capture_filters_caps_and_cleans_up(rng, tmp_path):
     assert captures[0].grid == (2, 6, 8) and captures[0].q.shape == (1, 2, 96, 16)
     assert not module._forward_pre_hooks and not module._forward_hooks
     assert torch._C._len_torch_function_stack() == 0
-    with tools.capture(module, steps=[1], max_bytes=one_call) as capped:
+    with pytest.warns(UserWarning, match="max_bytes=.* reached"), \
+            tools.capture(module, steps=[1], max_bytes=one_call) as capped:
         for _ in range(2):
             module(x, context)
     assert [(c.layer, c.step) for c in capped] == [(0, 1)] and capped.skipped == 1
@@ -62,6 +63,27 @@ def test_capture_reads_the_grid_of_a_diffusers_transformer(rng):
     # Two blocks of self-attention; cross-attention to the 7 text tokens is not a layer.
     assert [(c.layer, tuple(c.grid)) for c in captures] == [(0, (5, 12, 10)), (1, (5, 12, 10))]
     assert captures[0].q.shape == (1, 2, 600, 32)
+
+
+def test_capture_counts_denoising_steps_and_numbers_blocks_as_apply_does(rng):
+    """Two-pass classifier-free guidance (two forwards per timestep) is one step, and HunyuanVideo's
+    text-refiner attention is not a layer: the blocks are numbered as apply() numbers them."""
+    pytest.importorskip("diffusers")
+    from test_diffusers import hunyuan_model, wan_model
+    wan = wan_model(rng)
+    model = wan.build()
+    with tools.capture(model, steps=[1, 2]) as captures:
+        for timestep in (900, 800, 700):
+            for _ in range(2):                       # conditional and unconditional pass
+                wan.run(model, timestep)
+    assert [(c.step, c.layer) for c in captures] == [(s, l) for s in (1, 2) for _ in range(2) for l in range(3)]
+    hunyuan = hunyuan_model(rng)
+    model = hunyuan.build()
+    with tools.capture(model) as captures:
+        hunyuan.run(model)
+    # 2 double-stream + 1 single-stream block; the refiner's self-attention over the text is left out.
+    assert [c.layer for c in captures] == [0, 1, 2]
+    assert all(c.q.shape[-2] == 3 * 8 * 8 + 8 and c.text_after == 8 for c in captures)
 
 
 def test_evaluate_all_level_one_has_no_error(rng):

@@ -52,6 +52,33 @@ LEVELS = (0, 1, 2, 4, 8)
 _ATTRIBUTE = "_psa_state"
 
 
+@dataclass
+class StepCounter:
+    """Denoising steps from a transformer's forward timesteps: a smaller timestep than the previous
+    forward's is the next step, an equal one the same step (classifier-free guidance run as a second
+    pass), a larger one starts a new generation at step 0. Shared by apply() and psa.tools.capture."""
+
+    step: int = 0
+    last_timestep: Optional[float] = None
+
+    def advance(self, timestep: torch.Tensor) -> str:
+        """Counts this forward (one host read); returns "new", "next" or "same"."""
+        value = float(timestep.detach().max())
+        if self.last_timestep is None or value > self.last_timestep:
+            self.step, change = 0, "new"
+        elif value < self.last_timestep:
+            self.step, change = self.step + 1, "next"
+        else:
+            change = "same"
+        self.last_timestep = value
+        return change
+
+
+def forward_timestep(adapter, args, kwargs) -> torch.Tensor:
+    """The `timestep` argument of a supported transformer's forward."""
+    return kwargs["timestep"] if "timestep" in kwargs else args[adapter.timestep_position]
+
+
 @dataclass(eq=False)  # hashed by identity: kept in a WeakSet
 class _State:
     """Everything psa keeps for one patched transformer.
@@ -70,8 +97,7 @@ class _State:
     layers: Sequence[int]                                      # patched block indices, in call order
     grid: Optional[Sequence[int]] = None
     active: bool = True                                        # psa runs now (False during warm-up)
-    step: int = 0
-    last_timestep: Optional[float] = None
+    steps: StepCounter = field(default_factory=StepCounter)
     counts: Optional[torch.Tensor] = None                      # [len(layers), 5] level counts, this step
     call: Optional[torch.Tensor] = None                        # device scalar: psa calls this forward
     history: List[tuple] = field(default_factory=list)         # (step, counts) of finished steps
@@ -84,18 +110,20 @@ class _State:
             self.call = torch.zeros((), dtype=torch.long, device=device)
         self.call.zero_()
 
+    @property
+    def step(self) -> int:
+        return self.steps.step
+
     def observe(self, timestep: torch.Tensor) -> None:
         """Advance the step counter from this forward's timestep (one host read)."""
-        value = float(timestep.detach().max())
-        if self.last_timestep is None or value > self.last_timestep:
+        previous = self.steps.step
+        change = self.steps.advance(timestep)
+        if change == "new":
             self.history.clear()
             self.counts.zero_()
-            self.step = 0
-        elif value < self.last_timestep:
-            self.history.append((self.step, self.counts.clone()))
+        elif change == "next":
+            self.history.append((previous, self.counts.clone()))
             self.counts.zero_()
-            self.step += 1
-        self.last_timestep = value
         self.active = self.step >= self.warmup_steps
 
     def record(self, levels: torch.Tensor) -> None:
@@ -346,8 +374,7 @@ def _before_forward(state: _State):
         state.grid = state.adapter.grid(module, hidden)
         state.begin_forward(hidden.device)
         if state.warmup_steps > 0:
-            position = state.adapter.timestep_position
-            state.observe(kwargs["timestep"] if "timestep" in kwargs else args[position])
+            state.observe(forward_timestep(state.adapter, args, kwargs))
     return hook
 
 

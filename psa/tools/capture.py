@@ -6,15 +6,24 @@
 
 Every call of `F.scaled_dot_product_attention` made while `module` runs forward is seen through a
 `TorchFunctionMode` (diffusers' default attention backend ends in it, and so do most models), so no
-model code is patched. Within a forward, self-attention calls (`Lq == Lk`) are numbered 0, 1, 2, ...:
-that number is the layer. Each forward of `module` is a step. A diffusers transformer psa supports
-also gives its latent grid; other modules can pass `grid=`. Records stop once `max_bytes` are held.
+model code is patched.
+
+- A diffusers transformer psa supports is numbered as `psa.integrations.diffusers.apply` numbers it:
+  the layer is the index of the block whose video self-attention made the call (attention elsewhere,
+  such as HunyuanVideo's text refiner, is not recorded), and the step is the denoising step read from
+  the forward's timestep (a second classifier-free-guidance pass at the same timestep is the same
+  step). It also gives the latent grid.
+- Any other module: within a forward, self-attention calls (`Lq == Lk`) are numbered 0, 1, 2, ...
+  (the layer), and each forward is a step; pass `grid=` for the token order.
+
+Records stop once `max_bytes` are held (a warning says so; `.skipped` counts the calls dropped).
 """
 
 from __future__ import annotations
 
 import contextlib
 import json
+import warnings
 from dataclasses import dataclass
 from typing import Iterable, Iterator, List, Optional, Sequence
 
@@ -71,17 +80,43 @@ class _Session:
         self.held = 0
         self.step = -1
         self.layer = 0
+        self.block = None            # diffusers: index of the patched block running now, else None
         self.current_grid = None
         self.in_forward = False      # attention calls outside `module`'s forward are not recorded
+        self.adapter = _diffusers_adapter(module)
+        self.step_counter = None
+        if self.adapter is not None:
+            from ..integrations.diffusers import StepCounter
+            self.step_counter = StepCounter()
+
+    def hooks(self):
+        """Forward hooks: the module's own, and on a diffusers transformer one pair per patched block."""
+        handles = [self.module.register_forward_pre_hook(self.begin_forward, with_kwargs=True),
+                   self.module.register_forward_hook(self.end_forward)]
+        if self.adapter is not None:
+            for index, attention in enumerate(self.adapter.attentions(self.module)):
+                handles.append(attention.register_forward_pre_hook(
+                    lambda module, args, index=index: setattr(self, "block", index)))
+                handles.append(attention.register_forward_hook(
+                    lambda module, args, output: setattr(self, "block", None)))
+        return handles
 
     def begin_forward(self, module, args, kwargs):
         self.in_forward = True
-        self.step += 1
         self.layer = 0
-        if self.grid is None:
-            self.current_grid = _diffusers_grid(module, args, kwargs)
+        if self.adapter is not None:
+            from ..integrations.diffusers import forward_timestep
+            self.step_counter.advance(forward_timestep(self.adapter, args, kwargs))
+            self.step = self.step_counter.step
         else:
+            self.step += 1
+        if self.grid is not None:
             self.current_grid = tuple(self.grid)
+        elif self.adapter is not None:
+            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+            self.current_grid = self.adapter.grid(module, hidden)
+        else:
+            self.current_grid = None
 
     def end_forward(self, module, args, output):
         self.in_forward = False
@@ -89,12 +124,20 @@ class _Session:
     def observe(self, q, k, v):
         if not self.in_forward or q.shape[-2] != k.shape[-2]:
             return                                   # cross-attention: not a layer of ours
-        layer, self.layer = self.layer, self.layer + 1
+        if self.adapter is not None:
+            if self.block is None:
+                return                               # not a patched block's attention (e.g. a text refiner)
+            layer = self.block
+        else:
+            layer, self.layer = self.layer, self.layer + 1
         if (self.layers is not None and layer not in self.layers) or (self.steps is not None and
                                                                       self.step not in self.steps):
             return
         size = sum(t.numel() * t.element_size() for t in (q, k, v))
         if self.held + size > self.max_bytes:
+            if self.captures.skipped == 0:
+                warnings.warn(f"psa.tools.capture: max_bytes={self.max_bytes} reached; later calls are not "
+                              "recorded (captures.skipped counts them)", stacklevel=2)
             self.captures.skipped += 1
             return
         grid, text_before, text_after = self.current_grid, 0, 0
@@ -106,15 +149,13 @@ class _Session:
         self.held += size
 
 
-def _diffusers_grid(module, args, kwargs):
-    """The latent grid of a diffusers transformer psa supports, from its forward's input; else None."""
+def _diffusers_adapter(module):
+    """The integration's adapter of a diffusers transformer psa supports, else None."""
     try:
         from ..integrations.diffusers import _adapter
-        adapter = _adapter(module)
+        return _adapter(module)
     except (ImportError, ValueError):
         return None
-    hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-    return adapter.grid(module, hidden)
 
 
 def _text_placement(module, extra_tokens: int):
@@ -137,8 +178,7 @@ def capture(module: torch.nn.Module, *, layers: Optional[Iterable[int]] = None, 
     if isinstance(max_bytes, bool) or not isinstance(max_bytes, int) or max_bytes < 0:
         raise ValueError(f"max_bytes must be a non-negative int, got {max_bytes!r}")
     session = _Session(module, layers, steps, max_bytes, grid)
-    hooks = (module.register_forward_pre_hook(session.begin_forward, with_kwargs=True),
-             module.register_forward_hook(session.end_forward))
+    hooks = session.hooks()
     recorder = _Recorder(session)
     try:
         with recorder:

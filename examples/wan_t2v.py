@@ -9,6 +9,7 @@ repositories); nothing is downloaded.
 """
 
 import argparse
+import json
 import statistics
 import time
 
@@ -18,6 +19,7 @@ from diffusers.utils import export_to_video
 
 import psa
 import psa.integrations.diffusers as psa_diffusers
+from psa.tools.calibrate import configs_from_json
 
 
 def parse_args():
@@ -31,7 +33,9 @@ def parse_args():
     parser.add_argument("--steps", type=int, default=50)
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--warmup-steps", type=int, default=12, help="dense denoising steps before psa")
-    parser.add_argument("--config", default=None, help="a PSAConfig as JSON (default: psa.PSAConfig())")
+    parser.add_argument("--config", default=None,
+                        help="path of a JSON file: one PSAConfig (PSAConfig.to_json) or a per-layer mapping "
+                             "(psa.tools.calibrate.configs_to_json); default: psa.PSAConfig()")
     parser.add_argument("--order", default="gilbert", choices=["gilbert", "tiled", "raster"])
     parser.add_argument("--seed", type=int, default=0)
     return parser.parse_args()
@@ -72,7 +76,10 @@ def main():
     config = psa.PSAConfig()
     if args.config:
         with open(args.config) as f:
-            config = psa.PSAConfig.from_json(f.read())
+            text = f.read()
+        fields = json.loads(text)
+        # A per-layer mapping's keys are block indices; a single config's are PSAConfig field names.
+        config = configs_from_json(text) if all(key.isdigit() for key in fields) else psa.PSAConfig.from_json(text)
     for transformer in transformers:   # Wan2.2 A14B: both experts
         psa_diffusers.apply(transformer, config, warmup_steps=args.warmup_steps, order=args.order)
     psa_frames, psa_times = generate(pipe, args)

@@ -66,6 +66,12 @@ class PSAConfig:
             raise ValueError(f"PSAConfig.stride must be a positive divisor of block_m and block_n "
                              f"(<= {smallest_block}), got {self.stride!r}")
 
+    @classmethod
+    def dense(cls, **overrides) -> "PSAConfig":
+        """Every block at level 1: dense attention computed by psa's kernels (a baseline, or a layer
+        that must stay exact in a per-layer mapping)."""
+        return cls(**{"bounds": (1.0, 1.0, 1.0, 1.0), "mode": "topk", **overrides})
+
     @property
     def nominal_density(self) -> float:
         """Density a ``topk`` config asks for before the floor, forced blocks and the cap."""

@@ -212,6 +212,13 @@ def test_compile_fullgraph_traces_the_patched_model(rng, name, device, dtype):
     torch.testing.assert_close(tiny.run(compiled, dtype=dtype), eager)
 
 
+def test_stats_warns_when_psa_never_ran(rng):
+    model = wan_model(rng).build()
+    psa_diffusers.apply(model)
+    with pytest.warns(UserWarning, match="psa has not run on this transformer yet"):
+        assert psa_diffusers.stats(model) == []
+
+
 def test_apply_rejects_what_it_cannot_patch():
     with pytest.raises(ValueError, match="supports"):
         psa_diffusers.apply(torch.nn.Linear(2, 2))

@@ -253,3 +253,12 @@ def test_psa_attention_module_arguments():
     with pytest.raises(ValueError, match="give grid=\\(T, H, W\\) too"):
         module(q, k, v, text_before=2)
     assert module(q, k, v, grid=(2, 3, 4), text_before=2).shape == q.shape
+
+
+def test_dense_preset_is_dense_attention():
+    q, k, v = qkv(dtype=torch.float64)
+    out = psa.sparse_attention(q, k, v, PSAConfig.dense(block_m=64, block_n=64))
+    group = q.shape[1] // k.shape[1]
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(group, 1),
+                                                                v.repeat_interleave(group, 1))
+    torch.testing.assert_close(out, expected)

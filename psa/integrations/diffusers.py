@@ -38,6 +38,7 @@ each block class compiles to one dense and one psa graph, not one per step or la
 from __future__ import annotations
 
 import sys
+import warnings
 import weakref
 from dataclasses import dataclass, field
 from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
@@ -462,4 +463,7 @@ def stats(transformer) -> List[dict]:
             density = sum(fraction / level for level, fraction in fractions.items() if level)
             report.append(dict(step=step, layer=layer, density=density, coverage=1.0 - fractions[0],
                                histogram=fractions))
+    if not report and state.collect_stats:
+        warnings.warn("psa.integrations.diffusers.stats: psa has not run on this transformer yet (no forward "
+                      "since apply(), or every step so far was a dense warm-up step)", stacklevel=2)
     return report

@@ -80,8 +80,9 @@ def main():
         fields = json.loads(text)
         # A per-layer mapping's keys are block indices; a single config's are PSAConfig field names.
         config = configs_from_json(text) if all(key.isdigit() for key in fields) else psa.PSAConfig.from_json(text)
-    for transformer in transformers:   # Wan2.2 A14B: both experts
-        psa_diffusers.apply(transformer, config, warmup_steps=args.warmup_steps, order=args.order)
+    for i, transformer in enumerate(transformers):   # Wan2.2 A14B: both experts, counting the pipeline's steps
+        psa_diffusers.apply(transformer, config, warmup_steps=args.warmup_steps, order=args.order,
+                            share_steps_with=transformers[0] if i else None)
     psa_frames, psa_times = generate(pipe, args)
     export_to_video(psa_frames, "psa.mp4", fps=16)
 

@@ -212,6 +212,24 @@ def test_compile_fullgraph_traces_the_patched_model(rng, name, device, dtype):
     torch.testing.assert_close(tiny.run(compiled, dtype=dtype), eager)
 
 
+def test_two_experts_share_the_pipeline_steps(rng):
+    """Wan2.2's experts: the second continues the first's steps, so its first steps are past warm-up."""
+    tiny = wan_model(rng)
+    high_noise, low_noise = tiny.build(), tiny.build()
+    psa_diffusers.apply(high_noise, warmup_steps=2)
+    with pytest.raises(ValueError, match="share_steps_with must be another transformer psa is already applied to"):
+        psa_diffusers.apply(low_noise, warmup_steps=2, share_steps_with=tiny.build())
+    psa_diffusers.apply(low_noise, warmup_steps=2, share_steps_with=high_noise)
+    for generation in range(2):
+        for timestep, expert in ((900, high_noise), (800, high_noise), (700, low_noise), (600, low_noise)):
+            for _ in range(2):                               # two-pass classifier-free guidance
+                tiny.run(expert, timestep)
+        rows = psa_diffusers.stats(low_noise)          # this generation's steps only, each layer once
+        assert sorted((row["step"], row["layer"]) for row in rows) == [(s, layer) for s in (2, 3) for layer in range(3)]
+        with pytest.warns(UserWarning, match="has not run"):
+            assert psa_diffusers.stats(high_noise) == []     # both its steps were warm-up
+
+
 def test_stats_warns_when_psa_never_ran(rng):
     model = wan_model(rng).build()
     psa_diffusers.apply(model)

@@ -7,7 +7,8 @@
     psa_diffusers.remove(pipe.transformer)
 
 Supported (diffusers 0.42.1): `WanTransformer3DModel` (Wan2.1, Wan2.2; for the two-expert A14B
-pipeline apply to `pipe.transformer` and `pipe.transformer_2`), `CogVideoXTransformer3DModel` and
+pipeline apply to `pipe.transformer`, then to `pipe.transformer_2` with
+`share_steps_with=pipe.transformer`), `CogVideoXTransformer3DModel` and
 `HunyuanVideoTransformer3DModel`. Video self-attention runs through `psa.sparse_attention`; Wan's
 cross-attention to text (and its I2V image context) stays dense. CogVideoX attends over `[text | video]`
 jointly: the text tokens are forced keys and forced query rows (docs/spec.md section 5), so every video row sees
@@ -61,12 +62,14 @@ class StepCounter:
 
     step: int = 0
     last_timestep: Optional[float] = None
+    generation: int = 0          # counts "new": transformers sharing the counter see a new generation
 
     def advance(self, timestep: torch.Tensor) -> str:
         """Counts this forward (one host read); returns "new", "next" or "same"."""
         value = float(timestep.detach().max())
         if self.last_timestep is None or value > self.last_timestep:
             self.step, change = 0, "new"
+            self.generation += 1
         elif value < self.last_timestep:
             self.step, change = self.step + 1, "next"
         else:
@@ -98,7 +101,10 @@ class _State:
     layers: Sequence[int]                                      # patched block indices, in call order
     grid: Optional[Sequence[int]] = None
     active: bool = True                                        # psa runs now (False during warm-up)
-    steps: StepCounter = field(default_factory=StepCounter)
+    steps: StepCounter = field(default_factory=StepCounter)   # shared between the experts of one pipeline
+    generation: int = 0                                        # the counter's generation last seen here
+    last_step: int = 0                                         # the step this transformer last ran
+    shares_steps: bool = False                                 # its counter serves another transformer too
     counts: Optional[torch.Tensor] = None                      # [len(layers), 5] level counts, this step
     call: Optional[torch.Tensor] = None                        # device scalar: psa calls this forward
     history: List[tuple] = field(default_factory=list)         # (step, counts) of finished steps
@@ -116,15 +122,17 @@ class _State:
         return self.steps.step
 
     def observe(self, timestep: torch.Tensor) -> None:
-        """Advance the step counter from this forward's timestep (one host read)."""
-        previous = self.steps.step
-        change = self.steps.advance(timestep)
-        if change == "new":
+        """Advance the step counter from this forward's timestep (one host read). With a counter shared
+        by several transformers (the experts of Wan2.2) the step is the pipeline's, whichever ran."""
+        self.steps.advance(timestep)
+        if self.generation != self.steps.generation:
             self.history.clear()
             self.counts.zero_()
-        elif change == "next":
-            self.history.append((previous, self.counts.clone()))
+            self.generation = self.steps.generation
+        elif self.steps.step != self.last_step:
+            self.history.append((self.last_step, self.counts.clone()))
             self.counts.zero_()
+        self.last_step = self.steps.step
         self.active = self.step >= self.warmup_steps
 
     def record(self, levels: torch.Tensor) -> None:
@@ -374,7 +382,7 @@ def _before_forward(state: _State):
         hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
         state.grid = state.adapter.grid(module, hidden)
         state.begin_forward(hidden.device)
-        if state.warmup_steps > 0:
+        if state.warmup_steps > 0 or state.shares_steps:
             state.observe(forward_timestep(state.adapter, args, kwargs))
     return hook
 
@@ -385,7 +393,7 @@ def _before_forward(state: _State):
 
 def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] = None, *, warmup_steps: int = 0,
           order: str = "gilbert", tile: Sequence[int] = _layout.DEFAULT_TILE, layers: Optional[Iterable[int]] = None,
-          collect_stats: bool = True):
+          collect_stats: bool = True, share_steps_with=None):
     """Route `transformer`'s video self-attention through psa. Returns the transformer.
 
     `config`: one PSAConfig for every patched block, or `{block index: PSAConfig}` (as
@@ -393,6 +401,9 @@ def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] =
     `warmup_steps`: the first denoising steps run dense. `order`: token order for the blocks ("gilbert",
     "tiled" or "raster"). `layers`: block indices to patch (default all, or the mapping's keys).
     `collect_stats`: keep per-layer, per-step level counts on the device for `stats()`.
+    `share_steps_with`: another transformer psa is applied to whose denoising steps this one continues:
+    Wan2.2's second expert (`apply(pipe.transformer_2, ..., share_steps_with=pipe.transformer)`), so
+    that warm-up counts the pipeline's steps, not each expert's.
     """
     config = PSAConfig() if config is None else config
     per_layer = dict(config) if isinstance(config, Mapping) else None
@@ -422,8 +433,17 @@ def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] =
     if any(not 0 <= i < len(attentions) for i in chosen):
         raise ValueError(f"layers must be block indices in [0, {len(attentions)}), got {list(chosen)}")
 
+    shared = None
+    if share_steps_with is not None:
+        shared = getattr(share_steps_with, _ATTRIBUTE, None)
+        if shared is None or share_steps_with is transformer:
+            raise ValueError("share_steps_with must be another transformer psa is already applied to, e.g. "
+                             "pipe.transformer when applying to pipe.transformer_2")
     configs = {i: per_layer[i] if per_layer is not None else config for i in chosen}
     state = _State(configs, order, tuple(tile), warmup_steps, collect_stats, adapter, tuple(chosen))
+    if shared is not None:
+        state.steps = shared.steps
+        state.shares_steps = shared.shares_steps = True
     for i in chosen:
         adapter.install(state, attentions[i], configs[i])
     state.hook = transformer.register_forward_pre_hook(_before_forward(state), with_kwargs=True)

@@ -124,6 +124,20 @@ def test_calibrate_hits_a_target_density(rng):
     assert sorted(per_layer) == [0, 1]
 
 
+def test_calibrate_computes_each_dense_reference_once(rng, monkeypatch):
+    import sys
+    evaluate_module = sys.modules["psa.tools.evaluate"]   # the module (psa.tools.evaluate is the function)
+    grid = (4, 16, 16)
+    captures = [tools.Capture(*(smooth_video(rng, grid) for _ in range(3)), layer=layer, step=0, grid=grid)
+                for layer in range(2)]
+    calls = []
+    dense = evaluate_module._dense
+    monkeypatch.setattr(evaluate_module, "_dense", lambda *args, **kwargs: calls.append(1) or dense(*args, **kwargs))
+    tools.calibrate(captures, target_error=0.2, base=psa.PSAConfig(block_m=64, block_n=64), iterations=6,
+                    device="cpu")
+    assert len(calls) == len(captures)   # not once per bisection step and shape
+
+
 def test_calibrate_for_a_target_error_finds_a_sparse_config(rng):
     grid = (4, 16, 16)
     captures = [tools.Capture(*(smooth_video(rng, grid) for _ in range(3)), layer=0, step=0, grid=grid)]

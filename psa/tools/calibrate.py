@@ -18,6 +18,8 @@ import json
 from collections import defaultdict
 from typing import Dict, Optional, Sequence, Tuple, Union
 
+import torch
+
 from ..config import PSAConfig
 from .capture import Capture
 from .evaluate import evaluate
@@ -41,19 +43,19 @@ def _config_for(base: PSAConfig, mode: str, shape, scale: float) -> PSAConfig:
     return dataclasses.replace(base, mode=mode, bounds=tuple(bounds))
 
 
-def _measure(captures, config, order):
-    row = evaluate(captures, config, baseline=False, order=order)[0]
+def _measure(captures, config, order, device, dense_cache):
+    row = evaluate(captures, config, baseline=False, order=order, device=device, dense_cache=dense_cache)[0]
     return row["density"], row["rel_l2_mean"]
 
 
-def _bisect(captures, base, mode, shape, order, target_density, target_error, tolerance, iterations):
+def _bisect(captures, base, mode, shape, order, target_density, target_error, tolerance, iterations, measure):
     """The scale meeting the target for one shape: (config, density, error), or None if unreachable."""
     low, high = 0.0, 1.0 / max(1e-9, sum(shape))    # high keeps every bound at 1: the densest of the shape
     best = None
     for _ in range(iterations):
         middle = (low + high) / 2
         config = _config_for(base, mode, shape, middle)
-        density, error = _measure(captures, config, order)
+        density, error = measure(captures, config, order)
         if target_density is not None:
             if abs(density - target_density) <= tolerance:
                 return config, density, error
@@ -66,15 +68,17 @@ def _bisect(captures, base, mode, shape, order, target_density, target_error, to
                 low = middle
     if target_density is None and best is None:
         config = _config_for(base, mode, shape, high)
-        density, error = _measure(captures, config, order)
+        density, error = measure(captures, config, order)
         best = (config, density, error) if error <= target_error else None
     return best
 
 
-def _calibrate_one(captures, target_density, target_error, base, mode, shapes, order, tolerance, iterations):
+def _calibrate_one(captures, target_density, target_error, base, mode, shapes, order, tolerance, iterations,
+                   measure):
     results = []
     for shape in shapes:
-        found = _bisect(captures, base, mode, shape, order, target_density, target_error, tolerance, iterations)
+        found = _bisect(captures, base, mode, shape, order, target_density, target_error, tolerance, iterations,
+                        measure)
         if found is not None:
             results.append(found)
     if not results:
@@ -87,11 +91,13 @@ def _calibrate_one(captures, target_density, target_error, base, mode, shapes, o
 def calibrate(captures: Sequence[Capture], *, target_density: Optional[float] = None,
               target_error: Optional[float] = None, mode: str = "topk", base: Optional[PSAConfig] = None,
               shapes: Sequence[Sequence[float]] = DEFAULT_SHAPES, order: str = "gilbert",
-              tolerance: float = 0.01, iterations: int = 20,
-              per_layer: bool = False) -> Union[PSAConfig, Dict[int, PSAConfig]]:
+              tolerance: float = 0.01, iterations: int = 20, per_layer: bool = False,
+              device: Optional[Union[str, torch.device]] = None) -> Union[PSAConfig, Dict[int, PSAConfig]]:
     """Give exactly one of `target_density` (least mean relative L2 error within `tolerance` of it) or
     `target_error` (least density whose mean relative L2 error is at most it). `base` supplies the
-    fields that are not searched (block sizes, estimator, similarity cap...)."""
+    fields that are not searched (block sizes, estimator, similarity cap...). `device`: where psa and
+    the dense reference run (default: each capture's device, the CPU for saved captures; a GPU is much
+    faster at real sizes). The dense reference of each capture is computed once for the whole search."""
     if (target_density is None) == (target_error is None):
         raise ValueError("calibrate needs exactly one of target_density and target_error")
     if target_density is not None and not 0.0 < target_density <= 1.0:
@@ -103,7 +109,13 @@ def calibrate(captures: Sequence[Capture], *, target_density: Optional[float] = 
     if not captures:
         raise ValueError("calibrate needs at least one capture")
     base = PSAConfig() if base is None else base
-    args = (target_density, target_error, base, mode, [tuple(s) for s in shapes], order, tolerance, iterations)
+    dense_cache = {}
+
+    def measure(group, config, order):
+        return _measure(group, config, order, device, dense_cache)
+
+    args = (target_density, target_error, base, mode, [tuple(s) for s in shapes], order, tolerance, iterations,
+            measure)
     if not per_layer:
         return _calibrate_one(list(captures), *args)
     by_layer = defaultdict(list)

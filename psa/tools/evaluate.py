@@ -64,23 +64,29 @@ def _run(capture: Capture, config: PSAConfig, order: str, device):
 
 def evaluate(captures: Sequence[Capture], configs: Union[PSAConfig, Mapping[str, PSAConfig]], *,
              baseline: bool = True, without_reorder: bool = False, order: str = "gilbert",
-             device: Optional[Union[str, torch.device]] = None) -> List[Dict]:
+             device: Optional[Union[str, torch.device]] = None, dense_cache: Optional[dict] = None) -> List[Dict]:
     """One row per (config, variant): variant "psa", "binary" (baseline) and "psa raster" (without
-    reorder). Each row: density, coverage, rel_l2 and cosine (mean and worst over heads and captures)."""
+    reorder). Each row: density, coverage, rel_l2 and cosine (mean and worst over heads and captures).
+
+    `device`: where to run (default: each capture's device). `dense_cache`: a dict that keeps the dense
+    reference outputs between calls on the same captures and device (calibrate passes one, so its
+    bisection computes dense attention once per capture, not once per step)."""
     if isinstance(configs, PSAConfig):
         configs = {"config": configs}
     if not captures:
         raise ValueError("evaluate needs at least one capture")
     if order not in _layout.ORDERS:
         raise ValueError(f"order must be one of {_layout.ORDERS}, got {order!r}")
-    rows, denses = [], {}
+    rows = []
+    denses = {} if dense_cache is None else dense_cache
     for name, config in configs.items():
         variants = {"psa": []}
         for i, capture in enumerate(captures):
             target = device or capture.q.device
-            if i not in denses:   # the dense reference of a capture serves every config and variant
-                denses[i] = _dense(*(t.to(target) for t in (capture.q, capture.k, capture.v)))
-            dense = denses[i]
+            key = (id(capture), str(target))
+            if key not in denses:   # the dense reference of a capture serves every config and variant
+                denses[key] = _dense(*(t.to(target) for t in (capture.q, capture.k, capture.v)))
+            dense = denses[key]
             out, stats = _run(capture, config, order, target)
             variants["psa"].append((stats, *_per_head_errors(out, dense)))
             if baseline:

@@ -4,8 +4,9 @@
 
 Runs the same generation twice (dense, then psa with dense warm-up steps), prints seconds per
 denoising step for both, psa's mean density per step, and writes `dense.mp4` and `psa.mp4`.
-Needs a CUDA GPU with psa's CUDA backend and a diffusers-format Wan checkpoint (the `-Diffusers`
-repositories); nothing is downloaded.
+Needs a CUDA GPU with psa's CUDA backend, a diffusers-format Wan checkpoint (the `-Diffusers`
+repositories; nothing is downloaded) and `pip install -r examples/requirements.txt` (the text
+encoder's transformers and the mp4 writer).
 """
 
 import argparse

@@ -9,7 +9,7 @@ from torch import nn
 
 from . import layout as _layout
 from .config import PSAConfig
-from .ops import _position_mask, sparse_attention
+from .ops import _config, _position_mask, sparse_attention
 
 
 class PSAAttention(nn.Module):
@@ -26,9 +26,7 @@ class PSAAttention(nn.Module):
         super().__init__()
         if order not in _layout.ORDERS:
             raise ValueError(f"order must be one of {_layout.ORDERS}, got {order!r}")
-        if config is not None and not isinstance(config, PSAConfig):
-            raise ValueError(f"config must be a psa.PSAConfig, got {type(config).__name__}")
-        self.config = config if config is not None else PSAConfig()
+        self.config = _config(config)
         self.order, self.tile = order, _layout.check_tile(tile)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: Optional[float] = None,

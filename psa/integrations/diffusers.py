@@ -83,6 +83,11 @@ def forward_timestep(adapter, args, kwargs) -> torch.Tensor:
     return kwargs["timestep"] if "timestep" in kwargs else args[adapter.timestep_position]
 
 
+def forward_hidden_states(args, kwargs) -> torch.Tensor:
+    """The `hidden_states` argument (the latents) of a supported transformer's forward."""
+    return kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+
+
 @dataclass(eq=False)  # hashed by identity: kept in a WeakSet
 class _State:
     """Everything psa keeps for one patched transformer.
@@ -379,7 +384,7 @@ def _adapter(transformer) -> _Adapter:
 
 def _before_forward(state: _State):
     def hook(module, args, kwargs):
-        hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
+        hidden = forward_hidden_states(args, kwargs)
         state.grid = state.adapter.grid(module, hidden)
         state.begin_forward(hidden.device)
         if state.warmup_steps > 0 or state.shares_steps:

@@ -113,8 +113,8 @@ class _Session:
         if self.grid is not None:
             self.current_grid = tuple(self.grid)
         elif self.adapter is not None:
-            hidden = kwargs["hidden_states"] if "hidden_states" in kwargs else args[0]
-            self.current_grid = self.adapter.grid(module, hidden)
+            from ..integrations.diffusers import forward_hidden_states
+            self.current_grid = self.adapter.grid(module, forward_hidden_states(args, kwargs))
         else:
             self.current_grid = None
 

@@ -75,8 +75,7 @@ __global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads,
   __syncthreads();
 
   using Geometry = TileGeometry<kTileN>;
-  const int n_tiles = Geometry::level_tiles(s_count, p.block_n, 0) + Geometry::level_tiles(s_count, p.block_n, 1) +
-                      Geometry::level_tiles(s_count, p.block_n, 2) + Geometry::level_tiles(s_count, p.block_n, 3);
+  const int n_tiles = Geometry::row_tiles(s_count, p.block_n);
   auto locate = [&](int index) { return Geometry::locate(index, s_count, s_start, p.block_n, p.k_len, s_ids); };
 
   // Gathers tile `index` of the schedule into `stage`: K and V rows by cp.async, and per column the

@@ -34,6 +34,12 @@ struct TileGeometry {
     return (level_count[L] * (block_n >> L) + kTileN - 1) / kTileN;
   }
 
+  // Tiles of the whole row: every level's, in schedule order.
+  __device__ static int row_tiles(const int* level_count, int block_n) {
+    return level_tiles(level_count, block_n, 0) + level_tiles(level_count, block_n, 1) +
+           level_tiles(level_count, block_n, 2) + level_tiles(level_count, block_n, 3);
+  }
+
   // The tile `index` of the row (0 <= index < the sum of level_tiles over the levels); `ids` is the
   // schedule (one read of it decides whether the tile is full).
   __device__ static TileGeometry locate(int index, const int* level_count, const int* level_start, int block_n,

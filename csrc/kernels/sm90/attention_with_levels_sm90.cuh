@@ -90,17 +90,17 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
   }
   __syncthreads();
 
-  // Tiles of level L. Each role counts them after its setmaxnreg: values computed before the split
+  // Tiles of the row. Each role counts them after its setmaxnreg: values computed before the split
   // would have to survive the producer's small register budget, and ptxas spills them.
   using Geometry = TileGeometry<kTileN>;
-  const auto level_tiles = [&](int L) { return Geometry::level_tiles(smem.level_count, p.block_n, L); };
+  const auto row_tiles = [&] { return Geometry::row_tiles(smem.level_count, p.block_n); };
   // With nothing selected (n_tiles == 0) the producer loads nothing and the consumers go straight to
   // the epilogue: zeros and lse = -inf.
 
   if (warp < 4) {
     // ================= Producer warpgroup =================
     cutlass::arch::warpgroup_reg_dealloc<Shape::kProducerRegisters>();
-    const int n_tiles = level_tiles(0) + level_tiles(1) + level_tiles(2) + level_tiles(3);
+    const int n_tiles = row_tiles();
     if (warp != 0 || n_tiles == 0) return;
     if (lane == 0) {
       TxBarrier::expect_transaction(&smem.q_full, static_cast<uint32_t>(sizeof(smem.q)));
@@ -149,7 +149,7 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
     // wait for S_j only, softmax, then wait for the PV, rescale O and pack P_j. The softmax reads only
     // S registers while the MMA in flight reads P and writes O, so ptxas keeps the MMAs asynchronous.
     cutlass::arch::warpgroup_reg_alloc<Shape::kConsumerRegisters>();
-    const int n_tiles = level_tiles(0) + level_tiles(1) + level_tiles(2) + level_tiles(3);
+    const int n_tiles = row_tiles();
     const int consumer = warp / 4 - 1, warp_in_group = warp % 4;
     const int g = lane >> 2, t = lane & 3;
     const int causal_offset = p.k_len - p.q_len;

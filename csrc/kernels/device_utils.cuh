@@ -25,6 +25,16 @@ __device__ __forceinline__ __nv_bfloat16 from_float<__nv_bfloat16>(float x) { re
 template <>
 __device__ __forceinline__ __half from_float<__half>(float x) { return __float2half_rn(x); }
 
+// The first kAlign-aligned byte of a dynamic shared-memory buffer, as a Storage. The offset is added
+// to the __shared__ array itself (not computed through an integer cast of its address), so the
+// compiler still knows the result points to shared memory and emits LDS/STS instead of generic
+// loads (a round trip through uintptr_t turned every schedule read into LD.E).
+template <typename Storage, int kAlign>
+__device__ __forceinline__ Storage& aligned_shared(unsigned char* smem) {
+  const uint32_t address = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  return *reinterpret_cast<Storage*>(smem + ((kAlign - (address & (kAlign - 1))) & (kAlign - 1)));
+}
+
 // Two floats rounded to one 32-bit register of T pairs (lower address = `lo`).
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);

@@ -27,6 +27,7 @@ struct TileGeometry {
   int count, start;           // the level's key blocks: ids[start .. start + count)
   int tokens;                 // pooled tokens of the whole key sequence at this level
   int k_len;
+  int tiles_in_level;         // level_tiles of this level
   bool full;                  // every column valid, each token covering exactly 1 << L keys
 
   // Tiles of each level (scalars: a run-time indexed local array would go to local memory).
@@ -44,23 +45,44 @@ struct TileGeometry {
   // schedule (one read of it decides whether the tile is full).
   __device__ static TileGeometry locate(int index, const int* level_count, const int* level_start, int block_n,
                                         int k_len, const uint16_t* ids) {
-    TileGeometry g;
     const int tiles0 = level_tiles(level_count, block_n, 0), tiles1 = level_tiles(level_count, block_n, 1);
     const int tiles2 = level_tiles(level_count, block_n, 2);
     int L = 0, tile = index;
     if (tile >= tiles0) { tile -= tiles0; L = 1;
       if (tile >= tiles1) { tile -= tiles1; L = 2;
         if (tile >= tiles2) { tile -= tiles2; L = 3; } } }
-    g.level = L;
+    TileGeometry g;
+    g.enter_level(L, level_count, level_start, block_n, k_len);
     g.tile = tile;
-    g.per_block = block_n >> L;
-    g.shift = __ffs(g.per_block) - 1;
-    g.count = level_count[L];
-    g.start = level_start[L];
-    g.tokens = (k_len + (1 << L) - 1) >> L;
-    g.k_len = k_len;
-    g.full = (tile + 1) * kTileN <= g.count * g.per_block && ((g.token(kTileN - 1, ids) + 1) << L) <= k_len;
+    g.update_full(ids);
     return g;
+  }
+
+  // The next tile in schedule order, for a caller walking the row's tiles one by one: the level's
+  // fields change only at a level boundary, so a step costs a compare and one schedule read (the full
+  // test) instead of locate's per-level tile counts. Call only while a next tile exists.
+  __device__ void advance(const int* level_count, const int* level_start, int block_n, const uint16_t* ids) {
+    if (++tile == tiles_in_level) {
+      int L = level;
+      do { ++L; } while (level_tiles(level_count, block_n, L) == 0);
+      enter_level(L, level_count, level_start, block_n, k_len);
+      tile = 0;
+    }
+    update_full(ids);
+  }
+
+  __device__ void enter_level(int L, const int* level_count, const int* level_start, int block_n, int keys) {
+    level = L;
+    per_block = block_n >> L;
+    shift = __ffs(per_block) - 1;
+    count = level_count[L];
+    start = level_start[L];
+    tokens = (keys + (1 << L) - 1) >> L;
+    k_len = keys;
+    tiles_in_level = (count * per_block + kTileN - 1) / kTileN;
+  }
+  __device__ void update_full(const uint16_t* ids) {
+    full = (tile + 1) * kTileN <= count * per_block && ((token(kTileN - 1, ids) + 1) << level) <= k_len;
   }
 
   // Pooled token at column `col` (0 <= col < kTileN), or a value >= tokens for an empty slot.

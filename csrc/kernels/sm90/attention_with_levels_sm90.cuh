@@ -46,6 +46,33 @@ struct AttentionSm90Params {
   CUtensorMap v_map[kNumLevels];
 };
 
+// A thread's two rows of an S accumulator (s[i] belongs to row (i >> 1) & 1) reduced with 4 partial
+// results per row instead of one serial chain: with two consumer warps per scheduler there is little
+// else to issue while a 32-long chain of dependent FMNMX or FADD waits on its latency.
+struct MaxOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return fmaxf(a, b); }
+};
+struct AddOp {
+  __device__ __forceinline__ float operator()(float a, float b) const { return a + b; }
+};
+template <typename Op>
+struct RowPartials {
+  float part[2][4];
+  __device__ __forceinline__ explicit RowPartials(float identity) {
+#pragma unroll
+    for (int r = 0; r < 2; ++r)
+#pragma unroll
+      for (int c = 0; c < 4; ++c) part[r][c] = identity;
+  }
+  __device__ __forceinline__ void add(int i, float x) {
+    float& slot = part[(i >> 1) & 1][(i >> 2) & 3];
+    slot = Op{}(slot, x);
+  }
+  __device__ __forceinline__ float total(int r) const {
+    return Op{}(Op{}(part[r][0], part[r][1]), Op{}(part[r][2], part[r][3]));
+  }
+};
+
 template <typename T, int kHeadDim, int kBlockM>
 __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThreads,
                                   AttentionSm90Shape<kHeadDim, kBlockM>::kMinBlocks)
@@ -59,8 +86,7 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
   const AttentionParams& p = params.base;
 
   extern __shared__ unsigned char smem_unaligned[];
-  Storage& smem = *reinterpret_cast<Storage*>(
-      (reinterpret_cast<uintptr_t>(smem_unaligned) + kSwizzleAtomBytes - 1) & ~uintptr_t(kSwizzleAtomBytes - 1));
+  Storage& smem = aligned_shared<Storage, kSwizzleAtomBytes>(smem_unaligned);
   uint16_t* s_ids = reinterpret_cast<uint16_t*>(&smem + 1);  // [n_k], the row's schedule
   // Tile views in the kernel's element type.
   const auto q_panel = [&](int panel) { return reinterpret_cast<T*>(&smem.q[panel][0][0]); };
@@ -113,11 +139,11 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
       }
       Barrier::arrive(&smem.q_full);
     }
+    Geometry geometry = Geometry::locate(0, smem.level_count, smem.level_start, p.block_n, p.k_len, s_ids);
     for (int index = 0; index < n_tiles; ++index) {
       const int stage = index % kStages;
       const uint32_t empty_phase = ((index / kStages) & 1) ^ 1;
-      const Geometry geometry =
-          Geometry::locate(index, smem.level_count, smem.level_start, p.block_n, p.k_len, s_ids);
+      if (index > 0) geometry.advance(smem.level_count, smem.level_start, p.block_n, s_ids);
       // Pieces: lane i issues piece i (kTileN / piece <= 16 pieces: piece >= 8 rows). An empty slot
       // reads rows starting at `tokens`: entirely past the end, so zeros.
       const int piece = min(geometry.per_block, kTileN), pieces = kTileN / piece;
@@ -150,7 +176,9 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
     // S registers while the MMA in flight reads P and writes O, so ptxas keeps the MMAs asynchronous.
     cutlass::arch::warpgroup_reg_alloc<Shape::kConsumerRegisters>();
     const int n_tiles = row_tiles();
-    const int consumer = warp / 4 - 1, warp_in_group = warp % 4;
+    // Broadcast from lane 0, so the compiler knows the warpgroup index is warp-uniform and keeps the
+    // MMA descriptors derived from it in uniform registers (as CUTLASS's canonical_warp_group_idx).
+    const int consumer = __shfl_sync(0xffffffffu, warp / 4 - 1, 0), warp_in_group = warp % 4;
     const int g = lane >> 2, t = lane & 3;
     const int causal_offset = p.k_len - p.q_len;
     const int group_row = consumer * 64 + warp_in_group * 16;  // within the block
@@ -165,16 +193,25 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
     float s[kTileN / 2];           // S of the newest tile, then its probabilities
     uint32_t pa[kTileN / 16][4];   // P of the previous tile as the PV MMA's A fragments
 
-    const T* q_base = q_panel(0) + consumer * 64 * kPanelColumns;
+    // Operand descriptors, built once: per MMA only the start address moves (descriptor_at), by
+    // compile-time offsets plus the stage's. Building each from its pointer cost ~14 instructions
+    // per wgmma (a third of the consumer's instructions).
+    const uint64_t q_desc = smem_descriptor(q_panel(0) + consumer * 64 * kPanelColumns, 16, kSwizzleAtomBytes);
+    const uint64_t k_desc = smem_descriptor(k_panel(0, 0), 16, kSwizzleAtomBytes);
+    const uint64_t v_desc = smem_descriptor(v_panel(0, 0), kTileN * kPanelRowBytes, kSwizzleAtomBytes);
+    constexpr uint32_t kStageBytes = sizeof(smem.k[0]);
+    static_assert(sizeof(smem.v[0]) == kStageBytes, "K and V stages advance alike");
     const auto issue_s = [&](int stage) {
       fence_registers(s);
       cute::warpgroup_arrive();
 #pragma unroll
       for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-        const int panel = kk / 4, within = (kk % 4) * 16;
-        const uint64_t a = smem_descriptor(q_base + panel * kBlockM * kPanelColumns + within, 16, kSwizzleAtomBytes);
-        const uint64_t bdesc = smem_descriptor(k_panel(stage, panel) + within, 16, kSwizzleAtomBytes);
-        mma_ss<T, kTileN>(a, bdesc, s, kk > 0);
+        // k16 step kk: panel kk / 4, 32 bytes per step inside the panel's 128-byte rows.
+        constexpr uint32_t kStepBytes = 2 * 16;
+        const uint32_t q_offset = (kk / 4) * kBlockM * kPanelRowBytes + (kk % 4) * kStepBytes;
+        const uint32_t k_offset = (kk / 4) * kTileN * kPanelRowBytes + (kk % 4) * kStepBytes;
+        mma_ss<T, kTileN>(descriptor_at(q_desc, q_offset), descriptor_at(k_desc, stage * kStageBytes + k_offset), s,
+                          kk > 0);
       }
       cute::warpgroup_commit_batch();
     };
@@ -183,65 +220,91 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
       cute::warpgroup_arrive();
 #pragma unroll
       for (int kk = 0; kk < kTileN / 16; ++kk) {
-        const uint64_t bdesc = smem_descriptor(v_panel(stage, 0) + kk * 16 * kPanelColumns, kTileN * kPanelRowBytes,
-                                               kSwizzleAtomBytes);
-        mma_rs<T, kHeadDim>(pa[kk], bdesc, o);
+        // k16 step kk: 16 keys further down the V tile.
+        mma_rs<T, kHeadDim>(pa[kk], descriptor_at(v_desc, stage * kStageBytes + kk * 16 * kPanelRowBytes), o);
       }
       cute::warpgroup_commit_batch();
     };
-    // Bias, causal mask and online softmax of S (exp2 domain) for tile `index`; returns how much the
-    // old O and row sum shrink. Column of s[4j + e]: 8j + 2t + (e & 1).
-    const auto softmax = [&](int index, float (&scale_old)[2]) {
+    // Bias, causal mask and online softmax of S (exp2 domain) for the tile `geometry` describes;
+    // returns how much the old O and row sum shrink. Column of s[4j + e]: 8j + 2t + (e & 1).
+    const auto softmax = [&](const Geometry& geometry, float (&scale_old)[2]) {
       fence_registers(s);
-      const Geometry geometry =
-          Geometry::locate(index, smem.level_count, smem.level_start, p.block_n, p.k_len, s_ids);
       float tile_max[2] = {-INFINITY, -INFINITY};
-      // Separate copies of the loop, so the common case (a full tile, no mask: one constant bias) has
-      // no per-column geometry in it at all; branches inside the unrolled loop would be if-converted.
-      const auto scale_and_bias = [&](auto masked, auto full) {
+      // The row maxima over 4 lanes, the new running maxima, and the rescale of the old state. Returns
+      // the value each row subtracts before exp2: a row that has seen only -inf keeps max -inf and
+      // subtracts 0, so exp2 gives 0, not NaN.
+      const auto update_rows = [&](float (&base)[2]) {
 #pragma unroll
-        for (int j = 0; j < kTileN / 8; ++j) {
-          float col_bias[2];
-#pragma unroll
-          for (int c = 0; c < 2; ++c) {
-            col_bias[c] = decltype(full)::value ? static_cast<float>(geometry.level)
-                                                : geometry.bias(8 * j + 2 * t + c, s_ids);
-          }
-#pragma unroll
-          for (int e = 0; e < 4; ++e) {
-            const int col = 8 * j + 2 * t + (e & 1), r = e >> 1;
-            float x = fmaf(s[4 * j + e], p.scale_log2, col_bias[e & 1]);
-            if constexpr (decltype(masked)::value) {
-              if (geometry.last_key(col, s_ids) > rows[r] + causal_offset) x = -INFINITY;
-            }
-            s[4 * j + e] = x;
-            tile_max[r] = fmaxf(tile_max[r], x);
-          }
+        for (int r = 0; r < 2; ++r) {
+          tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
+          tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
+          const float new_max = fmaxf(row_max[r], tile_max[r]);
+          base[r] = new_max == -INFINITY ? 0.f : new_max;
+          scale_old[r] = exp2f(row_max[r] - base[r]);
+          row_max[r] = new_max;
         }
       };
-      if (p.causal && geometry.tile_last_key(s_ids) > first_row_limit) {
-        scale_and_bias(std::true_type{}, std::false_type{});
-      } else if (geometry.full) {
-        scale_and_bias(std::false_type{}, std::true_type{});
-      } else {
-        scale_and_bias(std::false_type{}, std::false_type{});
-      }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-        tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-        const float new_max = fmaxf(row_max[r], tile_max[r]);
-        // A row that has seen only -inf keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
-        const float base = new_max == -INFINITY ? 0.f : new_max;
-        scale_old[r] = exp2f(row_max[r] - base);
-        row_max[r] = new_max;
-        tile_max[r] = base;
-      }
       float tile_sum[2] = {0.f, 0.f};
+      float base[2];
+      if (geometry.full && !(p.causal && geometry.tile_last_key(s_ids) > first_row_limit) && p.scale_log2 >= 0.f) {
+        // The common tile: every column valid with the same bias L, no mask. max(s * scale + L) is
+        // max(s) * scale + L for scale >= 0, so the row max is taken on raw S and each probability
+        // costs one FFMA and one exp2: exp2(s * scale + (L - max)).
+        RowPartials<MaxOp> maxima(-INFINITY);
 #pragma unroll
-      for (int i = 0; i < kTileN / 2; ++i) {
-        s[i] = exp2f(s[i] - tile_max[(i >> 1) & 1]);
-        tile_sum[(i >> 1) & 1] += s[i];
+        for (int i = 0; i < kTileN / 2; ++i) maxima.add(i, s[i]);
+        const float bias = static_cast<float>(geometry.level);
+#pragma unroll
+        for (int r = 0; r < 2; ++r) tile_max[r] = fmaf(maxima.total(r), p.scale_log2, bias);
+        update_rows(base);
+        const float offset[2] = {bias - base[0], bias - base[1]};
+        RowPartials<AddOp> sums(0.f);
+#pragma unroll
+        for (int i = 0; i < kTileN / 2; ++i) {
+          s[i] = exp2f(fmaf(s[i], p.scale_log2, offset[(i >> 1) & 1]));
+          sums.add(i, s[i]);
+        }
+        tile_sum[0] = sums.total(0);
+        tile_sum[1] = sums.total(1);
+      } else {
+        // Partial or masked tiles: per-column bias (-inf for empty slots) and the causal mask. Two
+        // compiled copies, so the unmasked one has no mask test; a per-column branch inside the
+        // unrolled loop would be if-converted into every tile.
+        RowPartials<MaxOp> maxima(-INFINITY);
+        const auto scale_and_bias = [&](auto masked) {
+#pragma unroll
+          for (int j = 0; j < kTileN / 8; ++j) {
+            float col_bias[2];
+#pragma unroll
+            for (int c = 0; c < 2; ++c) col_bias[c] = geometry.bias(8 * j + 2 * t + c, s_ids);
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int col = 8 * j + 2 * t + (e & 1), r = e >> 1;
+              float x = fmaf(s[4 * j + e], p.scale_log2, col_bias[e & 1]);
+              if constexpr (decltype(masked)::value) {
+                if (geometry.last_key(col, s_ids) > rows[r] + causal_offset) x = -INFINITY;
+              }
+              s[4 * j + e] = x;
+              maxima.add(4 * j + e, x);
+            }
+          }
+        };
+        if (p.causal && geometry.tile_last_key(s_ids) > first_row_limit) {
+          scale_and_bias(std::true_type{});
+        } else {
+          scale_and_bias(std::false_type{});
+        }
+        tile_max[0] = maxima.total(0);
+        tile_max[1] = maxima.total(1);
+        update_rows(base);
+        RowPartials<AddOp> sums(0.f);
+#pragma unroll
+        for (int i = 0; i < kTileN / 2; ++i) {
+          s[i] = exp2f(s[i] - base[(i >> 1) & 1]);
+          sums.add(i, s[i]);
+        }
+        tile_sum[0] = sums.total(0);
+        tile_sum[1] = sums.total(1);
       }
 #pragma unroll
       for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * scale_old[r] + tile_sum[r];
@@ -262,6 +325,8 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
       if (lane == 0) Barrier::arrive(&smem.v_empty[stage]);
     };
 
+    // The tiles' geometry, walked one by one alongside the loop (TileGeometry::advance).
+    Geometry geometry = Geometry::locate(0, smem.level_count, smem.level_start, p.block_n, p.k_len, s_ids);
     if (n_tiles > 0) {
       Barrier::wait(&smem.q_full, 0);
       Barrier::wait(&smem.k_full[0], 0);
@@ -269,24 +334,29 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
       cute::warpgroup_wait<0>();
       release_k(0);
       float scale_old[2];
-      softmax(0, scale_old);  // O is still zero: nothing to rescale
+      softmax(geometry, scale_old);  // O is still zero: nothing to rescale
       pack_p();
     }
     for (int index = 1; index < n_tiles; ++index) {
       const int stage = index % kStages, previous = (index - 1) % kStages;
       Barrier::wait(&smem.k_full[stage], (index / kStages) & 1);
-      issue_s(stage);
       Barrier::wait(&smem.v_full[previous], ((index - 1) / kStages) & 1);
+      issue_s(stage);
       issue_pv(previous);
       cute::warpgroup_wait<1>();  // S of this tile is done; the PV of the previous one may still run
       release_k(stage);
+      geometry.advance(smem.level_count, smem.level_start, p.block_n, s_ids);
       float scale_old[2];
-      softmax(index, scale_old);
+      softmax(geometry, scale_old);
       cute::warpgroup_wait<0>();
       fence_registers(o);
       release_v(previous);
+      // Once the row maxima settle most tiles leave them unchanged (scale exactly 1): the warp skips
+      // the rescale then (a uniform branch, so no if-conversion into the common path).
+      if (__any_sync(0xffffffffu, scale_old[0] != 1.f || scale_old[1] != 1.f)) {
 #pragma unroll
-      for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= scale_old[(i >> 1) & 1];
+        for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= scale_old[(i >> 1) & 1];
+      }
       pack_p();
     }
     if (n_tiles > 0) {

@@ -96,8 +96,7 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
   const SampledParams& p = params.base;
 
   extern __shared__ unsigned char smem_unaligned[];
-  Storage& smem = *reinterpret_cast<Storage*>(
-      (reinterpret_cast<uintptr_t>(smem_unaligned) + kSwizzleAtomBytes - 1) & ~uintptr_t(kSwizzleAtomBytes - 1));
+  Storage& smem = aligned_shared<Storage, kSwizzleAtomBytes>(smem_unaligned);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
   const int bh = p.bh_begin + blockIdx.y, b = bh / p.q_heads, h = bh % p.q_heads;
@@ -151,7 +150,9 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
 
   // ================= Consumer warpgroups =================
   cutlass::arch::warpgroup_reg_alloc<Shape::kConsumerRegisters>();
-  const int consumer = warp / 4 - 1, warp_in_group = warp % 4;
+  // Broadcast from lane 0: the compiler then knows the warpgroup index is warp-uniform and keeps the
+  // MMA descriptors derived from it in uniform registers.
+  const int consumer = __shfl_sync(0xffffffffu, warp / 4 - 1, 0), warp_in_group = warp % 4;
   const int g = lane >> 2, t = lane & 3;
   // A thread holds rows g and g + 8 of its warp's 16 rows in each m64 tile: slot 2 * mt + r.
   int local_rows[2 * kMTiles], row_last[2 * kMTiles];
@@ -169,18 +170,21 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
 
   using Accumulator = float[kTileN / 2];  // m64n128: column of element 4j + e is 8j + 2t + (e & 1)
   Accumulator acc[kMTiles];
-  const T* q_rows = &smem.q[0][consumer * 64 * kMTiles][0];
+  // Operand descriptors built once; per MMA only the start address moves (descriptor_at).
+  const uint64_t q_desc = smem_descriptor(&smem.q[0][consumer * 64 * kMTiles][0], 16, kSwizzleAtomBytes);
+  const uint64_t k_desc = smem_descriptor(&smem.k[0][0][0][0], 16, kSwizzleAtomBytes);
+  constexpr uint32_t kStageBytes = sizeof(smem.k[0]);
   // Issues S[m tile mt] = Q K^T for the key tile in `stage` (asynchronous; one commit group).
   auto issue = [&](int mt, int stage) {
     fence_registers(acc[mt]);
     cute::warpgroup_arrive();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const int panel = kk / 4, within = (kk % 4) * 16;
-      const uint64_t a = smem_descriptor(q_rows + (panel * kRows + mt * 64) * kPanelColumns + within, 16,
-                                         kSwizzleAtomBytes);
-      const uint64_t bdesc = smem_descriptor(&smem.k[stage][panel][0][within], 16, kSwizzleAtomBytes);
-      mma_ss<T, kTileN>(a, bdesc, acc[mt], kk > 0);
+      // k16 step kk: panel kk / 4, 32 bytes per step inside the panel's 128-byte rows.
+      const uint32_t within = (kk % 4) * 32;
+      const uint32_t q_offset = ((kk / 4) * kRows + mt * 64) * kPanelRowBytes + within;
+      const uint32_t k_offset = stage * kStageBytes + (kk / 4) * kTileN * kPanelRowBytes + within;
+      mma_ss<T, kTileN>(descriptor_at(q_desc, q_offset), descriptor_at(k_desc, k_offset), acc[mt], kk > 0);
     }
     cute::warpgroup_commit_batch();
   };

@@ -19,7 +19,9 @@ struct AttentionSm90Shape {
   static constexpr int kConsumers = kBlockM / 64;              // consumer warpgroups, 64 rows each
   static constexpr int kThreads = 128 * (kConsumers + 1);       // + the producer warpgroup
   static constexpr int kTileN = kBlockM == 128 ? 128 : 64;      // keys per tile (the S tile's N)
-  static constexpr int kStages = 2;
+  // K/V ring depth: at head_dim 64 a stage is half the bytes and a tile half the MMA time, so the
+  // producer needs more tiles in flight to stay ahead; at 128 two stages fill the shared memory.
+  static constexpr int kStages = kHeadDim == 64 ? 4 : 2;
   static constexpr int kPanels = kHeadDim / kPanelColumns;
   static constexpr int kMinBlocks = kBlockM == 128 ? 1 : 2;     // CTAs per SM
   // setmaxnreg budgets: the producer gives registers back, the consumers take them. A CTA starts with

@@ -41,6 +41,10 @@ __device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t l
   return desc.desc_;
 }
 
+// `desc` with its start address moved `bytes` further. The start field holds address >> 4 in its low
+// 14 bits, and shared-memory addresses (< 256 KiB) never carry out of it, so this is an integer add.
+__device__ __forceinline__ uint64_t descriptor_at(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+
 // The CUTLASS atom for D[64 x N] (+)= A[64 x 16] B[16 x N], float accumulators.
 //   SS: A and B K-major in shared memory.  RS: A in registers, B MN-major in shared memory.
 template <typename T, int N> struct AtomSS;

@@ -90,7 +90,8 @@ def test_assign_matches_cpu_backend(rng, mode, causal, sim, score_dtype):
     assert torch.equal(levels.cpu(), expected)
 
 
-@pytest.mark.parametrize("n_k", [1, 600, 2100, 4096])
+# One length per launch bucket of the kernel (slots sized to the row) and each bucket's edges.
+@pytest.mark.parametrize("n_k", [1, 139, 256, 300, 512, 600, 640, 641, 1024, 2048, 2100, 4096])
 @pytest.mark.parametrize("mode", ["topk", "threshold"])
 def test_assign_long_rows_and_ties(rng, n_k, mode):
     # Scores drawn from a few values make many ties: ranks must still break them by lower block index.

@@ -2,9 +2,10 @@
 //
 // The row's candidate blocks are a prefix [0, m) of the key blocks (all of them without causal
 // masking; up to the diagonal block with it). A block radix sort ranks them by score, descending;
-// the sort key is (score as float32, descending; block index, ascending) packed into 64 bits, so ties
-// go to the lower block index exactly as in the CPU backend's stable_sort, whatever the sort's own
-// tie order. Non-candidates get the largest keys and sort last. (Scores are ranked at float32
+// the sort key is (score as float32, descending; block index, ascending) packed into 32 + index_bits
+// bits, so ties go to the lower block index exactly as in the CPU backend's stable_sort, whatever
+// the sort's own tie order. The sort only passes over those bits (ceil(log2(n_k)) index bits, not
+// 32): 11 radix passes instead of 16 for up to 1024 blocks. Non-candidates get the largest keys and sort last. (Scores are ranked at float32
 // precision; the estimators produce float32. The mass sums below use the double values.) A block scan gives the
 // mass ranked ahead of each block (threshold mode); quotas come from m (topk mode). Then the fix-ups
 // (floor, causal diagonal and sink, forced blocks, similarity cap) apply per block and every level of
@@ -47,19 +48,21 @@ __global__ void __launch_bounds__(kThreads) assign_levels_kernel(const AssignPar
   const Score* scores = static_cast<const Score*>(p.scores) + row * p.n_k;
   int8_t* levels = p.levels + row * p.n_k;
 
+  // Slots past n_k hold indices up to kThreads * kItems - 1: the index field covers those too.
+  const int index_bits = 32 - __clz(kThreads * kItems - 1);
   unsigned long long key[kItems];
 #pragma unroll
   for (int item = 0; item < kItems; ++item) {
     const int j = threadIdx.x * kItems + item;
     // Non-negative floats order like their bit patterns; the complement sorts the largest first.
     const unsigned high = j < m ? ~__float_as_uint(static_cast<float>(scores[j])) : 0xffffffffu;
-    key[item] = (static_cast<unsigned long long>(high) << 32) | static_cast<unsigned>(j);
+    key[item] = (static_cast<unsigned long long>(high) << index_bits) | static_cast<unsigned>(j);
   }
-  Sort(temp.sort).Sort(key);
+  Sort(temp.sort).Sort(key, 0, 32 + index_bits);
   __syncthreads();
   int block[kItems];
 #pragma unroll
-  for (int item = 0; item < kItems; ++item) block[item] = static_cast<int>(key[item] & 0xffffffffu);
+  for (int item = 0; item < kItems; ++item) block[item] = static_cast<int>(key[item] & ((1ull << index_bits) - 1));
 
   // The ranks of this thread's items are threadIdx.x * kItems + item.
   double mass[kItems];
@@ -109,8 +112,18 @@ __global__ void __launch_bounds__(kThreads) assign_levels_kernel(const AssignPar
 template <typename Score>
 cudaError_t launch_assign_levels(const AssignParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.q_heads * p.n_q));
-  if (p.n_k <= 512) {
+  // Slots sized to the row (every slot is a key through all radix passes): wan14b's 591 blocks per
+  // row take 640 slots, not 2048.
+  if (p.n_k <= 256) {
+    assign_levels_kernel<Score, 128, 2><<<grid, 128, 0, stream>>>(p);
+  } else if (p.n_k <= 384) {
+    assign_levels_kernel<Score, 128, 3><<<grid, 128, 0, stream>>>(p);
+  } else if (p.n_k <= 512) {
     assign_levels_kernel<Score, 128, 4><<<grid, 128, 0, stream>>>(p);
+  } else if (p.n_k <= 640) {
+    assign_levels_kernel<Score, 128, 5><<<grid, 128, 0, stream>>>(p);
+  } else if (p.n_k <= 1024) {
+    assign_levels_kernel<Score, 256, 4><<<grid, 256, 0, stream>>>(p);
   } else if (p.n_k <= 2048) {
     assign_levels_kernel<Score, 128, 16><<<grid, 128, 0, stream>>>(p);
   } else {

@@ -2,23 +2,27 @@
 // warp specialization. Same contract as ../attention_with_levels.cuh (the sm80 kernel, kept as the
 // fallback); this file only changes how tiles move and multiply.
 //
-// One CTA owns one query block of kBlockM = 64 * kConsumers rows:
-//   - Warp 0 builds the row's schedule in shared memory (key block ids grouped by level), as sm80 does.
-//   - Warpgroup 0 is the producer (its registers given back with setmaxnreg). One warp walks the
+// A persistent grid (as many CTAs as fit at once); each CTA walks items (one query block of
+// kBlockM = 64 * kConsumers rows of one batch and head) gridDim.x apart:
+//   - Warp 1 builds each item's schedule (key block ids grouped by level, as sm80 does) into one of
+//     two shared-memory slots, up to two items ahead.
+//   - Warp 0 is the producer (its warpgroup's registers given back with setmaxnreg). It walks the
 //     schedule: a tile is kTileN consecutive pooled tokens of one level, i.e. kTileN / piece pieces,
 //     each piece `piece = min(block_n >> L, kTileN)` contiguous rows of level L's K or V (one key
 //     block, or a slice of one). Lane i issues piece i as one TMA box per 64 head_dim columns, into
 //     consecutive shared-memory rows; empty slots get a box past the end of the tensor, which TMA
-//     fills with zeros.
+//     fills with zeros. The next item's Q and first tiles load while the consumers finish the last.
 //   - Warpgroups 1..kConsumers each own 64 query rows. Per tile: S = Q K^T (wgmma, both operands in
 //     shared memory), bias + causal mask + online softmax in registers (exp2 domain), O += P V (wgmma
 //     with P from registers), overlapped across tiles as FA3 does. The per-column bias log2(count)
 //     and the causal mask's last covered keys come from the schedule (common/tile_geometry.cuh), so
 //     the producer hands the consumers nothing but TMA bytes.
-// K/V stages cycle through a kStages ring of full/empty mbarriers. The kernel reads Q, K, V (every
-// level) in place through their strides; GQA maps a query head to its key head by index.
+// K/V stages cycle through a kStages ring of full/empty mbarriers that runs on across items. The
+// kernel reads Q, K, V (every level) in place through their strides; GQA maps a query head to its
+// key head by index.
 #pragma once
 
+#include <algorithm>
 #include <cfloat>
 #include <climits>
 #include <type_traits>
@@ -87,24 +91,46 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
 
   extern __shared__ unsigned char smem_unaligned[];
   Storage& smem = aligned_shared<Storage, kSwizzleAtomBytes>(smem_unaligned);
-  uint16_t* s_ids = reinterpret_cast<uint16_t*>(&smem + 1);  // [n_k], the row's schedule
+  // The schedules of two items (double-buffered: one built while the other is in use), [2][n_k].
+  uint16_t* const schedules = reinterpret_cast<uint16_t*>(&smem + 1);
   // Tile views in the kernel's element type.
   const auto q_panel = [&](int panel) { return reinterpret_cast<T*>(&smem.q[panel][0][0]); };
   const auto k_panel = [&](int stage, int panel) { return reinterpret_cast<T*>(&smem.k[stage][panel][0][0]); };
   const auto v_panel = [&](int stage, int panel) { return reinterpret_cast<T*>(&smem.v[stage][panel][0][0]); };
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int block = blockIdx.x, bh = blockIdx.y;
-  const int b = bh / p.q_heads, h = bh % p.q_heads;
-  const int kv_head = h / (p.q_heads / p.kv_heads);
-  const int row_begin = block * kBlockM;
+  // Persistent grid: the CTA's k-th item (one query block of one (batch, head); query blocks
+  // fastest, so CTAs running together share a head's K and V in L2) is blockIdx.x + k * gridDim.x.
+  // Every role walks the same sequence; schedule slot k & 1 holds item k's schedule.
+  const int items = p.n_q * p.batch * p.q_heads;
+  struct Item {
+    int b, h, kv_head, block, row_begin;
+    int64_t bh;
+  };
+  const auto item_of = [&](int item) {
+    Item it;
+    it.bh = item / p.n_q;
+    it.block = item % p.n_q;
+    it.b = static_cast<int>(it.bh / p.q_heads);
+    it.h = static_cast<int>(it.bh % p.q_heads);
+    it.kv_head = it.h / (p.q_heads / p.kv_heads);
+    it.row_begin = it.block * kBlockM;
+    return it;
+  };
+  const auto ids_of = [&](int slot) { return schedules + slot * p.n_k; };
 
-  // ---- Schedule (warp 0) and barrier set-up (thread 32).
-  if (warp == 0) {
-    build_level_schedule(p.levels + (static_cast<int64_t>(bh) * p.n_q + block) * p.n_k, p.n_k, lane, s_ids,
-                         smem.level_count, smem.level_start);
-  } else if (tid == 32) {
+  // ---- Barrier set-up (thread 0). Schedule slots: the builder warp's 32 lanes fill one
+  // (sched_full), the producer warp's and the consumers' threads release it (sched_empty); every
+  // thread that touched a slot arrives itself, so each one's own accesses are ordered by its arrive.
+  constexpr int kConsumerThreads = Shape::kConsumers * 128;
+  if (tid == 0) {
     Barrier::init(&smem.q_full, 1);
+    Barrier::init(&smem.q_empty, Shape::kConsumers * 4);     // one arrive per consumer warp
+#pragma unroll
+    for (int slot = 0; slot < 2; ++slot) {
+      Barrier::init(&smem.sched_full[slot], 32);
+      Barrier::init(&smem.sched_empty[slot], 32 + kConsumerThreads);
+    }
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       Barrier::init(&smem.k_full[s], 1);                       // the producer's arrive (+ TMA bytes)
@@ -116,57 +142,79 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
   }
   __syncthreads();
 
-  // Tiles of the row. Each role counts them after its setmaxnreg: values computed before the split
-  // would have to survive the producer's small register budget, and ptxas spills them.
   using Geometry = TileGeometry<kTileN>;
-  const auto row_tiles = [&] { return Geometry::row_tiles(smem.level_count, p.block_n); };
-  // With nothing selected (n_tiles == 0) the producer loads nothing and the consumers go straight to
+  // With nothing selected (n_tiles == 0) the producer loads only Q and the consumers go straight to
   // the epilogue: zeros and lse = -inf.
 
   if (warp < 4) {
     // ================= Producer warpgroup =================
     cutlass::arch::warpgroup_reg_dealloc<Shape::kProducerRegisters>();
-    const int n_tiles = row_tiles();
-    if (warp != 0 || n_tiles == 0) return;
-    if (lane == 0) {
-      TxBarrier::expect_transaction(&smem.q_full, static_cast<uint32_t>(sizeof(smem.q)));
-      for (int c = 0; c < kBlockM / 64; ++c) {
-#pragma unroll
-        for (int panel = 0; panel < kPanels; ++panel) {
-          cute::SM90_TMA_LOAD_4D::copy(&params.q_map, &smem.q_full, 0, q_panel(panel) + c * 64 * kPanelColumns,
-                                       panel * kPanelColumns, row_begin + c * 64, h, b);
-        }
+    if (warp == 1) {
+      // Schedule builder: item k's schedule into slot k & 1, once item k - 2 has released it. It runs
+      // up to two items ahead, so a row's schedule is ready before its tiles are due.
+      for (int k = 0, item = blockIdx.x; item < items; ++k, item += gridDim.x) {
+        const int slot = k & 1;
+        if (k >= 2) Barrier::wait(&smem.sched_empty[slot], ((k >> 1) - 1) & 1);
+        build_level_schedule(p.levels + static_cast<int64_t>(item) * p.n_k, p.n_k, lane, ids_of(slot),
+                             smem.level_count[slot], smem.level_start[slot]);
+        Barrier::arrive(&smem.sched_full[slot]);
       }
-      Barrier::arrive(&smem.q_full);
+      return;
     }
-    Geometry geometry = Geometry::locate(0, smem.level_count, smem.level_start, p.block_n, p.k_len, s_ids);
-    for (int index = 0; index < n_tiles; ++index) {
-      const int stage = index % kStages;
-      const uint32_t empty_phase = ((index / kStages) & 1) ^ 1;
-      if (index > 0) geometry.advance(smem.level_count, smem.level_start, p.block_n, s_ids);
-      // Pieces: lane i issues piece i (kTileN / piece <= 16 pieces: piece >= 8 rows). An empty slot
-      // reads rows starting at `tokens`: entirely past the end, so zeros.
-      const int piece = min(geometry.per_block, kTileN), pieces = kTileN / piece;
-      const int L = geometry.level;
-      const auto load = [&](const CUtensorMap* map, uint64_t* full, uint64_t* empty, const auto& panel_of) {
-        Barrier::wait(empty, empty_phase);
-        if (lane == 0) TxBarrier::expect_transaction(full, static_cast<uint32_t>(Shape::kTileBytes));
-        __syncwarp();
-        if (lane < pieces) {
-          const int row = geometry.token(lane * piece, s_ids);
+    if (warp != 0) return;
+    int ring = 0;  // tiles loaded so far, over all items: the K/V ring's stage and phase
+    for (int k = 0, item = blockIdx.x; item < items; ++k, item += gridDim.x) {
+      const int slot = k & 1;
+      const uint16_t* ids = ids_of(slot);
+      const Item it = item_of(item);
+      Barrier::wait(&smem.sched_full[slot], (k >> 1) & 1);
+      const int n_tiles = Geometry::row_tiles(smem.level_count[slot], p.block_n);
+      // Q of this item, once the consumers' last MMA of the previous item has read its Q: while they
+      // write the previous item's output, this item's Q and first tiles are already on their way.
+      if (k > 0) Barrier::wait(&smem.q_empty, (k - 1) & 1);
+      if (lane == 0) {
+        TxBarrier::expect_transaction(&smem.q_full, static_cast<uint32_t>(sizeof(smem.q)));
+        for (int c = 0; c < kBlockM / 64; ++c) {
 #pragma unroll
           for (int panel = 0; panel < kPanels; ++panel) {
-            cute::SM90_TMA_LOAD_4D::copy(map, full, 0, panel_of(panel) + lane * piece * kPanelColumns,
-                                         panel * kPanelColumns, row, kv_head, b);
+            cute::SM90_TMA_LOAD_4D::copy(&params.q_map, &smem.q_full, 0, q_panel(panel) + c * 64 * kPanelColumns,
+                                         panel * kPanelColumns, it.row_begin + c * 64, it.h, it.b);
           }
         }
-        __syncwarp();
-        if (lane == 0) Barrier::arrive(full);
-      };
-      load(&params.k_map[L], &smem.k_full[stage], &smem.k_empty[stage],
-           [&](int panel) { return k_panel(stage, panel); });
-      load(&params.v_map[L], &smem.v_full[stage], &smem.v_empty[stage],
-           [&](int panel) { return v_panel(stage, panel); });
+        Barrier::arrive(&smem.q_full);
+      }
+      Geometry geometry =
+          Geometry::locate(0, smem.level_count[slot], smem.level_start[slot], p.block_n, p.k_len, ids);
+      for (int index = 0; index < n_tiles; ++index) {
+        const int tile = ring + index, stage = tile % kStages;
+        const uint32_t empty_phase = ((tile / kStages) & 1) ^ 1;
+        if (index > 0) geometry.advance(smem.level_count[slot], smem.level_start[slot], p.block_n, ids);
+        // Pieces: lane i issues piece i (kTileN / piece <= 16 pieces: piece >= 8 rows). An empty slot
+        // reads rows starting at `tokens`: entirely past the end, so zeros.
+        const int piece = min(geometry.per_block, kTileN), pieces = kTileN / piece;
+        const int L = geometry.level;
+        const auto load = [&](const CUtensorMap* map, uint64_t* full, uint64_t* empty, const auto& panel_of) {
+          Barrier::wait(empty, empty_phase);
+          if (lane == 0) TxBarrier::expect_transaction(full, static_cast<uint32_t>(Shape::kTileBytes));
+          __syncwarp();
+          if (lane < pieces) {
+            const int row = geometry.token(lane * piece, ids);
+#pragma unroll
+            for (int panel = 0; panel < kPanels; ++panel) {
+              cute::SM90_TMA_LOAD_4D::copy(map, full, 0, panel_of(panel) + lane * piece * kPanelColumns,
+                                           panel * kPanelColumns, row, it.kv_head, it.b);
+            }
+          }
+          __syncwarp();
+          if (lane == 0) Barrier::arrive(full);
+        };
+        load(&params.k_map[L], &smem.k_full[stage], &smem.k_empty[stage],
+             [&](int panel) { return k_panel(stage, panel); });
+        load(&params.v_map[L], &smem.v_full[stage], &smem.v_empty[stage],
+             [&](int panel) { return v_panel(stage, panel); });
+      }
+      ring += n_tiles;
+      Barrier::arrive(&smem.sched_empty[slot]);
     }
   } else {
     // ================= Consumer warpgroups =================
@@ -175,21 +223,20 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
     // wait for S_j only, softmax, then wait for the PV, rescale O and pack P_j. The softmax reads only
     // S registers while the MMA in flight reads P and writes O, so ptxas keeps the MMAs asynchronous.
     cutlass::arch::warpgroup_reg_alloc<Shape::kConsumerRegisters>();
-    const int n_tiles = row_tiles();
     // Broadcast from lane 0, so the compiler knows the warpgroup index is warp-uniform and keeps the
     // MMA descriptors derived from it in uniform registers (as CUTLASS's canonical_warp_group_idx).
     const int consumer = __shfl_sync(0xffffffffu, warp / 4 - 1, 0), warp_in_group = warp % 4;
     const int g = lane >> 2, t = lane & 3;
     const int causal_offset = p.k_len - p.q_len;
     const int group_row = consumer * 64 + warp_in_group * 16;  // within the block
-    const int rows[2] = {row_begin + group_row + g, row_begin + group_row + g + 8};
-    // Causal: a tile needs the mask only if some key it covers lies past this warpgroup's first row.
-    const int first_row_limit = row_begin + consumer * 64 + causal_offset;
+    // The current item's: this thread's two rows, the causal mask's first-row limit (a tile needs the
+    // mask only if some key it covers lies past this warpgroup's first row) and the schedule.
+    int rows[2];
+    int first_row_limit;
+    const uint16_t* s_ids;
 
     float o[kHeadDim / 2];
-#pragma unroll
-    for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
-    float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+    float row_max[2], row_sum[2];
     float s[kTileN / 2];           // S of the newest tile, then its probabilities
     uint32_t pa[kTileN / 16][4];   // P of the previous tile as the PV MMA's A fragments
 
@@ -325,67 +372,91 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
       if (lane == 0) Barrier::arrive(&smem.v_empty[stage]);
     };
 
-    // The tiles' geometry, walked one by one alongside the loop (TileGeometry::advance).
-    Geometry geometry = Geometry::locate(0, smem.level_count, smem.level_start, p.block_n, p.k_len, s_ids);
-    if (n_tiles > 0) {
-      Barrier::wait(&smem.q_full, 0);
-      Barrier::wait(&smem.k_full[0], 0);
-      issue_s(0);
-      cute::warpgroup_wait<0>();
-      release_k(0);
-      float scale_old[2];
-      softmax(geometry, scale_old);  // O is still zero: nothing to rescale
-      pack_p();
-    }
-    for (int index = 1; index < n_tiles; ++index) {
-      const int stage = index % kStages, previous = (index - 1) % kStages;
-      Barrier::wait(&smem.k_full[stage], (index / kStages) & 1);
-      Barrier::wait(&smem.v_full[previous], ((index - 1) / kStages) & 1);
-      issue_s(stage);
-      issue_pv(previous);
-      cute::warpgroup_wait<1>();  // S of this tile is done; the PV of the previous one may still run
-      release_k(stage);
-      geometry.advance(smem.level_count, smem.level_start, p.block_n, s_ids);
-      float scale_old[2];
-      softmax(geometry, scale_old);
-      cute::warpgroup_wait<0>();
-      fence_registers(o);
-      release_v(previous);
-      // Once the row maxima settle most tiles leave them unchanged (scale exactly 1): the warp skips
-      // the rescale then (a uniform branch, so no if-conversion into the common path).
-      if (__any_sync(0xffffffffu, scale_old[0] != 1.f || scale_old[1] != 1.f)) {
+    int ring = 0;  // tiles consumed so far, over all items: the K/V ring's stage and phase
+    for (int k = 0, item = blockIdx.x; item < items; ++k, item += gridDim.x) {
+      const int slot = k & 1;
+      const Item it = item_of(item);
+      rows[0] = it.row_begin + group_row + g;
+      rows[1] = rows[0] + 8;
+      first_row_limit = it.row_begin + consumer * 64 + causal_offset;
+      s_ids = ids_of(slot);
 #pragma unroll
-        for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= scale_old[(i >> 1) & 1];
+      for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        row_max[r] = -INFINITY;
+        row_sum[r] = 0.f;
       }
-      pack_p();
-    }
-    if (n_tiles > 0) {
-      const int last_stage = (n_tiles - 1) % kStages;
-      Barrier::wait(&smem.v_full[last_stage], ((n_tiles - 1) / kStages) & 1);
-      issue_pv(last_stage);
-      cute::warpgroup_wait<0>();
-      fence_registers(o);
-      release_v(last_stage);
-    }
+      Barrier::wait(&smem.sched_full[slot], (k >> 1) & 1);
+      const int n_tiles = Geometry::row_tiles(smem.level_count[slot], p.block_n);
+      // The tiles' geometry, walked one by one alongside the loop (TileGeometry::advance).
+      Geometry geometry =
+          Geometry::locate(0, smem.level_count[slot], smem.level_start[slot], p.block_n, p.k_len, s_ids);
+      Barrier::wait(&smem.q_full, k & 1);
+      if (n_tiles > 0) {
+        const int stage = ring % kStages;
+        Barrier::wait(&smem.k_full[stage], (ring / kStages) & 1);
+        issue_s(stage);
+        cute::warpgroup_wait<0>();
+        release_k(stage);
+        float scale_old[2];
+        softmax(geometry, scale_old);  // O is still zero: nothing to rescale
+        pack_p();
+      }
+      for (int index = 1; index < n_tiles; ++index) {
+        const int tile = ring + index, stage = tile % kStages, previous = (tile - 1) % kStages;
+        Barrier::wait(&smem.k_full[stage], (tile / kStages) & 1);
+        Barrier::wait(&smem.v_full[previous], ((tile - 1) / kStages) & 1);
+        issue_s(stage);
+        issue_pv(previous);
+        cute::warpgroup_wait<1>();  // S of this tile is done; the PV of the previous one may still run
+        release_k(stage);
+        geometry.advance(smem.level_count[slot], smem.level_start[slot], p.block_n, s_ids);
+        float scale_old[2];
+        softmax(geometry, scale_old);
+        cute::warpgroup_wait<0>();
+        fence_registers(o);
+        release_v(previous);
+        // Once the row maxima settle most tiles leave them unchanged (scale exactly 1): the warp skips
+        // the rescale then (a uniform branch, so no if-conversion into the common path).
+        if (__any_sync(0xffffffffu, scale_old[0] != 1.f || scale_old[1] != 1.f)) {
+#pragma unroll
+          for (int i = 0; i < kHeadDim / 2; ++i) o[i] *= scale_old[(i >> 1) & 1];
+        }
+        pack_p();
+      }
+      if (n_tiles > 0) {
+        const int last = ring + n_tiles - 1, last_stage = last % kStages;
+        Barrier::wait(&smem.v_full[last_stage], (last / kStages) & 1);
+        issue_pv(last_stage);
+        cute::warpgroup_wait<0>();
+        fence_registers(o);
+        release_v(last_stage);
+      }
+      ring += n_tiles;
+      // Every MMA of the item is done: its Q and its schedule slot go back to the producer warps.
+      if (lane == 0) Barrier::arrive(&smem.q_empty);
+      Barrier::arrive(&smem.sched_empty[slot]);
 
-    // ---- Epilogue: rows that saw no key write zeros and lse = -inf.
-    T* out = static_cast<T*>(p.out) + static_cast<int64_t>(bh) * p.q_len * kHeadDim;
+      // ---- Epilogue: rows that saw no key write zeros and lse = -inf.
+      T* out = static_cast<T*>(p.out) + it.bh * p.q_len * kHeadDim;
 #pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      float total = row_sum[r];
-      total += __shfl_xor_sync(0xffffffffu, total, 1);
-      total += __shfl_xor_sync(0xffffffffu, total, 2);
-      if (rows[r] >= p.q_len) continue;
-      const float inverse = total > 0.f ? 1.f / total : 0.f;
-      T* out_row = out + static_cast<int64_t>(rows[r]) * kHeadDim;
+      for (int r = 0; r < 2; ++r) {
+        float total = row_sum[r];
+        total += __shfl_xor_sync(0xffffffffu, total, 1);
+        total += __shfl_xor_sync(0xffffffffu, total, 2);
+        if (rows[r] >= p.q_len) continue;
+        const float inverse = total > 0.f ? 1.f / total : 0.f;
+        T* out_row = out + static_cast<int64_t>(rows[r]) * kHeadDim;
 #pragma unroll
-      for (int j = 0; j < kHeadDim / 8; ++j) {
-        *reinterpret_cast<uint32_t*>(out_row + 8 * j + 2 * t) =
-            pack2<T>(o[4 * j + 2 * r] * inverse, o[4 * j + 2 * r + 1] * inverse);
-      }
-      if (t == 0) {
-        p.lse[static_cast<int64_t>(bh) * p.q_len + rows[r]] =
-            total > 0.f ? (row_max[r] + __log2f(total)) * 0.69314718055994531f : -INFINITY;
+        for (int j = 0; j < kHeadDim / 8; ++j) {
+          *reinterpret_cast<uint32_t*>(out_row + 8 * j + 2 * t) =
+              pack2<T>(o[4 * j + 2 * r] * inverse, o[4 * j + 2 * r + 1] * inverse);
+        }
+        if (t == 0) {
+          p.lse[it.bh * p.q_len + rows[r]] =
+              total > 0.f ? (row_max[r] + __log2f(total)) * 0.69314718055994531f : -INFINITY;
+        }
       }
     }
   }
@@ -419,8 +490,17 @@ cudaError_t launch_attention_with_levels_sm90(const AttentionParams& p, cudaStre
   auto kernel = attention_with_levels_sm90_kernel<T, kHeadDim, kBlockM>;
   status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (status != cudaSuccess) return status;
-  const dim3 grid(static_cast<unsigned>(p.n_q), static_cast<unsigned>(p.batch * p.q_heads));
-  kernel<<<grid, Shape::kThreads, smem, stream>>>(params);
+  // Persistent grid: as many CTAs as fit on the GPU at once, each walking items gridDim.x apart.
+  int device = 0, sms = 0, per_sm = 0;
+  status = cudaGetDevice(&device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (status == cudaSuccess) {
+    status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Shape::kThreads, smem);
+  }
+  if (status != cudaSuccess) return status;
+  const int64_t items = static_cast<int64_t>(p.n_q) * p.batch * p.q_heads;
+  const int64_t ctas = std::min<int64_t>(items, static_cast<int64_t>(sms) * std::max(per_sm, 1));
+  kernel<<<static_cast<unsigned>(ctas), Shape::kThreads, smem, stream>>>(params);
   return cudaGetLastError();
 }
 

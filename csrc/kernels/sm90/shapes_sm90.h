@@ -41,8 +41,10 @@ struct AttentionSm90Shape {
 // Shared memory of the Hopper attention kernel. Tiles are 16-bit elements in 64-column panels with the
 // 128-byte swizzle (wgmma.cuh); the kernel views them as its element type. K and V have separate
 // full/empty barriers, so a K stage is refilled as soon as its S = Q K^T is done while V of the same
-// tile is still in use. The level schedule (ids of n_k key blocks) follows the struct; the producer
-// writes nothing else to shared memory, so every consumer read is ordered by a barrier the tools see.
+// tile is still in use. Q has its own pair: the next item's Q loads while the consumers write the
+// previous item's output. The level schedules of two items (ids of n_k key blocks each) follow the
+// struct, with their counts and starts in `level_count` / `level_start` [slot]; a slot is handed
+// between the schedule builder warp and its readers by sched_full / sched_empty.
 template <int kHeadDim, int kBlockM>
 struct AttentionSm90Storage {
   using Shape = AttentionSm90Shape<kHeadDim, kBlockM>;
@@ -50,16 +52,17 @@ struct AttentionSm90Storage {
   alignas(kSwizzleAtomBytes) uint16_t q[kPanels][kBlockM][kPanelColumns];
   alignas(kSwizzleAtomBytes) uint16_t k[kStages][kPanels][kTileN][kPanelColumns];
   alignas(kSwizzleAtomBytes) uint16_t v[kStages][kPanels][kTileN][kPanelColumns];
-  uint64_t q_full;
+  uint64_t q_full, q_empty;
   uint64_t k_full[kStages], k_empty[kStages];
   uint64_t v_full[kStages], v_empty[kStages];
-  int level_count[kNumLevels], level_start[kNumLevels];
+  uint64_t sched_full[2], sched_empty[2];
+  int level_count[2][kNumLevels], level_start[2][kNumLevels];
 };
 
 template <int kHeadDim, int kBlockM>
 size_t AttentionSm90Shape<kHeadDim, kBlockM>::smem_bytes(int n_k) {
-  // + the schedule's ids, + slack to align the start (dynamic shared memory is only 16-byte aligned)
-  return sizeof(AttentionSm90Storage<kHeadDim, kBlockM>) + sizeof(uint16_t) * static_cast<size_t>(n_k) +
+  // + two schedules' ids, + slack to align the start (dynamic shared memory is only 16-byte aligned)
+  return sizeof(AttentionSm90Storage<kHeadDim, kBlockM>) + 2 * sizeof(uint16_t) * static_cast<size_t>(n_k) +
          kSwizzleAtomBytes;
 }
 

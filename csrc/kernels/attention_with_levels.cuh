@@ -106,7 +106,7 @@ __global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads,
       cp_async_16(v_dst + Rows::offset(row, chunk), v + (valid ? token * v_token_stride + chunk * 8 : 0), valid);
     }
     for (int row = tid; row < kTileN; row += Shape::kThreads) {
-      s_bias[stage * kTileN + row] = geometry.bias(row, s_ids);
+      s_bias[stage * kTileN + row] = geometry.bias(row);
       s_last[stage * kTileN + row] = geometry.last_key(row, s_ids);
     }
   };

@@ -323,7 +323,7 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
           for (int j = 0; j < kTileN / 8; ++j) {
             float col_bias[2];
 #pragma unroll
-            for (int c = 0; c < 2; ++c) col_bias[c] = geometry.bias(8 * j + 2 * t + c, s_ids);
+            for (int c = 0; c < 2; ++c) col_bias[c] = geometry.bias(8 * j + 2 * t + c);
 #pragma unroll
             for (int e = 0; e < 4; ++e) {
               const int col = 8 * j + 2 * t + (e & 1), r = e >> 1;

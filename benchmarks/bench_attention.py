@@ -8,6 +8,8 @@ density 0.15 / 0.30 / 1.0 (all level 1) it prints:
   - dense SDPA with the cuDNN and the flash backend;
   - FlexAttention with a block mask that keeps, per query block, the `round(density * n_k)` key blocks
     psa's estimator ranks highest (binary block-sparse at equal compute);
+  - where FlashAttention-4 (`flash-attn-4`) imports: FA4 dense, and FA4 block-sparse with the same
+    blocks as FlexAttention (its output checked against Flex's), and psa's attention time over FA4's;
   - effective TFLOP/s = 4 * B * H * Lq * Lk * D * density / time (density measured from the level map;
     dense and flex at their own density) and speedups over cuDNN.
 
@@ -15,7 +17,10 @@ Before that, per shape, the cost of each stage at the default config as a share 
 pyramid, estimate with each estimator (sampled, pooled, antidiagonal), assign, attend.
 
 Usage: python benchmarks/bench_attention.py [--shapes wan1.3b_480p,...] [--densities 0.15,0.3,1.0]
-           [--estimators sampled,pooled,antidiagonal] [--no-stages] [--no-densities] [--kernels]
+           [--estimators sampled,pooled,antidiagonal] [--no-stages] [--no-densities] [--kernels] [--site DIR]
+
+--site adds a site directory before looking for FA4 (benchmarks/fa4_wheels.sh installs it into one on a
+machine without a registry).
 
 --kernels also lists the device time of every kernel each stage launches (torch.profiler), to see
 where a stage's time goes.
@@ -24,6 +29,7 @@ where a stage's time goes.
 import argparse
 import datetime
 import os
+import site
 import sys
 
 import torch
@@ -54,16 +60,72 @@ def bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
 
-def flex_block_mask(scores: torch.Tensor, density: float, length: int, block: int) -> BlockMask:
-    """Binary block mask keeping the top round(density * n_k) key blocks of every query block."""
+def top_blocks(scores: torch.Tensor, density: float):
+    """The `round(density * n_k)` highest-scoring key blocks of every query block: (keep, kv_indices),
+    indices of the kept blocks first (ascending), then the rest."""
     n_k = scores.shape[-1]
     keep = max(1, min(n_k, round(density * n_k)))
     order = torch.argsort(scores, dim=-1, descending=True).to(torch.int32)
     indices = torch.sort(order[..., :keep], dim=-1).values
-    kv_indices = torch.cat([indices, order[..., keep:]], dim=-1).contiguous()
+    return keep, torch.cat([indices, order[..., keep:]], dim=-1).contiguous()
+
+
+def flex_block_mask(scores: torch.Tensor, density: float, length: int, block: int) -> BlockMask:
+    """Binary block mask keeping the top round(density * n_k) key blocks of every query block."""
+    keep, kv_indices = top_blocks(scores, density)
     counts = torch.full(scores.shape[:-1], keep, dtype=torch.int32, device=scores.device)
     return BlockMask.from_kv_blocks(torch.zeros_like(counts), kv_indices, counts, kv_indices,
                                     BLOCK_SIZE=block, seq_lengths=(length, length))
+
+
+class FlashAttention4:
+    """FA4 (CuTe DSL) dense and block-sparse forward on [B, H, L, D] inputs, if it imports."""
+
+    def __init__(self):
+        try:
+            from flash_attn.cute.block_sparsity import BlockSparseTensorsTorch
+            from flash_attn.cute.interface import flash_attn_func
+        except Exception as error:  # not installed, or a DSL that does not match this CUDA
+            self.available, self.reason = False, f"{type(error).__name__}: {error}"
+            return
+        self.available, self.reason = True, ""
+        self._attention, self._sparse_tensors = flash_attn_func, BlockSparseTensorsTorch
+
+    @staticmethod
+    def layout(x: torch.Tensor) -> torch.Tensor:
+        return x.transpose(1, 2).contiguous()  # FA4 takes [B, L, H, D]
+
+    def dense(self, q, k, v):
+        return self._attention(q, k, v)[0]
+
+    def block_sparse_tensors(self, scores: torch.Tensor, density: float, block: int):
+        """The blocks flex_block_mask keeps, all as FA4 "full" blocks (no partial masking)."""
+        keep, kv_indices = top_blocks(scores, density)
+        counts = torch.full(scores.shape[:-1], keep, dtype=torch.int32, device=scores.device)
+        return self._sparse_tensors(mask_block_cnt=torch.zeros_like(counts), mask_block_idx=torch.zeros_like(kv_indices),
+                                    full_block_cnt=counts, full_block_idx=kv_indices, block_size=(block, block))
+
+    def block_sparse(self, q, k, v, tensors):
+        return self._attention(q, k, v, block_sparse_tensors=tensors)[0]
+
+
+def peer_time(label, fn, expected=None):
+    """Median ms of an optional peer, or None (with the reason printed) if it fails; its output is
+    checked against `expected` (same layout) when given."""
+    try:
+        if expected is not None:
+            error = (fn().float() - expected.float()).abs().max().item()
+            if error > 2e-2:
+                print(f"# {label}: output differs from the reference by {error:.3g}; not timed")
+                return None
+        return bench(fn)
+    except Exception as error:  # a peer's unsupported shape must not end the run
+        print(f"# {label}: {type(error).__name__}: {str(error)[:200]}")
+        return None
+
+
+def cell(value, fmt):
+    return "-" if value is None else fmt(value)
 
 
 def print_row(cells):
@@ -125,20 +187,24 @@ def main():
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage table")
     parser.add_argument("--no-densities", action="store_true", help="skip the per-density table")
     parser.add_argument("--kernels", action="store_true", help="per-kernel device times of each stage")
+    parser.add_argument("--site", action="append", default=[], help="extra site directory (for FA4)")
     args = parser.parse_args()
+    for directory in args.site:
+        site.addsitedir(directory)
+    fa4 = FlashAttention4()
     densities = [] if args.no_densities else [float(d) for d in args.densities.split(",")]
     shapes = args.shapes.split(",")
     flex = torch.compile(flex_attention, dynamic=False)
 
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, B=1, "
-          f"{datetime.date.today().isoformat()}")
+          f"{datetime.date.today().isoformat()}, FA4: {'yes' if fa4.available else 'no (' + fa4.reason + ')'}")
     if not args.no_stages:
         print_stage_table(shapes, args.estimators.split(","), args.kernels)
     if not densities:
         return
-    header = ("shape", "dens", "psa ms", "pyr", "est", "asg", "attend", "sm80 attend", "cudnn", "flash", "flex", "attend TF/s",
-              "psa TF/s",
-              "cudnn TF/s", "flex TF/s", "psa x", "flex x", "est+asg %")
+    header = ("shape", "dens", "psa ms", "pyr", "est", "asg", "attend", "sm80 attend", "cudnn", "flash", "flex",
+              "fa4", "fa4 bs", "attend TF/s", "psa TF/s", "cudnn TF/s", "flex TF/s", "fa4 TF/s", "fa4 bs TF/s",
+              "psa x", "flex x", "fa4 bs x", "attend / fa4 bs", "est+asg %")
     print("|" + "|".join(header) + "|")
     print("|" + "|".join("---" for _ in header) + "|")
     for name in shapes:
@@ -150,6 +216,10 @@ def main():
             cudnn_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
         with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
             flash_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        fa4_ms = None
+        if fa4.available:
+            q4, k4, v4 = fa4.layout(q), fa4.layout(k), fa4.layout(v)
+            fa4_ms = peer_time(f"FA4 dense on {name}", lambda: fa4.dense(q4, k4, v4))
         for density in densities:
             config = config_for(density)
             scores = psa.estimate_importance(q, k, config)
@@ -170,14 +240,26 @@ def main():
             flex_density = mask.sparsity() if hasattr(mask, "sparsity") else None
             flex_density = density if flex_density is None else 1 - flex_density / 100
             flex_ms = bench(lambda: flex(q, k, v, block_mask=mask))
+            fa4_bs_ms = None
+            if fa4.available:
+                tensors = fa4.block_sparse_tensors(scores, density, config.block_n)
+                fa4_bs_ms = peer_time(f"FA4 block-sparse on {name} at {density}",
+                                      lambda: fa4.block_sparse(q4, k4, v4, tensors),
+                                      expected=flex(q, k, v, block_mask=mask).transpose(1, 2))
             row = (name, f"{measured:.3f}", f"{total_ms:.2f}", f"{pyramid_ms:.2f}", f"{estimate_ms:.2f}",
-                   f"{assign_ms:.2f}", f"{attend_ms:.2f}", f"{sm80_attend_ms:.2f}", f"{cudnn_ms:.2f}", f"{flash_ms:.2f}", f"{flex_ms:.2f}",
+                   f"{assign_ms:.2f}", f"{attend_ms:.2f}", f"{sm80_attend_ms:.2f}", f"{cudnn_ms:.2f}", f"{flash_ms:.2f}",
+                   f"{flex_ms:.2f}", cell(fa4_ms, lambda t: f"{t:.2f}"), cell(fa4_bs_ms, lambda t: f"{t:.2f}"),
                    f"{dense_flops * measured / attend_ms / 1e9:.0f}",
                    f"{dense_flops * measured / total_ms / 1e9:.0f}", f"{dense_flops / cudnn_ms / 1e9:.0f}",
-                   f"{dense_flops * flex_density / flex_ms / 1e9:.0f}", f"{cudnn_ms / total_ms:.2f}",
-                   f"{cudnn_ms / flex_ms:.2f}", f"{100 * (estimate_ms + assign_ms) / cudnn_ms:.1f}")
+                   f"{dense_flops * flex_density / flex_ms / 1e9:.0f}",
+                   cell(fa4_ms, lambda t: f"{dense_flops / t / 1e9:.0f}"),
+                   cell(fa4_bs_ms, lambda t: f"{dense_flops * flex_density / t / 1e9:.0f}"),
+                   f"{cudnn_ms / total_ms:.2f}", f"{cudnn_ms / flex_ms:.2f}",
+                   cell(fa4_bs_ms, lambda t: f"{cudnn_ms / t:.2f}"),
+                   cell(fa4_bs_ms, lambda t: f"{attend_ms / t:.2f}"),
+                   f"{100 * (estimate_ms + assign_ms) / cudnn_ms:.1f}")
             print("|" + "|".join(row) + "|", flush=True)
-        q = k = v = None   # free this shape's inputs before the next one
+        q = k = v = q4 = k4 = v4 = None   # free this shape's inputs before the next one
         torch.cuda.empty_cache()
 
 

@@ -3,7 +3,9 @@
 # Hopper, then run the steps named on the command line, in order, logging each to $OUT (or /tmp):
 #   tests [pytest args...]  the CUDA suite (or the given test files / -k expressions) until the next step
 #   sanitizer               compute-sanitizer memcheck and racecheck on tests/sanitizer_case.py
-#   bench [args...]         benchmarks/bench_attention.py with the given arguments
+#   bench [args...]         benchmarks/bench_attention.py with the given arguments (with FA4 beside psa
+#                           when benchmarks/fa4_wheels.sh has installed it into /tmp/fa4site)
+#   fa4                     benchmarks/fa4_wheels.sh collect: gather the carried FA4 wheel parts
 # Example: bash benchmarks/gpu_session.sh tests tests/test_cuda_sm90.py bench --shapes wan1.3b_480p
 # Each step is cut off after STEP_TIMEOUT seconds (default 400), so a hung kernel still leaves the
 # other steps' output. Wheels in .whl/: nvidia_cutlass-4.2.0.0 and setuptools>=77 (see the README).
@@ -31,14 +33,17 @@ run_step() {
     sanitizer)
       $limit compute-sanitizer --tool memcheck python3 tests/sanitizer_case.py 2>&1 | tail -4
       $limit compute-sanitizer --tool racecheck python3 tests/sanitizer_case.py 2>&1 | tail -4 ;;
-    bench) $limit python3 benchmarks/bench_attention.py "${args[@]}" 2>&1 | tee "$log_dir/bench.log" ;;
+    bench)
+      site=(); [ -d /tmp/fa4site ] && site=(--site /tmp/fa4site)
+      $limit python3 benchmarks/bench_attention.py "${site[@]}" "${args[@]}" 2>&1 | tee "$log_dir/bench.log" ;;
+    fa4) bash benchmarks/fa4_wheels.sh collect ;;
     "") ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 }
 for word in "$@"; do
   case "$word" in
-    tests|sanitizer|bench) run_step; step=$word; args=() ;;
+    tests|sanitizer|bench|fa4) run_step; step=$word; args=() ;;
     *) args+=("$word") ;;
   esac
 done

@@ -30,6 +30,13 @@ smaller timestep than the previous call is the next step, an equal one is the sa
 guidance run as a second pass), a larger one starts a new generation. Reading the timestep is one host
 read per transformer forward, done only when `warmup_steps > 0`.
 
+Context parallelism (diffusers' `transformer.enable_parallelism(config=ContextParallelConfig(...))`, called
+before `apply`): in Ulysses mode every rank gathers the whole sequence for its share of the heads, so psa
+runs there unchanged, per rank on its heads, with the level maps of one GPU (diffusers' own all-to-all
+moves the tensors). Ring mode splits the keys across ranks while psa estimates its level map over all
+keys; it raises, as does Ulysses-anything (uneven splits). Of the supported models only Wan has a
+context-parallel plan in diffusers 0.42.1.
+
 torch.compile: `torch.compile(transformer, fullgraph=True)` traces a patched model whole when
 `warmup_steps == 0`. With warm-up, compile the blocks (`transformer.compile_repeated_blocks(
 fullgraph=True)`, diffusers' regional compilation): the step bookkeeping then stays in eager code and
@@ -243,7 +250,13 @@ def _install_dispatch(module_name: str) -> None:
         if isinstance(backend, _Route):
             # diffusers holds [B, L, H, D]; psa takes [B, H, L, D] (a view, no copy).
             q, k, v = query.transpose(1, 2), key.transpose(1, 2), value.transpose(1, 2)
-            if not is_causal and dropout_p == 0.0 and key.shape[1] == query.shape[1]:
+            ulysses = _ulysses_degree(parallel_config)
+            if ulysses > 1:
+                # Each rank holds 1/ulysses of the sequence here; psa runs after the all-to-all.
+                if (not is_causal and dropout_p == 0.0 and attn_mask is None and key.shape[1] == query.shape[1]
+                        and backend.handles(query.shape[1] * ulysses)):
+                    return _ulysses_attention(backend, query, key, value, scale, parallel_config)
+            elif not is_causal and dropout_p == 0.0 and key.shape[1] == query.shape[1]:
                 if attn_mask is None and backend.handles(query.shape[1]):
                     return backend.attend(q, k, v, scale).transpose(1, 2)
                 key_mask = _key_mask(attn_mask, query.shape[0], query.shape[1])
@@ -257,6 +270,47 @@ def _install_dispatch(module_name: str) -> None:
 
     dispatch_attention_fn._psa_original = original
     module.dispatch_attention_fn = dispatch_attention_fn
+
+
+def _ulysses_degree(parallel_config) -> int:
+    """How many ranks split the sequence under diffusers' context parallelism (1 without it); raises for
+    the modes psa cannot run in."""
+    context = getattr(parallel_config, "context_parallel_config", None) if parallel_config is not None else None
+    if context is None:
+        return 1
+    if context.ring_degree > 1:
+        raise ValueError("psa runs under diffusers context parallelism in Ulysses mode only "
+                         f"(ContextParallelConfig(ulysses_degree=N)), got ring_degree={context.ring_degree}: ring "
+                         "attention splits the keys across ranks, and psa estimates its level map over all keys")
+    if context.ulysses_anything:
+        raise ValueError("psa needs the sequence split evenly across the Ulysses ranks: ContextParallelConfig("
+                         "ulysses_anything=True) is not supported")
+    return context.ulysses_degree
+
+
+def _ulysses_attention(route: _Route, query, key, value, scale, parallel_config):
+    """psa under Ulysses context parallelism: diffusers' all-to-all gives this rank the whole sequence for
+    its share of the heads (`[B, L, H / N, D]`, tokens in order), psa attends, the all-to-all returns the
+    rank's sequence slice for every head."""
+    try:
+        from diffusers.models.attention_dispatch import _templated_context_parallel_attention
+    except ImportError as error:  # a diffusers without the templated context-parallel attention
+        raise RuntimeError("psa's context-parallel path needs diffusers' _templated_context_parallel_attention "
+                           "(diffusers 0.42)") from error
+
+    def forward_op(ctx, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse, _save_ctx=True,
+                   _parallel_config=None):
+        out = route.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, return_lse=return_lse)
+        if return_lse:
+            return out[0].transpose(1, 2), out[1].transpose(1, 2)
+        return out.transpose(1, 2)
+
+    def backward_op(*args, **kwargs):
+        raise NotImplementedError("psa has no backward pass yet: train with the model's own attention backend")
+
+    return _templated_context_parallel_attention(query, key, value, None, 0.0, False, scale, False, False,
+                                                 forward_op=forward_op, backward_op=backward_op,
+                                                 _parallel_config=parallel_config)
 
 
 def _shared_route(state: _State, config: PSAConfig, fallback_backend=None) -> _Route:

@@ -31,8 +31,9 @@ Grid = Tuple[int, int, int]
 
 
 def _check_grid(grid: Sequence[int], name: str = "grid") -> Grid:
+    # torch.SymInt: sizes read from a tensor's shape under torch.compile(dynamic=True).
     if (not hasattr(grid, "__len__") or len(grid) != 3
-            or any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in grid)):
+            or any(isinstance(n, bool) or not isinstance(n, (int, torch.SymInt)) or n < 1 for n in grid)):
         raise ValueError(f"{name} must be three positive ints (T, H, W), got {grid!r}")
     return tuple(grid)
 
@@ -196,7 +197,10 @@ def _permutation(grid: Grid, order: str, tile: Grid, text_before: int, text_afte
 # Under torch.compile the permutation is one opaque op: dynamo would otherwise trace the curve's Python
 # construction token by token. Eager calls hit the cache above and copy on the device. (Its own
 # namespace: torch.ops.psa holds the attention op family only.)
-@torch.library.custom_op("psa_layout::token_permutation", mutates_args=())
+# The grid and text counts are SymInts in the schema, so symbolic sizes pass through unspecialised.
+@torch.library.custom_op("psa_layout::token_permutation", mutates_args=(),
+                         schema="(SymInt[] grid, str order, int[] tile, SymInt text_before, SymInt text_after, "
+                                "Device device) -> (Tensor, Tensor)")
 def _token_permutation(grid: List[int], order: str, tile: List[int], text_before: int, text_after: int,
                        device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
     forward, inverse = _permutation(tuple(grid), order, tuple(tile), text_before, text_after, str(device))
@@ -223,10 +227,15 @@ def get_layout(grid: Sequence[int], order: str = "gilbert", *, tile: Sequence[in
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
     for name, value in (("text_before", text_before), ("text_after", text_after)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 0:
             raise ValueError(f"{name} must be a non-negative int, got {value!r}")
-    return _layout(_check_grid(grid), order, _check_grid(tile, "tile"), text_before, text_after,
-                   str(torch.device(device)))
+    grid, tile = _check_grid(grid), _check_grid(tile, "tile")
+    if torch.compiler.is_compiling():
+        # Traced: the op is one node of the graph, and the sizes may be symbolic (no cache keyed on them).
+        forward, inverse = _token_permutation(list(grid), order, list(tile), text_before, text_after,
+                                              torch.device(device))
+        return TokenLayout(grid, order, forward, inverse)
+    return _layout(grid, order, tile, text_before, text_after, str(torch.device(device)))
 
 
 def text_positions(length: int, text_before: int = 0, text_after: int = 0, device="cpu"):

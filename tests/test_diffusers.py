@@ -6,6 +6,7 @@ import gc
 import pytest
 import torch
 import torch._dynamo
+import torch._dynamo.testing
 
 import psa
 from conftest import BACKENDS, assert_attention_close
@@ -298,3 +299,34 @@ def test_per_layer_configs_from_calibration_drive_their_layers(rng):
     assert all(abs(row["density"] - 0.3) <= 0.05 for row in report)
     with pytest.raises(ValueError, match="not both"):
         psa_diffusers.apply(tiny.build(), configs, layers=[0])
+
+
+def _with_latent_grid(tiny, frames, height, width, rng):
+    """`tiny` with a latent of another size (CogVideoX holds frames before channels)."""
+    latents = tiny.inputs[0]
+    shape = list(latents.shape)
+    if tiny.name.startswith("cogvideox"):
+        shape[1], shape[3], shape[4] = frames, height, width
+    else:
+        shape[2], shape[3], shape[4] = frames, height, width
+    return TinyModel(tiny.name, tiny.build_fn, (torch.randn(shape, generator=rng), *tiny.inputs[1:]), tiny.call,
+                     tiny.attentions)
+
+
+@pytest.mark.parametrize("name", ["wan", "cogvideox", "hunyuan"])
+def test_dynamic_compile_takes_new_grids_without_recompiling(rng, name):
+    # The grid reaches compiled code as the shape of an empty tensor, symbolic under dynamic=True: a new
+    # latent size reuses the graphs, and psa still runs with the new grid's token order.
+    tiny = MODELS[name](rng)
+    model = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG)
+    counter = torch._dynamo.testing.CompileCounter()
+    compiled = torch.compile(model, backend=counter, fullgraph=True, dynamic=True)
+    # Sizes all distinct (and unlike the model's other sizes): dynamo's duck sizing would tie equal sizes
+    # together and recompile once they part, whatever psa does.
+    for index, (t, h, w) in enumerate([(3, 12, 20), (5, 20, 24), (6, 24, 12)]):
+        grid_model = _with_latent_grid(tiny, t, h, w, rng)
+        torch.testing.assert_close(grid_model.run(compiled), grid_model.run(model))
+        if index == 0:
+            graphs = counter.frame_count
+        assert counter.frame_count == graphs, f"grid {(t, h, w)} recompiled"
+    assert psa_diffusers.stats(model)

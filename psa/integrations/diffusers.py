@@ -38,7 +38,8 @@ keys; it raises, as does Ulysses-anything (uneven splits). Of the supported mode
 context-parallel plan in diffusers 0.42.1.
 
 torch.compile: `torch.compile(transformer, fullgraph=True)` traces a patched model whole when
-`warmup_steps == 0`. With warm-up, compile the blocks (`transformer.compile_repeated_blocks(
+`warmup_steps == 0`; with `dynamic=True` a new latent size reuses the compiled graphs (the grid reaches
+traced code as a tensor shape, symbolic there). With warm-up, compile the blocks (`transformer.compile_repeated_blocks(
 fullgraph=True)`, diffusers' regional compilation): the step bookkeeping then stays in eager code and
 each block class compiles to one dense and one psa graph, not one per step or layer.
 """
@@ -49,7 +50,7 @@ import sys
 import warnings
 import weakref
 from dataclasses import dataclass, field
-from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Union
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple, Union
 
 import torch
 
@@ -111,7 +112,10 @@ class _State:
     collect_stats: bool
     adapter: "_Adapter"
     layers: Sequence[int]                                      # patched block indices, in call order
-    grid: Optional[Sequence[int]] = None
+    # The latent grid (T, H, W) as the shape of an empty tensor [T, H, W, 0]: compiled code reads its
+    # sizes, which torch.compile(dynamic=True) keeps symbolic, so a new grid is not a recompile (a tuple
+    # of ints would be guarded on value).
+    grid_shape: Optional[torch.Tensor] = None
     active: bool = True                                        # psa runs now (False during warm-up)
     steps: StepCounter = field(default_factory=StepCounter)   # shared between the experts of one pipeline
     generation: int = 0                                        # the counter's generation last seen here
@@ -123,10 +127,17 @@ class _State:
     restore: List[Callable[[], None]] = field(default_factory=list)
     hook: object = None
 
+    def allocate_counts(self, device: torch.device) -> None:
+        self.counts = torch.zeros(len(self.layers), len(LEVELS), dtype=torch.long, device=device)
+        self.call = torch.zeros((), dtype=torch.long, device=device)
+        if not torch.compiler.is_compiling():
+            # Fixed sizes: under torch.compile(dynamic=True) a dynamic [layers, 5] table would be unified
+            # with any input size that happens to equal it (duck sizing), and recompile when that changes.
+            torch._dynamo.mark_static(self.counts)
+
     def begin_forward(self, device: torch.device) -> None:
         if self.counts is None or self.counts.device != device:
-            self.counts = torch.zeros(len(self.layers), len(LEVELS), dtype=torch.long, device=device)
-            self.call = torch.zeros((), dtype=torch.long, device=device)
+            self.allocate_counts(device)
         self.call.zero_()
 
     @property
@@ -160,13 +171,17 @@ class _Route:
     def __init__(self, state: _State, config: PSAConfig, fallback_backend=None):
         self.state, self.config, self.fallback_backend = state, config, fallback_backend
 
+    def grid(self) -> Optional[tuple]:
+        shape = self.state.grid_shape
+        return None if shape is None else tuple(shape.shape[:3])
+
     def video_tokens(self) -> int:
-        grid = self.state.grid
+        grid = self.grid()
         return 0 if grid is None else grid[0] * grid[1] * grid[2]
 
     def handles(self, length: int, text: int = 0) -> bool:
         """Whether self-attention over `length` tokens (`text` of them text) goes to psa now."""
-        grid = self.state.grid
+        grid = self.grid()
         if grid is None or not self.state.active:
             return False
         return length == grid[0] * grid[1] * grid[2] + text
@@ -175,7 +190,7 @@ class _Route:
         """psa over `[B, H, L, D]` tensors whose first `text` tokens are text: those are forced keys and
         forced query rows (docs/spec.md section 5) and stay out of the token permutation."""
         state = self.state
-        order = _layout.get_layout(state.grid, state.order, tile=state.tile, text_before=text, device=q.device)
+        order = _layout.get_layout(self.grid(), state.order, tile=state.tile, text_before=text, device=q.device)
         q, k, v = (order.permute(x, dim=2) for x in (q, k, v))
         forced = _layout.text_positions(q.shape[2], text_before=text, device=q.device)
         out, lse, levels = sparse_attention(q, k, v, self.config, scale=scale, force_keys=forced,
@@ -206,9 +221,11 @@ class _Route:
         return torch.cat([rows_video, rows_text], dim=2)
 
 
-def _dense_with_lse(q, k, v, key_mask, scale, rows_per_chunk: int = 4096):
-    """Masked dense attention of many rows over few keys, with its log-sum-exp (float32): rows in chunks,
-    so the logits never take more than `rows_per_chunk x keys` per head."""
+# One opaque op under torch.compile: its row chunks are a Python loop over the sequence length, which
+# traced code would specialise on (one recompile per latent size).
+@torch.library.custom_op("psa_integrations::dense_with_lse", mutates_args=())
+def _dense_with_lse_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, key_mask: torch.Tensor, scale: float,
+                       rows_per_chunk: int) -> Tuple[torch.Tensor, torch.Tensor]:
     outs, lses = [], []
     for start in range(0, q.shape[2], rows_per_chunk):
         logits = (q[:, :, start:start + rows_per_chunk].float() @ k.float().transpose(-1, -2)) * scale
@@ -218,6 +235,19 @@ def _dense_with_lse(q, k, v, key_mask, scale, rows_per_chunk: int = 4096):
         outs.append(probs @ v.float())
         lses.append(lse)
     return torch.cat(outs, dim=2), torch.cat(lses, dim=2)
+
+
+@_dense_with_lse_op.register_fake
+def _dense_with_lse_fake(q, k, v, key_mask, scale, rows_per_chunk):
+    rows = q.shape[:3]
+    return q.new_empty((*rows, v.shape[-1]), dtype=torch.float32), q.new_empty(rows, dtype=torch.float32)
+
+
+def _dense_with_lse(q, k, v, key_mask, scale, rows_per_chunk: int = 4096):
+    """Masked dense attention of many rows over few keys, with its log-sum-exp (float32): rows in chunks,
+    so the logits never take more than `rows_per_chunk x keys` per head. `key_mask` broadcasts to
+    `[B, H, 1, keys]`."""
+    return _dense_with_lse_op(q, k, v, key_mask, float(scale), rows_per_chunk)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -439,7 +469,7 @@ def _adapter(transformer) -> _Adapter:
 def _before_forward(state: _State):
     def hook(module, args, kwargs):
         hidden = forward_hidden_states(args, kwargs)
-        state.grid = state.adapter.grid(module, hidden)
+        state.grid_shape = hidden.new_empty((*state.adapter.grid(module, hidden), 0))
         state.begin_forward(hidden.device)
         if state.warmup_steps > 0 or state.shares_steps:
             state.observe(forward_timestep(state.adapter, args, kwargs))
@@ -500,6 +530,8 @@ def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] =
                              "pipe.transformer when applying to pipe.transformer_2")
     configs = {i: per_layer[i] if per_layer is not None else config for i in chosen}
     state = _State(configs, order, tuple(tile), warmup_steps, collect_stats, adapter, tuple(chosen))
+    parameter = next(transformer.parameters(), None)
+    state.allocate_counts(parameter.device if parameter is not None else torch.device("cpu"))
     if shared is not None:
         state.steps = shared.steps
         state.shares_steps = shared.shares_steps = True

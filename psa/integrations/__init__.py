@@ -1,1 +1,1 @@
-"""Integrations of psa into model libraries (`psa.integrations.diffusers`)."""
+"""Integrations of psa into model libraries (`psa.integrations.diffusers`, `psa.integrations.transformers`)."""

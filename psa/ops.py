@@ -239,13 +239,15 @@ def _sparse_attention_fake(q, k, v, force_keys=None, force_queries=None, q_offse
 
 
 # --------------------------------------------------------------------------------------------------
-# Autograd: no backward yet; a gradient through any op says so instead of silently returning nothing
+# Autograd: attention (and the whole op through it) differentiates in q, k and v with the reference
+# backward (psa/backward.py); the stages that only decide the level map have no gradient
 # --------------------------------------------------------------------------------------------------
 
 def _register_not_differentiable(name: str) -> None:
     def backward(ctx, *grads):
-        raise RuntimeError(f"psa.{name} is not differentiable yet: run it under torch.no_grad() or on "
-                           "inputs that do not require grad (the backward pass is planned, docs/spec.md section 7)")
+        raise RuntimeError(f"psa.{name} is not differentiable: it decides the level map (no gradient flows "
+                           "through the estimate or the assignment); differentiate attention_with_levels or "
+                           "sparse_attention instead")
 
     def setup_context(ctx, inputs, output, keyword_only_inputs=None):
         pass
@@ -253,5 +255,42 @@ def _register_not_differentiable(name: str) -> None:
     torch.library.register_autograd(f"psa::{name}", backward, setup_context=setup_context)
 
 
-for _name in ("kv_pyramid", "estimate_importance", "assign_levels", "attention_with_levels", "sparse_attention"):
+for _name in ("kv_pyramid", "estimate_importance", "assign_levels"):
     _register_not_differentiable(_name)
+
+
+def _save_attention(ctx, q, k, v, levels, keyword_only_inputs):
+    ctx.save_for_backward(q, k, v, levels)
+    ctx.attention = dict(block_m=keyword_only_inputs["block_m"], block_n=keyword_only_inputs["block_n"],
+                         scale=keyword_only_inputs.get("scale"), causal=keyword_only_inputs.get("causal", False))
+
+
+def _attention_grads(ctx, grad_out, grad_lse):
+    from .backward import attention_with_levels_backward
+
+    q, k, v, levels = ctx.saved_tensors
+    return attention_with_levels_backward(grad_out, grad_lse, q, k, v, levels, **ctx.attention)
+
+
+def _attention_setup(ctx, inputs, output, keyword_only_inputs=None):
+    q, k, v, levels = inputs
+    _save_attention(ctx, q, k, v, levels, keyword_only_inputs)
+
+
+def _attention_backward(ctx, grad_out, grad_lse):
+    dq, dk, dv = _attention_grads(ctx, grad_out, grad_lse)
+    return dq, dk, dv, None
+
+
+def _sparse_setup(ctx, inputs, output, keyword_only_inputs=None):
+    q, k, v = inputs[:3]
+    _save_attention(ctx, q, k, v, output[2], keyword_only_inputs)
+
+
+def _sparse_backward(ctx, grad_out, grad_lse, grad_levels):
+    dq, dk, dv = _attention_grads(ctx, grad_out, grad_lse)
+    return dq, dk, dv, None, None, None, None
+
+
+torch.library.register_autograd("psa::attention_with_levels", _attention_backward, setup_context=_attention_setup)
+torch.library.register_autograd("psa::sparse_attention", _sparse_backward, setup_context=_sparse_setup)

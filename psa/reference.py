@@ -89,13 +89,22 @@ def attention_with_levels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lev
     is visible to row `r` iff `levels[r // block_m, key block of t] == l` (and, causal, its last covered
     position is visible), and carries the logit bias `ln c_l[t]`.
     """
-    batch, q_heads, q_len, head_dim = q.shape
-    k_len = k.shape[-2]
+    out, lse = attention_rows(q, kv_pyramid(k, v), levels, 0, q.shape[-2], k.shape[-2], block_m=block_m,
+                              block_n=block_n, scale=scale, causal=causal)
+    return out, lse.float()
+
+
+def attention_rows(q_rows: torch.Tensor, pyramid: Dict[int, Tuple[torch.Tensor, torch.Tensor]],
+                   levels: torch.Tensor, row_start: int, q_len: int, k_len: int, *, block_m: int, block_n: int,
+                   scale: Optional[float] = None, causal: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Section 3 for the query rows `[row_start, row_start + q_rows.shape[-2])` of a `q_len`-row query
+    over a pyramid (`kv_pyramid`) of `k_len` keys: `(out, lse)` in q's dtype, differentiable in q_rows
+    and in every pyramid tensor (the backward of psa's attention runs this per chunk of rows)."""
+    batch, q_heads, rows_count, head_dim = q_rows.shape
     scale = head_dim ** -0.5 if scale is None else scale
-    device = q.device
-    pyramid = kv_pyramid(k, v)
-    rows = torch.arange(q_len, device=device)
-    row_blocks = levels.long()[:, :, rows // block_m, :]                      # [B, Hq, Lq, n_k]
+    device = q_rows.device
+    rows = torch.arange(row_start, row_start + rows_count, device=device)
+    row_blocks = levels.long()[:, :, rows // block_m, :]                      # [B, Hq, rows, n_k]
 
     keys, values, biases, visible = [], [], [], []
     for level, (k_level, v_level) in pyramid.items():
@@ -103,24 +112,27 @@ def attention_with_levels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lev
         tokens = torch.arange(counts.numel(), device=device)
         token_block = tokens * level // block_n
         last_position = tokens * level + counts - 1
-        mask = row_blocks[..., token_block] == level                           # [B, Hq, Lq, T_l]
+        mask = row_blocks[..., token_block] == level                           # [B, Hq, rows, T_l]
         if causal:
             mask = mask & (last_position[None, :] <= rows[:, None] + (k_len - q_len))
         keys.append(k_level)
         values.append(v_level)
-        biases.append(torch.log(counts.to(q.dtype)))
+        biases.append(torch.log(counts.to(q_rows.dtype)))
         visible.append(mask)
     keys = _repeat_kv_heads(torch.cat(keys, dim=-2), q_heads)
     values = _repeat_kv_heads(torch.cat(values, dim=-2), q_heads)
     visible = torch.cat(visible, dim=-1)
 
-    logits = torch.matmul(q, keys.transpose(-1, -2)) * scale + torch.cat(biases)
-    logits = logits.masked_fill(~visible, float("-inf"))
-    lse = torch.logsumexp(logits.float() if logits.dtype != torch.float64 else logits, dim=-1)
+    logits = torch.matmul(q_rows, keys.transpose(-1, -2)) * scale + torch.cat(biases)
+    # A row that sees no key outputs 0 with lse -inf; its logits are made 0 (not all -inf) so that
+    # neither value nor gradient becomes NaN.
     empty_row = ~visible.any(-1, keepdim=True)
+    logits = logits.masked_fill(~visible & ~empty_row, float("-inf")).masked_fill(empty_row, 0.0)
+    lse = torch.logsumexp(logits.float() if logits.dtype != torch.float64 else logits, dim=-1)
+    lse = lse.masked_fill(empty_row[..., 0], float("-inf"))
     probs = torch.softmax(logits, dim=-1).masked_fill(empty_row, 0.0)
     out = torch.matmul(probs, values)
-    return out, lse.float()
+    return out, lse
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,132 @@
+"""Gradients of psa's attention in q, k and v (docs/spec.md section 7): checked numerically against the
+forward kernel (gradcheck, float64, CPU), against SDPA where every block is at level 1, and on CUDA
+against the float64 gradients."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import psa
+from conftest import requires_cuda
+
+
+def inputs(rng, batch, q_heads, kv_heads, q_len, k_len, dim, dtype=torch.float64, device="cpu"):
+    make = lambda heads, length: torch.randn(batch, heads, length, dim, generator=rng, dtype=torch.float64)  # noqa: E731
+    q, k, v = make(q_heads, q_len), make(kv_heads, k_len), make(kv_heads, k_len)
+    return tuple(x.to(device=device, dtype=dtype).requires_grad_(True) for x in (q, k, v))
+
+
+def level_map(rng, batch, heads, q_len, k_len, block_m, block_n, empty_row=False):
+    n_q, n_k = -(-q_len // block_m), -(-k_len // block_n)
+    choices = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)
+    levels = choices[torch.randint(0, 5, (batch, heads, n_q, n_k), generator=rng)]
+    if empty_row:
+        levels[:, :, 0] = 0
+    return levels
+
+
+CASES = [
+    # batch, q_heads, kv_heads, q_len, k_len, dim, block_m, block_n, causal
+    pytest.param(1, 2, 2, 70, 70, 8, 32, 32, False, id="plain"),
+    pytest.param(2, 4, 2, 45, 77, 8, 32, 64, False, id="gqa-lq<lk-odd"),
+    pytest.param(1, 3, 1, 67, 67, 16, 64, 32, True, id="causal-gqa"),
+    pytest.param(1, 2, 1, 40, 72, 8, 32, 32, True, id="causal-lq<lk"),
+]
+
+
+@pytest.mark.parametrize("batch,q_heads,kv_heads,q_len,k_len,dim,block_m,block_n,causal", CASES)
+def test_gradcheck_against_the_forward_kernel(rng, batch, q_heads, kv_heads, q_len, k_len, dim, block_m, block_n,
+                                             causal):
+    q, k, v = inputs(rng, batch, q_heads, kv_heads, q_len, k_len, dim)
+    levels = level_map(rng, batch, q_heads, q_len, k_len, block_m, block_n, empty_row=True)
+
+    def attention(q, k, v):
+        return psa.attention_with_levels(q, k, v, levels, block_m=block_m, block_n=block_n, causal=causal)
+
+    # fast_mode: the Jacobian against random vectors (cheap enough for CI), not column by column.
+    assert torch.autograd.gradcheck(attention, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_full_gradcheck_on_a_small_causal_gqa_case(rng):
+    # Column by column (not fast mode) once: every entry of the Jacobian.
+    q, k, v = inputs(rng, 1, 2, 1, 40, 72, 8)
+    levels = level_map(rng, 1, 2, 40, 72, 32, 32)
+
+    def attention(q, k, v):
+        return psa.attention_with_levels(q, k, v, levels, block_m=32, block_n=32, causal=True)
+
+    assert torch.autograd.gradcheck(attention, (q, k, v), eps=1e-6, atol=1e-6)
+
+
+def test_rows_that_see_no_key_get_zero_gradient(rng):
+    q, k, v = inputs(rng, 1, 2, 2, 64, 64, 8)
+    levels = level_map(rng, 1, 2, 64, 64, 32, 32, empty_row=True)
+    out = psa.attention_with_levels(q, k, v, levels, block_m=32, block_n=32)
+    grad_q, = torch.autograd.grad(out, q, torch.randn_like(out))
+    assert torch.isfinite(grad_q).all() and (grad_q[:, :, :32] == 0).all()
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_every_block_at_level_one_has_sdpas_gradients(rng, causal):
+    q, k, v = inputs(rng, 2, 4, 2, 77, 77, 16)
+    levels = torch.ones(2, 4, 3, 3, dtype=torch.int8)
+    out, lse = psa.attention_with_levels(q, k, v, levels, block_m=32, block_n=32, causal=causal, return_lse=True)
+    expected = F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    logits = (q @ k.repeat_interleave(2, dim=1).transpose(-1, -2)) * 16 ** -0.5
+    if causal:
+        logits = logits.masked_fill(torch.ones(77, 77, dtype=torch.bool).triu(1), float("-inf"))
+    expected_lse = torch.logsumexp(logits, dim=-1)
+    grad_out, grad_lse = torch.randn_like(out), torch.randn_like(lse, dtype=torch.float64)
+    grads = torch.autograd.grad((out, lse), (q, k, v), (grad_out, grad_lse.float()))
+    expected_grads = torch.autograd.grad((expected, expected_lse), (q, k, v), (grad_out, grad_lse))
+    for grad, reference in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, reference, rtol=1e-6, atol=1e-6)
+
+
+def test_sparse_attention_differentiates_through_its_level_map(rng):
+    q, k, v = inputs(rng, 1, 2, 1, 96, 96, 16)
+    config = psa.PSAConfig(block_m=32, block_n=32, bounds=(0.3, 0.5, 0.6, 0.8), causal=True)
+    out, levels = psa.sparse_attention(q, k, v, config, return_levels=True)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    again = psa.attention_with_levels(q, k, v, levels, block_m=32, block_n=32, causal=True)
+    for grad, reference in zip(grads, torch.autograd.grad(again, (q, k, v), grad_out)):
+        torch.testing.assert_close(grad, reference)
+
+
+def test_a_small_training_step_lowers_the_loss(rng):
+    # A layer trained through psa: its loss against a fixed target falls, as with any differentiable op.
+    q, k, v = (x.detach().float() for x in inputs(rng, 1, 2, 2, 64, 64, 16))
+    weight = torch.nn.Parameter(torch.eye(16) + 0.01 * torch.randn(16, 16, generator=rng))
+    levels = level_map(rng, 1, 2, 64, 64, 32, 32)
+    target = torch.randn(1, 2, 64, 16, generator=rng)
+    optimizer = torch.optim.SGD([weight], lr=0.5)
+    losses = []
+    for _ in range(20):
+        out = psa.attention_with_levels(q @ weight, k, v, levels, block_m=32, block_n=32)
+        loss = (out - target).square().mean()
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dim", [64, 128])
+@pytest.mark.parametrize("causal", [False, True])
+def test_cuda_gradients_match_float64(rng, dtype, dim, causal):
+    q, k, v = inputs(rng, 1, 4, 2, 200, 200, dim, dtype=dtype, device="cuda")
+    levels = level_map(rng, 1, 4, 200, 200, 64, 64).cuda()
+    out = psa.attention_with_levels(q, k, v, levels, block_m=64, block_n=64, causal=causal)
+    grad_out = torch.randn_like(out)
+    grads = torch.autograd.grad(out, (q, k, v), grad_out)
+    exact = [x.detach().double().cpu().requires_grad_(True) for x in (q, k, v)]
+    reference = psa.attention_with_levels(*exact, levels.cpu(), block_m=64, block_n=64, causal=causal)
+    expected = torch.autograd.grad(reference, exact, grad_out.double().cpu())
+    for grad, exact_grad in zip(grads, expected):
+        # FlashAttention's rule: within a small multiple of the low-precision rounding of the result.
+        scale = exact_grad.abs().max().item()
+        assert (grad.double().cpu() - exact_grad).abs().max().item() <= 3e-2 * scale + 1e-3

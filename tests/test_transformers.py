@@ -168,3 +168,12 @@ def test_stats_warns_before_any_psa_prefill(rng):
     logits(model, prompt(rng))
     with pytest.warns(UserWarning, match="no prefill has run psa"):
         assert psa_transformers.stats(model) == []
+
+
+def test_compile_fullgraph_traces_the_patched_prefill(rng, fresh_dynamo):
+    model = psa_transformers.apply(tiny_qwen(), SPARSE, min_tokens=64)
+    ids = prompt(rng, length=320, video=(32, 300))
+    eager = logits(model, ids)
+    compiled = torch.compile(model, fullgraph=True)
+    torch.testing.assert_close(logits(compiled, ids), eager, rtol=1e-5, atol=1e-5)
+    assert len(psa_transformers.stats(model)) == 2

@@ -20,7 +20,7 @@ How it hooks in: psa registers one attention function ("psa") with transformers'
 and each patched attention module gets a shallow copy of its config whose `_attn_implementation` names
 it, so only those modules look it up; masks are still built for the user's implementation. A forward
 pre-hook on the model reads `input_ids` once per forward to mark the text tokens. `remove` puts the
-modules' own configs back.
+modules' own configs back. `torch.compile(model, fullgraph=True)` traces a patched prefill whole.
 """
 
 from __future__ import annotations

@@ -16,19 +16,26 @@ SPARSE = psa.PSAConfig(causal=True, estimator="antidiagonal", bounds=(0.2, 0.3, 
                        stride=8)
 
 
-def tiny_qwen(implementation="sdpa", device="cpu", dtype=torch.float32):
+def tiny_qwen(implementation="sdpa", device="cpu", dtype=torch.float32, family="qwen2_5_vl"):
+    """A tiny random Qwen2.5-VL (or Qwen2-VL) with 2 decoder layers of 4 query / 2 key-value heads of 64."""
     torch.manual_seed(0)
-    config = transformers.Qwen2_5_VLConfig(
-        text_config=dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=320, max_position_embeddings=4096,
-                         rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e4}),
-        vision_config=dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256,
-                           patch_size=14, temporal_patch_size=2, spatial_merge_size=2, window_size=56,
-                           fullatt_block_indexes=[0]),
-        image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=302, vision_end_token_id=303,
-        bos_token_id=None, eos_token_id=None, pad_token_id=None)
+    text = dict(hidden_size=256, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                vocab_size=320, max_position_embeddings=4096,
+                rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e4})
+    tokens = dict(image_token_id=IMAGE, video_token_id=VIDEO, vision_start_token_id=302, vision_end_token_id=303)
+    if family == "qwen2_5_vl":
+        vision = dict(depth=1, hidden_size=32, intermediate_size=64, num_heads=2, out_hidden_size=256, patch_size=14,
+                      temporal_patch_size=2, spatial_merge_size=2, window_size=56, fullatt_block_indexes=[0])
+        config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, bos_token_id=None,
+                                               eos_token_id=None, pad_token_id=None, **tokens)
+        model_class = transformers.Qwen2_5_VLForConditionalGeneration
+    else:
+        vision = dict(depth=1, embed_dim=32, hidden_size=256, num_heads=2, mlp_ratio=2, patch_size=14,
+                      temporal_patch_size=2, spatial_merge_size=2)
+        config = transformers.Qwen2VLConfig(text_config=text, vision_config=vision, **tokens)
+        model_class = transformers.Qwen2VLForConditionalGeneration
     config._attn_implementation = implementation
-    return transformers.Qwen2_5_VLForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+    return model_class(config).to(device=device, dtype=dtype).eval()
 
 
 def prompt(rng, length=300, video=(40, 260)):
@@ -45,8 +52,9 @@ def logits(model, ids):
 
 @pytest.mark.parametrize("device,dtype", BACKENDS)
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
-def test_every_block_at_level_one_equals_the_unpatched_model(rng, device, dtype, implementation):
-    model = tiny_qwen(implementation, device, dtype)
+@pytest.mark.parametrize("family", ["qwen2_5_vl", "qwen2_vl"])
+def test_every_block_at_level_one_equals_the_unpatched_model(rng, device, dtype, implementation, family):
+    model = tiny_qwen(implementation, device, dtype, family)
     ids = prompt(rng)
     expected = logits(model, ids)
     psa_transformers.apply(model, DENSE, min_tokens=64)

@@ -1,12 +1,16 @@
 """The backward of attention over a level map (docs/spec.md section 7), device-generic.
 
-This is the reference backward: for each chunk of query rows it recomputes the section-3 attention of
-those rows (`reference.attention_rows`, dense over the visible tokens of every level) and lets
-autograd differentiate it, accumulating dq for the rows and the gradients of every pooled key and
-value; one pass back through the pooling then spreads a pooled token's gradient over the tokens it
-averages (divided by their count). Memory is bounded by the chunk (rows x all pyramid tokens per
-head), time is that of dense attention over the pyramid: correct on any device, not fast. Fused
-backward kernels (CPU, sm80, sm90) replace it later; the level map gets no gradient.
+The reference backward, written out: for each chunk of query rows it rebuilds the columns those rows
+see (every level's visible tokens, `reference.pyramid_columns`) and applies
+
+    P = softmax(S),  dP = dO V^T,  dS = P * (dP - delta + dlse),  delta = rowsum(dO * O),
+    dq = scale dS K,  dK_cols += scale dS^T q,  dV_cols += P^T dO
+
+then sums the query heads of each key head (GQA), and spreads every pooled token's gradient over the
+keys it averages, divided by their count (the backward of the mean). Plain tensor operations, so it
+runs on any device and `torch.compile` traces it; memory is bounded by the chunk (rows x pyramid
+tokens), time is that of dense attention over the ~1.9 L pyramid tokens: a correct baseline and the
+oracle for fused kernels, not a fast path. The level map gets no gradient.
 """
 
 from typing import Optional, Tuple
@@ -15,7 +19,7 @@ import torch
 
 from . import reference
 
-# Elements of one chunk's logits (batch x heads x rows x pyramid tokens) at most.
+# Elements of one chunk's logits (batch x query heads x rows x pyramid tokens) at most.
 _CHUNK_ELEMENTS = 1 << 26
 
 
@@ -26,42 +30,50 @@ def attention_with_levels_backward(grad_out: Optional[torch.Tensor], grad_lse: O
     """(dq, dk, dv) of `attention_with_levels(q, k, v, levels)` given the gradients of its `out` and
     `lse` (either may be None). Computed in float32 for 16-bit inputs, in the input dtype otherwise."""
     compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
-    batch, q_heads, q_len, _ = q.shape
-    k_len = k.shape[-2]
-    with torch.enable_grad():
-        keys = k.detach().to(compute).requires_grad_(True)
-        values = v.detach().to(compute).requires_grad_(True)
-        pyramid = reference.kv_pyramid(keys, values)
-        # The pooled tensors as leaves: every chunk adds into their gradients, and one pass through the
-        # pooling at the end carries them to k and v.
-        leaves = {level: (k_l.detach().requires_grad_(True), v_l.detach().requires_grad_(True))
-                  for level, (k_l, v_l) in pyramid.items()}
-        flat_leaves = [t for pair in leaves.values() for t in pair]
-        leaf_grads = [torch.zeros_like(t) for t in flat_leaves]
-        dq = torch.zeros_like(q, dtype=compute)
-        tokens = sum(k_l.shape[-2] for k_l, _ in pyramid.values())
-        rows_per_chunk = max(block_m, _CHUNK_ELEMENTS // max(1, batch * q_heads * tokens) // block_m * block_m)
-        for start in range(0, q_len, rows_per_chunk):
-            stop = min(q_len, start + rows_per_chunk)
-            q_rows = q[:, :, start:stop].detach().to(compute).requires_grad_(True)
-            out, lse = reference.attention_rows(q_rows, leaves, levels, start, q_len, k_len, block_m=block_m,
-                                                block_n=block_n, scale=scale, causal=causal)
-            outputs, grads = [], []
-            if grad_out is not None:
-                outputs.append(out)
-                grads.append(grad_out[:, :, start:stop].to(compute))
-            if grad_lse is not None:
-                outputs.append(lse)
-                grads.append(grad_lse[:, :, start:stop].to(lse.dtype))
-            if not outputs:
-                break
-            chunk_grads = torch.autograd.grad(outputs, [q_rows, *flat_leaves], grads, allow_unused=True)
-            dq[:, :, start:stop] = chunk_grads[0]
-            for total, grad in zip(leaf_grads, chunk_grads[1:]):
-                if grad is not None:
-                    total.add_(grad)
-        pooled = [t for pair in pyramid.values() for t in pair]
-        dk, dv = torch.autograd.grad(pooled, [keys, values], leaf_grads, allow_unused=True)
-    dk = torch.zeros_like(keys) if dk is None else dk
-    dv = torch.zeros_like(values) if dv is None else dv
+    batch, q_heads, q_len, dim = q.shape
+    kv_heads, k_len = k.shape[1], k.shape[2]
+    group = q_heads // kv_heads
+    scale = dim ** -0.5 if scale is None else scale
+    keys_f, values_f = k.to(compute), v.to(compute)
+    pyramid = reference.kv_pyramid(keys_f, values_f)
+    tokens = sum(k_l.shape[-2] for k_l, _ in pyramid.values())
+    d_keys = q.new_zeros((batch, kv_heads, tokens, dim), dtype=compute)
+    d_values = torch.zeros_like(d_keys)
+    dq = torch.zeros_like(q, dtype=compute)
+    rows_per_chunk = max(block_m, _CHUNK_ELEMENTS // max(1, batch * q_heads * tokens) // block_m * block_m)
+    for start in range(0, q_len, rows_per_chunk):
+        stop = min(q_len, start + rows_per_chunk)
+        rows = torch.arange(start, stop, device=q.device)
+        keys, values, bias, visible = reference.pyramid_columns(pyramid, levels, rows, q_len, k_len,
+                                                                block_m=block_m, block_n=block_n, causal=causal)
+        q_rows = q[:, :, start:stop].to(compute)
+        logits, empty_row = reference.masked_logits(q_rows, keys, bias.to(compute), visible, scale)
+        probs = torch.softmax(logits, dim=-1).masked_fill(empty_row, 0.0)        # [B, Hq, R, T]
+        values_q = values.repeat_interleave(group, dim=1)
+        d_scores = torch.zeros_like(probs)
+        if grad_out is not None:
+            d_out = grad_out[:, :, start:stop].to(compute)
+            delta = (d_out * torch.matmul(probs, values_q)).sum(-1, keepdim=True)
+            d_scores = probs * (torch.matmul(d_out, values_q.transpose(-1, -2)) - delta)
+            d_values += torch.matmul(probs.transpose(-1, -2), d_out).unflatten(1, (kv_heads, group)).sum(2)
+        if grad_lse is not None:
+            d_scores = d_scores + probs * grad_lse[:, :, start:stop, None].to(compute)
+        dq[:, :, start:stop] = torch.matmul(d_scores, keys.repeat_interleave(group, dim=1)) * scale
+        d_keys += (torch.matmul(d_scores.transpose(-1, -2), q_rows) * scale).unflatten(1, (kv_heads, group)).sum(2)
+    dk = _unpool(d_keys, pyramid, k_len)
+    dv = _unpool(d_values, pyramid, k_len)
     return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+
+
+def _unpool(d_columns: torch.Tensor, pyramid, k_len: int) -> torch.Tensor:
+    """Gradients of the columns `[K_1 | K_2 | K_4 | K_8]` back to the `k_len` keys: a pooled token's
+    gradient, divided by the keys it covers, goes to each of them."""
+    total = torch.zeros_like(d_columns[:, :, :k_len])
+    offset = 0
+    for level, (k_level, _) in pyramid.items():
+        count = k_level.shape[-2]
+        part = d_columns[:, :, offset:offset + count]
+        offset += count
+        counts = reference.pool_counts(k_len, level, d_columns.device).to(part.dtype)
+        total += (part / counts[:, None]).repeat_interleave(level, dim=2)[:, :, :k_len]
+    return total

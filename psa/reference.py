@@ -94,18 +94,12 @@ def attention_with_levels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lev
     return out, lse.float()
 
 
-def attention_rows(q_rows: torch.Tensor, pyramid: Dict[int, Tuple[torch.Tensor, torch.Tensor]],
-                   levels: torch.Tensor, row_start: int, q_len: int, k_len: int, *, block_m: int, block_n: int,
-                   scale: Optional[float] = None, causal: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
-    """Section 3 for the query rows `[row_start, row_start + q_rows.shape[-2])` of a `q_len`-row query
-    over a pyramid (`kv_pyramid`) of `k_len` keys: `(out, lse)` in q's dtype, differentiable in q_rows
-    and in every pyramid tensor (the backward of psa's attention runs this per chunk of rows)."""
-    batch, q_heads, rows_count, head_dim = q_rows.shape
-    scale = head_dim ** -0.5 if scale is None else scale
-    device = q_rows.device
-    rows = torch.arange(row_start, row_start + rows_count, device=device)
+def pyramid_columns(pyramid: Dict[int, Tuple[torch.Tensor, torch.Tensor]], levels: torch.Tensor, rows: torch.Tensor,
+                    q_len: int, k_len: int, *, block_m: int, block_n: int, causal: bool):
+    """The key columns `[K_1 | K_2 | K_4 | K_8]` that query `rows` (absolute positions) see: `(keys,
+    values [B, Hkv, T, D], bias [T] (ln of the keys a token covers), visible bool [B, Hq, rows, T])`."""
+    device = rows.device
     row_blocks = levels.long()[:, :, rows // block_m, :]                      # [B, Hq, rows, n_k]
-
     keys, values, biases, visible = [], [], [], []
     for level, (k_level, v_level) in pyramid.items():
         counts = pool_counts(k_len, level, device)
@@ -117,21 +111,35 @@ def attention_rows(q_rows: torch.Tensor, pyramid: Dict[int, Tuple[torch.Tensor, 
             mask = mask & (last_position[None, :] <= rows[:, None] + (k_len - q_len))
         keys.append(k_level)
         values.append(v_level)
-        biases.append(torch.log(counts.to(q_rows.dtype)))
+        biases.append(torch.log(counts.to(k_level.dtype)))
         visible.append(mask)
-    keys = _repeat_kv_heads(torch.cat(keys, dim=-2), q_heads)
-    values = _repeat_kv_heads(torch.cat(values, dim=-2), q_heads)
-    visible = torch.cat(visible, dim=-1)
+    return torch.cat(keys, dim=-2), torch.cat(values, dim=-2), torch.cat(biases), torch.cat(visible, dim=-1)
 
-    logits = torch.matmul(q_rows, keys.transpose(-1, -2)) * scale + torch.cat(biases)
-    # A row that sees no key outputs 0 with lse -inf; its logits are made 0 (not all -inf) so that
-    # neither value nor gradient becomes NaN.
+
+def masked_logits(q_rows: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, visible: torch.Tensor,
+                  scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`(logits, empty_row)`: scaled logits plus bias, -inf where not visible; a row that sees no key
+    gets logits 0 (not all -inf), so neither value nor gradient becomes NaN, and is flagged."""
+    logits = torch.matmul(q_rows, _repeat_kv_heads(keys, q_rows.shape[1]).transpose(-1, -2)) * scale + bias
     empty_row = ~visible.any(-1, keepdim=True)
-    logits = logits.masked_fill(~visible & ~empty_row, float("-inf")).masked_fill(empty_row, 0.0)
+    return logits.masked_fill(~visible & ~empty_row, float("-inf")).masked_fill(empty_row, 0.0), empty_row
+
+
+def attention_rows(q_rows: torch.Tensor, pyramid: Dict[int, Tuple[torch.Tensor, torch.Tensor]],
+                   levels: torch.Tensor, row_start: int, q_len: int, k_len: int, *, block_m: int, block_n: int,
+                   scale: Optional[float] = None, causal: bool = False) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Section 3 for the query rows `[row_start, row_start + q_rows.shape[-2])` of a `q_len`-row query
+    over a pyramid (`kv_pyramid`) of `k_len` keys: `(out, lse)`; a row that sees no key gets zeros and
+    lse -inf."""
+    scale = q_rows.shape[-1] ** -0.5 if scale is None else scale
+    rows = torch.arange(row_start, row_start + q_rows.shape[-2], device=q_rows.device)
+    keys, values, bias, visible = pyramid_columns(pyramid, levels, rows, q_len, k_len, block_m=block_m,
+                                                  block_n=block_n, causal=causal)
+    logits, empty_row = masked_logits(q_rows, keys, bias.to(q_rows.dtype), visible, scale)
     lse = torch.logsumexp(logits.float() if logits.dtype != torch.float64 else logits, dim=-1)
     lse = lse.masked_fill(empty_row[..., 0], float("-inf"))
     probs = torch.softmax(logits, dim=-1).masked_fill(empty_row, 0.0)
-    out = torch.matmul(probs, values)
+    out = torch.matmul(probs, _repeat_kv_heads(values, q_rows.shape[1]))
     return out, lse
 
 

@@ -130,3 +130,16 @@ def test_cuda_gradients_match_float64(rng, dtype, dim, causal):
         # FlashAttention's rule: within a small multiple of the low-precision rounding of the result.
         scale = exact_grad.abs().max().item()
         assert (grad.double().cpu() - exact_grad).abs().max().item() <= 3e-2 * scale + 1e-3
+
+
+def test_compile_fullgraph_traces_forward_and_backward(rng, fresh_dynamo):
+    q, k, v = (x.detach().float().requires_grad_(True) for x in inputs(rng, 1, 4, 2, 96, 96, 16))
+    config = psa.PSAConfig(block_m=32, block_n=32, bounds=(0.3, 0.5, 0.6, 0.8), causal=True)
+
+    def loss(q, k, v):
+        return psa.sparse_attention(q, k, v, config).square().sum()
+
+    eager = torch.autograd.grad(loss(q, k, v), (q, k, v))
+    compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(q, k, v), (q, k, v))
+    for grad, reference in zip(compiled, eager):
+        torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-5)

@@ -297,7 +297,9 @@ def assign_levels(scores: torch.Tensor, *, mode: str, bounds: Sequence[float], b
     scores = scores.double().masked_fill(~candidates, 0.0)
     # Rank candidates by score, descending; the stable sort breaks ties by lower block index, and
     # non-candidates sort last.
-    sort_key = torch.where(candidates, -scores, float("inf"))
+    # (NaN ranks first, so that a non-finite row still orders its candidates before the rest; such a
+    # row becomes dense below anyway.)
+    sort_key = torch.where(candidates, torch.nan_to_num(-scores, nan=float("-inf")), float("inf"))
     order = torch.sort(sort_key, dim=-1, stable=True).indices
     num_candidates = candidates.sum(-1).double()[:, None]                           # [n_q, 1]
     ranks = torch.arange(n_k, device=device, dtype=torch.float64)
@@ -337,6 +339,8 @@ def assign_levels(scores: torch.Tensor, *, mode: str, bounds: Sequence[float], b
     query_blocks = _positions_to_blocks(force_queries, q_len, block_m, batch)
     if query_blocks is not None:
         forced |= query_blocks[:, None, :, None]
+    # A row with a non-finite score is computed densely: every candidate at level 1.
+    forced = forced | ~torch.isfinite(scores).all(-1, keepdim=True)
     levels = torch.where(forced & candidates, 1, levels)
 
     if sim_thresholds is not None:

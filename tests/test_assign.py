@@ -130,3 +130,30 @@ def test_topk_counts_per_row(rng):
     levels = psa.assign_levels(scores, PSAConfig(bounds=(0.1, 0.2, 0.3, 0.5), min_full=0.0, block_n=32))
     for level, count in ((1, 4), (2, 4), (4, 4), (8, 8), (0, 20)):
         assert ((levels == level).sum(-1) == count).all()
+
+
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_rows_with_non_finite_scores_are_dense(rng, mode, causal):
+    scores = torch.rand(2, 3, 4, 5, generator=rng, dtype=torch.float64)
+    scores[0, 1, 2, 3] = float("nan")
+    scores[1, 0, 1, 0] = float("inf")
+    config = dict(mode=mode, bounds=(0.1, 0.2, 0.3, 0.4), block_m=32, block_n=32, q_len=128, k_len=160,
+                  causal=causal)
+    expected = reference.assign_levels(scores, **config)
+    levels = psa.assign_levels(scores, psa.PSAConfig(**{key: config[key] for key in ("mode", "bounds", "block_m",
+                                                                                        "block_n", "causal")}),
+                               q_len=128, k_len=160)
+    assert torch.equal(levels, expected)
+    candidates = reference.candidate_blocks(128, 160, 32, 32, causal)
+    assert (levels[0, 1, 2][candidates[2]] == 1).all() and (levels[1, 0, 1][candidates[1]] == 1).all()
+    assert (levels[0, 0, 0] != 1).any()   # finite rows stay sparse
+
+
+def test_overflowing_inputs_give_nan_like_sdpa_instead_of_an_error(rng):
+    q = torch.randn(1, 2, 256, 32, generator=rng) * 1e30
+    k = torch.randn(1, 2, 256, 32, generator=rng) * 1e30
+    v = torch.randn(1, 2, 256, 32, generator=rng)
+    out = psa.sparse_attention(q, k, v, psa.PSAConfig(block_m=64, block_n=64))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(torch.isnan(out), torch.isnan(expected))

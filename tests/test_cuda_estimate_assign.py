@@ -106,3 +106,14 @@ def test_assign_rejects_too_many_key_blocks():
     scores = torch.rand(1, 1, 1, 4097, device="cuda")
     with pytest.raises(RuntimeError, match="at most 4096 on CUDA"):
         psa.assign_levels(scores, PSAConfig(block_n=32), q_len=64, k_len=4097 * 32)
+
+
+@pytest.mark.parametrize("mode", ["topk", "threshold"])
+def test_assign_rows_with_non_finite_scores_are_dense_as_on_the_cpu(rng, mode):
+    scores = torch.rand(2, 3, 6, 9, generator=rng)
+    scores[0, 1, 2, 3] = float("nan")
+    scores[1, 2, 5, 0] = float("inf")
+    config = PSAConfig(mode=mode, bounds=(0.1, 0.3, 0.5, 0.7), block_m=32, block_n=32, causal=True)
+    args = dict(q_len=6 * 32, k_len=9 * 32)
+    expected = psa.assign_levels(scores, config, **args)
+    assert torch.equal(psa.assign_levels(scores.cuda(), config, **args).cpu(), expected)

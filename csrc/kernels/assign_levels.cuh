@@ -74,6 +74,8 @@ __global__ void __launch_bounds__(kThreads) assign_levels_kernel(const AssignPar
   if (threadIdx.x == 0) s_total = total;
   __syncthreads();
   const double row_total = s_total;
+  // A non-finite score anywhere in the row makes its sum non-finite: the row is computed densely.
+  const bool dense_row = !isfinite(row_total);
   // The mass ahead of a block is (sum of the scores ranked ahead) / total, divided once, as in the CPU
   // backend and psa/reference.py: sums of exactly representable scores then agree in every backend.
   double before[kItems];
@@ -100,7 +102,7 @@ __global__ void __launch_bounds__(kThreads) assign_levels_kernel(const AssignPar
       for (int l = 3; l >= 0; --l) {
         if (p.threshold_mode ? before[item] < p.bounds[l] : rank < quota[l]) level = 1 << l;
       }
-      if (rank < full_floor) level = 1;
+      if (rank < full_floor || dense_row) level = 1;
       if (p.causal && (j == m - 1 || (p.sink && j == 0))) level = 1;  // diagonal block and sink
       if (whole_row || forced_keys[j]) level = 1;
       if (cap && level > cap[j]) level = static_cast<int>(cap[j]);

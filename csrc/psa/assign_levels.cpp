@@ -63,8 +63,8 @@ at::Tensor assign_levels(const at::Tensor& scores, const std::optional<at::Tenso
   check_position_mask(kOp, "force_keys", force_keys, batch, k_len, scores.device());
   check_position_mask(kOp, "force_queries", force_queries, batch, q_len, scores.device());
   if (!scores.is_cuda()) {
-    PSA_CHECK(!at::isnan(scores).any().item<bool>() && !(scores < 0).any().item<bool>(), kOp,
-                ": scores must be non-negative numbers (no NaN)");
+    PSA_CHECK(!(scores < 0).any().item<bool>(), kOp,
+              ": scores must be non-negative (NaN or inf in a row makes that row dense, docs/spec.md section 5)");
   }
 
   at::Tensor cap;

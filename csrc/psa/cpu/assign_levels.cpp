@@ -48,10 +48,19 @@ at::Tensor assign_levels(const at::Tensor& scores, bool threshold_mode, at::Arra
       }
       const int64_t m = static_cast<int64_t>(ranked.size());
       if (m == 0) continue;
-      std::stable_sort(ranked.begin(), ranked.end(), [&](int64_t a, int64_t c) { return score[a] > score[c]; });
+      // A row with a non-finite score (inf or NaN in q or k, overflowing logits) is computed densely,
+      // so those values reach the output as in dense attention (docs/spec.md section 5); it is not
+      // ranked (NaN has no order).
+      const bool dense_row =
+          std::any_of(ranked.begin(), ranked.end(), [&](int64_t j) { return !std::isfinite(score[j]); });
+      if (!dense_row) {
+        std::stable_sort(ranked.begin(), ranked.end(), [&](int64_t a, int64_t c) { return score[a] > score[c]; });
+      }
 
       const int64_t full_floor = std::max<int64_t>(1, static_cast<int64_t>(std::ceil(min_full * m - kCountEps)));
-      if (threshold_mode) {
+      if (dense_row) {
+        for (const int64_t j : ranked) level[j] = 1;
+      } else if (threshold_mode) {
         // A block takes the finest level whose bound exceeds the mass ranked ahead of it, so the
         // block that crosses a bound is kept at that level. The mass ahead is (sum of the scores ahead)
         // / total, divided once, as in psa/reference.py and the CUDA kernel.

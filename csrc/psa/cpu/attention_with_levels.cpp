@@ -143,7 +143,9 @@ std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q, co
         logits.masked_fill_(hidden, -std::numeric_limits<double>::infinity());
       }
       const auto row_max = std::get<0>(logits.max(1, true));
-      const auto empty_row = at::isinf(row_max);  // only -inf: every visible logit is finite
+      // Rows that see no key (max -inf) output 0; a +inf or NaN max (overflowing or non-finite inputs)
+      // propagates NaN as dense attention does.
+      const auto empty_row = at::eq(row_max, -std::numeric_limits<double>::infinity());
       const auto probs = at::exp(logits - at::where(empty_row, at::zeros_like(row_max), row_max));
       const auto denom = probs.sum(1, true);
       const auto result = at::mm(probs, values) / denom;

@@ -47,9 +47,9 @@ def attention_with_levels_backward(grad_out: Optional[torch.Tensor], grad_lse: O
         keys, values, bias, visible = reference.pyramid_columns(pyramid, levels, rows, q_len, k_len,
                                                                 block_m=block_m, block_n=block_n, causal=causal)
         q_rows = q[:, :, start:stop].to(compute)
-        logits, empty_row = reference.masked_logits(q_rows, keys, bias.to(compute), visible, scale)
+        keys_q, values_q = reference.repeat_kv_heads(keys, q_heads), reference.repeat_kv_heads(values, q_heads)
+        logits, empty_row = reference.masked_logits(q_rows, keys_q, bias.to(compute), visible, scale)
         probs = torch.softmax(logits, dim=-1).masked_fill(empty_row, 0.0)        # [B, Hq, R, T]
-        values_q = values.repeat_interleave(group, dim=1)
         d_scores = torch.zeros_like(probs)
         if grad_out is not None:
             d_out = grad_out[:, :, start:stop].to(compute)
@@ -58,7 +58,7 @@ def attention_with_levels_backward(grad_out: Optional[torch.Tensor], grad_lse: O
             d_values += torch.matmul(probs.transpose(-1, -2), d_out).unflatten(1, (kv_heads, group)).sum(2)
         if grad_lse is not None:
             d_scores = d_scores + probs * grad_lse[:, :, start:stop, None].to(compute)
-        dq[:, :, start:stop] = torch.matmul(d_scores, keys.repeat_interleave(group, dim=1)) * scale
+        dq[:, :, start:stop] = torch.matmul(d_scores, keys_q) * scale
         d_keys += (torch.matmul(d_scores.transpose(-1, -2), q_rows) * scale).unflatten(1, (kv_heads, group)).sum(2)
     dk = _unpool(d_keys, pyramid, k_len)
     dv = _unpool(d_values, pyramid, k_len)

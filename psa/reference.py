@@ -76,7 +76,8 @@ def candidate_blocks(q_len: int, k_len: int, block_m: int, block_n: int, causal:
     return first_key[None, :] <= (last_query + k_len - q_len)[:, None]
 
 
-def _repeat_kv_heads(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+def repeat_kv_heads(x: torch.Tensor, num_q_heads: int) -> torch.Tensor:
+    """`[B, Hkv, ...]` to `[B, Hq, ...]`: each key/value head repeated for the query heads of its group."""
     return x.repeat_interleave(num_q_heads // x.shape[1], dim=1)
 
 
@@ -118,9 +119,10 @@ def pyramid_columns(pyramid: Dict[int, Tuple[torch.Tensor, torch.Tensor]], level
 
 def masked_logits(q_rows: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor, visible: torch.Tensor,
                   scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    """`(logits, empty_row)`: scaled logits plus bias, -inf where not visible; a row that sees no key
-    gets logits 0 (not all -inf), so neither value nor gradient becomes NaN, and is flagged."""
-    logits = torch.matmul(q_rows, _repeat_kv_heads(keys, q_rows.shape[1]).transpose(-1, -2)) * scale + bias
+    """`(logits, empty_row)` for `keys` with q's heads: scaled logits plus bias, -inf where not visible;
+    a row that sees no key gets logits 0 (not all -inf), so neither value nor gradient becomes NaN, and
+    is flagged."""
+    logits = torch.matmul(q_rows, keys.transpose(-1, -2)) * scale + bias
     empty_row = ~visible.any(-1, keepdim=True)
     return logits.masked_fill(~visible & ~empty_row, float("-inf")).masked_fill(empty_row, 0.0), empty_row
 
@@ -135,11 +137,12 @@ def attention_rows(q_rows: torch.Tensor, pyramid: Dict[int, Tuple[torch.Tensor, 
     rows = torch.arange(row_start, row_start + q_rows.shape[-2], device=q_rows.device)
     keys, values, bias, visible = pyramid_columns(pyramid, levels, rows, q_len, k_len, block_m=block_m,
                                                   block_n=block_n, causal=causal)
-    logits, empty_row = masked_logits(q_rows, keys, bias.to(q_rows.dtype), visible, scale)
+    q_heads = q_rows.shape[1]
+    logits, empty_row = masked_logits(q_rows, repeat_kv_heads(keys, q_heads), bias.to(q_rows.dtype), visible, scale)
     lse = torch.logsumexp(logits.float() if logits.dtype != torch.float64 else logits, dim=-1)
     lse = lse.masked_fill(empty_row[..., 0], float("-inf"))
     probs = torch.softmax(logits, dim=-1).masked_fill(empty_row, 0.0)
-    out = torch.matmul(probs, _repeat_kv_heads(values, q_rows.shape[1]))
+    out = torch.matmul(probs, repeat_kv_heads(values, q_heads))
     return out, lse
 
 
@@ -176,7 +179,7 @@ def estimate_sampled(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n:
     q_offsets = default_sample_offsets(block_m, q.device) if q_offsets is None else q_offsets
     k_offsets = default_sample_offsets(block_n, q.device) if k_offsets is None else k_offsets
     q_samples = _sample_block_rows(q, block_m, q_offsets)                     # [B, Hq, n_q, s_q, D]
-    k_samples = _sample_block_rows(_repeat_kv_heads(k, q.shape[1]), block_n, k_offsets)
+    k_samples = _sample_block_rows(repeat_kv_heads(k, q.shape[1]), block_n, k_offsets)
     logits = torch.einsum("bhiqd,bhjkd->bhiqjk", q_samples, k_samples) * scale
     block_max = logits.amax(-1)                                                # [B, Hq, n_q, s_q, n_k]
     candidates = candidate_blocks(q_len, k_len, block_m, block_n, causal, q.device)
@@ -192,7 +195,7 @@ def estimate_antidiagonal(q: torch.Tensor, k: torch.Tensor, *, block_m: int, blo
     batch, q_heads, q_len, head_dim = q.shape
     k_len = k.shape[-2]
     scale = head_dim ** -0.5 if scale is None else scale
-    k = _repeat_kv_heads(k, q_heads)
+    k = repeat_kv_heads(k, q_heads)
     q_tiles, k_tiles = num_blocks(q_len, stride), num_blocks(k_len, stride)
     q_pad = torch.nn.functional.pad(q, (0, 0, 0, q_tiles * stride - q_len))
     k_pad = torch.nn.functional.pad(k, (0, 0, 0, k_tiles * stride - k_len))
@@ -225,7 +228,7 @@ def estimate_pooled(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: 
     q_len, k_len, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = head_dim ** -0.5 if scale is None else scale
     q_mean = _block_means(q, block_m)
-    k_mean = _block_means(_repeat_kv_heads(k, q.shape[1]), block_n)
+    k_mean = _block_means(repeat_kv_heads(k, q.shape[1]), block_n)
     logits = torch.matmul(q_mean, k_mean.transpose(-1, -2)) * scale
     candidates = candidate_blocks(q_len, k_len, block_m, block_n, causal, q.device)
     logits = logits.masked_fill(~candidates, float("-inf"))
@@ -344,7 +347,7 @@ def assign_levels(scores: torch.Tensor, *, mode: str, bounds: Sequence[float], b
     levels = torch.where(forced & candidates, 1, levels)
 
     if sim_thresholds is not None:
-        cap = _repeat_kv_heads(similarity_cap(k, block_n, sim_thresholds), q_heads)[:, :, None, :]
+        cap = repeat_kv_heads(similarity_cap(k, block_n, sim_thresholds), q_heads)[:, :, None, :]
         levels = torch.where(levels > 0, torch.minimum(levels, cap), levels)
     return levels.to(torch.int8)
 

@@ -44,8 +44,9 @@ def check_tile(tile: Sequence[int]) -> Grid:
 
 
 def check_text_counts(text_before: int, text_after: int) -> None:
+    # torch.SymInt: counts derived from shapes under torch.compile(dynamic=True).
     for name, count in (("text_before", text_before), ("text_after", text_after)):
-        if isinstance(count, bool) or not isinstance(count, int) or count < 0:
+        if isinstance(count, bool) or not isinstance(count, (int, torch.SymInt)) or count < 0:
             raise ValueError(f"{name} must be a non-negative int (a number of text tokens), got {count!r}")
 
 
@@ -226,9 +227,7 @@ def get_layout(grid: Sequence[int], order: str = "gilbert", *, tile: Sequence[in
     """The cached `TokenLayout` of `grid` in `order` for sequences `[text_before | video | text_after]`."""
     if order not in ORDERS:
         raise ValueError(f"order must be one of {ORDERS}, got {order!r}")
-    for name, value in (("text_before", text_before), ("text_after", text_after)):
-        if isinstance(value, bool) or not isinstance(value, (int, torch.SymInt)) or value < 0:
-            raise ValueError(f"{name} must be a non-negative int, got {value!r}")
+    check_text_counts(text_before, text_after)
     grid, tile = _check_grid(grid), _check_grid(tile, "tile")
     if torch.compiler.is_compiling():
         # Traced: the op is one node of the graph, and the sizes may be symbolic (no cache keyed on them).

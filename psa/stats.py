@@ -52,3 +52,15 @@ def level_stats(levels: torch.Tensor, *, causal: bool = False, q_len: Optional[i
         "coverage": 1.0 - histogram[0],
         "histogram": histogram,
     }
+
+
+def counts_summary(counts) -> Optional[dict]:
+    """`density`, `coverage` and `histogram` from pair counts per level in `LEVEL_VALUES` order (as the
+    integrations keep them on the device), or None when nothing was counted."""
+    counts = [float(c) for c in counts]
+    total = sum(counts)
+    if total == 0:
+        return None
+    histogram = {level: count / total for level, count in zip(LEVEL_VALUES, counts)}
+    density = sum(fraction / level for level, fraction in histogram.items() if level)
+    return {"density": density, "coverage": 1.0 - histogram[0], "histogram": histogram}

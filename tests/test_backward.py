@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import psa
-from conftest import requires_cuda
+from conftest import random_levels, requires_cuda
 
 
 def inputs(rng, batch, q_heads, kv_heads, q_len, k_len, dim, dtype=torch.float64, device="cpu"):
@@ -17,9 +17,7 @@ def inputs(rng, batch, q_heads, kv_heads, q_len, k_len, dim, dtype=torch.float64
 
 
 def level_map(rng, batch, heads, q_len, k_len, block_m, block_n, empty_row=False):
-    n_q, n_k = -(-q_len // block_m), -(-k_len // block_n)
-    choices = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)
-    levels = choices[torch.randint(0, 5, (batch, heads, n_q, n_k), generator=rng)]
+    levels = random_levels(rng, batch, heads, -(-q_len // block_m), -(-k_len // block_n))
     if empty_row:
         levels[:, :, 0] = 0
     return levels

@@ -56,9 +56,10 @@ import torch
 
 from .. import layout as _layout
 from ..config import PSAConfig
+from ..reference import LEVEL_VALUES
 from ..ops import sparse_attention
+from ..stats import counts_summary
 
-LEVELS = (0, 1, 2, 4, 8)
 _ATTRIBUTE = "_psa_state"
 
 
@@ -128,7 +129,7 @@ class _State:
     hook: object = None
 
     def allocate_counts(self, device: torch.device) -> None:
-        self.counts = torch.zeros(len(self.layers), len(LEVELS), dtype=torch.long, device=device)
+        self.counts = torch.zeros(len(self.layers), len(LEVEL_VALUES), dtype=torch.long, device=device)
         self.call = torch.zeros((), dtype=torch.long, device=device)
         if not torch.compiler.is_compiling():
             # Fixed sizes: under torch.compile(dynamic=True) a dynamic [layers, 5] table would be unified
@@ -159,7 +160,7 @@ class _State:
         self.active = self.step >= self.warmup_steps
 
     def record(self, levels: torch.Tensor) -> None:
-        counts = torch.stack([(levels == level).sum() for level in LEVELS])
+        counts = torch.stack([(levels == level).sum() for level in LEVEL_VALUES])
         self.counts.index_add_(0, (self.call % len(self.layers)).view(1), counts.view(1, -1))
         self.call.add_(1)
 
@@ -567,13 +568,10 @@ def stats(transformer) -> List[dict]:
     report = []
     for step, table in snapshots:
         for row, layer in zip(table.cpu(), state.layers):
-            total = row.sum().item()
-            if total == 0:
+            summary = counts_summary(row.tolist())
+            if summary is None:
                 continue   # this layer did not run psa at this step (warm-up)
-            fractions = {level: row[i].item() / total for i, level in enumerate(LEVELS)}
-            density = sum(fraction / level for level, fraction in fractions.items() if level)
-            report.append(dict(step=step, layer=layer, density=density, coverage=1.0 - fractions[0],
-                               histogram=fractions))
+            report.append(dict(step=step, layer=layer, **summary))
     if not report and state.collect_stats:
         warnings.warn("psa.integrations.diffusers.stats: psa has not run on this transformer yet (no forward "
                       "since apply(), or every step so far was a dense warm-up step)", stacklevel=2)

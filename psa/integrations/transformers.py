@@ -35,9 +35,9 @@ import torch
 
 from ..config import PSAConfig
 from ..ops import sparse_attention
-from ..reference import candidate_blocks
+from ..reference import LEVEL_VALUES, candidate_blocks
+from ..stats import counts_summary
 
-LEVELS = (0, 1, 2, 4, 8)
 _ATTRIBUTE = "_psa_state"
 _IMPLEMENTATION = "psa"
 # The default for video-understanding prefill (the paper's setting): causal, antidiagonal estimation.
@@ -79,7 +79,7 @@ def _record(state: _State, layer: int, levels: torch.Tensor, q_len: int, k_len: 
     """Level counts over the causal candidate pairs of this prefill, kept on the device."""
     config = state.config
     candidates = candidate_blocks(q_len, k_len, config.block_m, config.block_n, config.causal, levels.device)
-    state.counts[layer] = torch.stack([((levels == level) & candidates).sum() for level in LEVELS])
+    state.counts[layer] = torch.stack([((levels == level) & candidates).sum() for level in LEVEL_VALUES])
 
 
 def _language_attentions(model):
@@ -190,13 +190,9 @@ def stats(model) -> List[dict]:
     for layer in state.layers:
         if layer not in state.counts:
             continue
-        counts = state.counts[layer].cpu().double()
-        total = counts.sum().item()
-        if total == 0:
-            continue
-        fractions = {level: counts[i].item() / total for i, level in enumerate(LEVELS)}
-        density = sum(fraction / level for level, fraction in fractions.items() if level)
-        report.append(dict(layer=layer, density=density, coverage=1.0 - fractions[0], histogram=fractions))
+        summary = counts_summary(state.counts[layer].tolist())
+        if summary is not None:
+            report.append(dict(layer=layer, **summary))
     if not report:
         warnings.warn("psa.integrations.transformers.stats: no prefill has run psa yet (none since apply(), or "
                       "every one was shorter than min_tokens or padded)", stacklevel=2)

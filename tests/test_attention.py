@@ -6,14 +6,7 @@ import torch.nn.functional as F
 
 import psa
 from psa import reference
-from conftest import DEVICES, assert_attention_close, randn
-
-LEVELS = torch.tensor([0, 1, 2, 4, 8], dtype=torch.int8)
-
-
-def random_levels(rng, batch, heads, n_q, n_k, values=LEVELS):
-    picks = torch.randint(0, len(values), (batch, heads, n_q, n_k), generator=rng)
-    return values[picks]
+from conftest import DEVICES, LEVELS, assert_attention_close, randn, random_levels
 
 
 def naive_attention(q, k, v, levels, block_m, block_n, scale, causal):

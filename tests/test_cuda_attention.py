@@ -93,15 +93,6 @@ def test_empty_rows_give_zeros_and_minus_inf(rng, head_dim):
     assert not torch.isnan(out).any() and not torch.isnan(lse).any()
 
 
-def test_unknown_level_values_are_skipped(rng):
-    q = randn(rng, 1, 1, 64, 64, dtype=torch.float16, device="cuda")
-    k = randn(rng, 1, 1, 128, 64, dtype=torch.float16, device="cuda")
-    odd = torch.tensor([[[[1, 3]]]], dtype=torch.int8, device="cuda")
-    expected = psa.attention_with_levels(q, k, k, torch.tensor([[[[1, 0]]]], dtype=torch.int8, device="cuda"),
-                                         block_m=64, block_n=64)
-    assert torch.equal(psa.attention_with_levels(q, k, k, odd, block_m=64, block_n=64), expected)
-
-
 def test_strided_and_misaligned_inputs_equal_contiguous(rng):
     # [B, L, H, D] storage seen through transpose(1, 2) is read in place; a tensor whose rows are not
     # 16-byte aligned (storage offset 1) is copied first. Both must give the contiguous result.

@@ -1,11 +1,15 @@
 """Every validated condition raises a clear error that names the argument."""
 
+import os
+import subprocess
+import sys
+
 import pytest
 import torch
 
 import psa
 from psa import PSAConfig
-from conftest import cuda_backend_available
+from conftest import cuda_backend_available, requires_cuda
 
 
 def qkv(q_heads=4, kv_heads=2, length=100, dim=32, dtype=torch.float32):
@@ -262,3 +266,20 @@ def test_dense_preset_is_dense_attention():
     expected = torch.nn.functional.scaled_dot_product_attention(q, k.repeat_interleave(group, 1),
                                                                 v.repeat_interleave(group, 1))
     torch.testing.assert_close(out, expected)
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("kernel", ["sm80", "auto"])
+@pytest.mark.parametrize("value", [3, -1])
+def test_cuda_level_map_with_unknown_values_stops_the_kernel(kernel, value):
+    # The check runs in the kernel (no host sync), so the error surfaces as a CUDA error at the next
+    # synchronisation and the process's CUDA context is lost: run it in a child process.
+    code = ("import torch, psa\n"
+            "q = torch.randn(1, 1, 128, 64, device='cuda', dtype=torch.bfloat16)\n"
+            f"levels = torch.full((1, 1, 1, 1), {value}, dtype=torch.int8, device='cuda')\n"
+            "psa.attention_with_levels(q, q, q, levels, block_m=128, block_n=128)\n"
+            "torch.cuda.synchronize()\n")
+    env = dict(os.environ, PSA_CUDA_KERNEL=kernel)
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode != 0 and "CUDA error" in result.stderr, result.stderr[-2000:]

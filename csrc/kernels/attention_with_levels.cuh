@@ -23,6 +23,7 @@
 #include <cfloat>
 #include <climits>
 
+#include "common/online_softmax.cuh"
 #include "common/tile_geometry.cuh"
 #include "device_utils.cuh"
 #include "level_schedule.cuh"
@@ -119,7 +120,7 @@ __global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads,
   float o[kHeadDim / 8][4];
 #pragma unroll
   for (int nd = 0; nd < kHeadDim / 8; ++nd) o[nd][0] = o[nd][1] = o[nd][2] = o[nd][3] = 0.f;
-  float row_max[2] = {-INFINITY, -INFINITY}, row_sum[2] = {0.f, 0.f};
+  OnlineSoftmaxRows softmax_rows;
   const int g = lane >> 2, t = lane & 3;
   const int warp_row = warp * 16;
   const int rows[2] = {row_begin + warp_row + g, row_begin + warp_row + g + 8};
@@ -175,27 +176,18 @@ __global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads,
         tile_max[r] = fmaxf(tile_max[r], x);
       }
     }
-    float scale_old[2];
-#pragma unroll
-    for (int r = 0; r < 2; ++r) {
-      const float new_max = fmaxf(row_max[r], quad_max(tile_max[r]));
-      // A row that has seen only -inf so far keeps max -inf; subtract 0 instead so exp2 gives 0, not NaN.
-      const float base = new_max == -INFINITY ? 0.f : new_max;
-      scale_old[r] = exp2f(row_max[r] - base);
-      row_max[r] = new_max;
-      tile_max[r] = base;
-    }
+    float base[2], scale_old[2];
+    softmax_rows.update_max(tile_max, base, scale_old);
     float tile_sum[2] = {0.f, 0.f};
 #pragma unroll
     for (int nt = 0; nt < kTileN / 8; ++nt) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        s[nt][e] = exp2f(s[nt][e] - tile_max[e >> 1]);
+        s[nt][e] = exp2f(s[nt][e] - base[e >> 1]);
         tile_sum[e >> 1] += s[nt][e];
       }
     }
-#pragma unroll
-    for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * scale_old[r] + tile_sum[r];
+    softmax_rows.add_sum(tile_sum, scale_old);
 #pragma unroll
     for (int nd = 0; nd < kHeadDim / 8; ++nd) {
       o[nd][0] *= scale_old[0];
@@ -221,23 +213,9 @@ __global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads,
   }
 
   // ---- Epilogue: rows that saw no key write zeros and lse = -inf.
-  T* out = static_cast<T*>(p.out) + static_cast<int64_t>(bh) * p.q_len * kHeadDim;
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float total = quad_sum(row_sum[r]);
-    if (rows[r] >= p.q_len) continue;
-    const float inverse = total > 0.f ? 1.f / total : 0.f;
-    T* out_row = out + static_cast<int64_t>(rows[r]) * kHeadDim;
-#pragma unroll
-    for (int nd = 0; nd < kHeadDim / 8; ++nd) {
-      *reinterpret_cast<uint32_t*>(out_row + nd * 8 + 2 * t) =
-          pack2<T>(o[nd][2 * r] * inverse, o[nd][2 * r + 1] * inverse);
-    }
-    if (t == 0) {
-      p.lse[static_cast<int64_t>(bh) * p.q_len + rows[r]] =
-          total > 0.f ? (row_max[r] + __log2f(total)) * 0.69314718055994531f : -INFINITY;
-    }
-  }
+  softmax_rows.write<T, kHeadDim>(reinterpret_cast<const float(&)[kHeadDim / 2]>(o),
+                                  static_cast<T*>(p.out) + static_cast<int64_t>(bh) * p.q_len * kHeadDim,
+                                  p.lse + static_cast<int64_t>(bh) * p.q_len, rows, p.q_len, t);
 }
 
 template <typename T, int kHeadDim, int kBlockM>

@@ -9,15 +9,21 @@
 
 namespace psa::kernels {
 
-// Called by all 32 lanes of one warp. Unknown level values count as skip.
+// Called by all 32 lanes of one warp. A value outside {0, 1, 2, 4, 8} stops the kernel (`__trap`: the
+// CUDA error "unspecified launch failure"): the host cannot check a device level map without a
+// synchronisation, and skipping such values would return a plausible wrong answer. (An assert with a
+// message costs a call the small-register producer warps would spill for.)
 __device__ __forceinline__ void build_level_schedule(const int8_t* row_levels, int n_k, int lane, uint16_t* ids,
                                                      int* level_count, int* level_start) {
   int count[kNumLevels] = {0, 0, 0, 0};
+  bool invalid = false;
   for (int base = 0; base < n_k; base += 32) {
     const int8_t level = base + lane < n_k ? row_levels[base + lane] : 0;
+    invalid |= !(level == 0 || level == 1 || level == 2 || level == 4 || level == 8);
 #pragma unroll
     for (int L = 0; L < kNumLevels; ++L) count[L] += __popc(__ballot_sync(0xffffffffu, level == (1 << L)));
   }
+  if (invalid) __trap();
   int position[kNumLevels];
   position[0] = 0;
 #pragma unroll

@@ -31,6 +31,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cute/arch/copy_sm90_tma.hpp>
 
+#include "../common/online_softmax.cuh"
 #include "../common/tile_geometry.cuh"
 #include "../device_utils.cuh"
 #include "../level_schedule.cuh"
@@ -236,7 +237,7 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
     const uint16_t* s_ids;
 
     float o[kHeadDim / 2];
-    float row_max[2], row_sum[2];
+    OnlineSoftmaxRows softmax_rows;
     float s[kTileN / 2];           // S of the newest tile, then its probabilities
     uint32_t pa[kTileN / 16][4];   // P of the previous tile as the PV MMA's A fragments
 
@@ -277,20 +278,6 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
     const auto softmax = [&](const Geometry& geometry, float (&scale_old)[2]) {
       fence_registers(s);
       float tile_max[2] = {-INFINITY, -INFINITY};
-      // The row maxima over 4 lanes, the new running maxima, and the rescale of the old state. Returns
-      // the value each row subtracts before exp2: a row that has seen only -inf keeps max -inf and
-      // subtracts 0, so exp2 gives 0, not NaN.
-      const auto update_rows = [&](float (&base)[2]) {
-#pragma unroll
-        for (int r = 0; r < 2; ++r) {
-          tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 1));
-          tile_max[r] = fmaxf(tile_max[r], __shfl_xor_sync(0xffffffffu, tile_max[r], 2));
-          const float new_max = fmaxf(row_max[r], tile_max[r]);
-          base[r] = new_max == -INFINITY ? 0.f : new_max;
-          scale_old[r] = exp2f(row_max[r] - base[r]);
-          row_max[r] = new_max;
-        }
-      };
       float tile_sum[2] = {0.f, 0.f};
       float base[2];
       if (geometry.full && !(p.causal && geometry.tile_last_key(s_ids) > first_row_limit) && p.scale_log2 >= 0.f) {
@@ -303,7 +290,7 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
         const float bias = static_cast<float>(geometry.level);
 #pragma unroll
         for (int r = 0; r < 2; ++r) tile_max[r] = fmaf(maxima.total(r), p.scale_log2, bias);
-        update_rows(base);
+        softmax_rows.update_max(tile_max, base, scale_old);
         const float offset[2] = {bias - base[0], bias - base[1]};
         RowPartials<AddOp> sums(0.f);
 #pragma unroll
@@ -343,7 +330,7 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
         }
         tile_max[0] = maxima.total(0);
         tile_max[1] = maxima.total(1);
-        update_rows(base);
+        softmax_rows.update_max(tile_max, base, scale_old);
         RowPartials<AddOp> sums(0.f);
 #pragma unroll
         for (int i = 0; i < kTileN / 2; ++i) {
@@ -353,8 +340,7 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
         tile_sum[0] = sums.total(0);
         tile_sum[1] = sums.total(1);
       }
-#pragma unroll
-      for (int r = 0; r < 2; ++r) row_sum[r] = row_sum[r] * scale_old[r] + tile_sum[r];
+      softmax_rows.add_sum(tile_sum, scale_old);
     };
     // The S accumulator of n8 chunks 2kk, 2kk+1 is the A fragment of k16 step kk of O += P V.
     const auto pack_p = [&] {
@@ -382,11 +368,7 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
       s_ids = ids_of(slot);
 #pragma unroll
       for (int i = 0; i < kHeadDim / 2; ++i) o[i] = 0.f;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        row_max[r] = -INFINITY;
-        row_sum[r] = 0.f;
-      }
+      softmax_rows.reset();
       Barrier::wait(&smem.sched_full[slot], (k >> 1) & 1);
       const int n_tiles = Geometry::row_tiles(smem.level_count[slot], p.block_n);
       // The tiles' geometry, walked one by one alongside the loop (TileGeometry::advance).
@@ -439,25 +421,8 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
       Barrier::arrive(&smem.sched_empty[slot]);
 
       // ---- Epilogue: rows that saw no key write zeros and lse = -inf.
-      T* out = static_cast<T*>(p.out) + it.bh * p.q_len * kHeadDim;
-#pragma unroll
-      for (int r = 0; r < 2; ++r) {
-        float total = row_sum[r];
-        total += __shfl_xor_sync(0xffffffffu, total, 1);
-        total += __shfl_xor_sync(0xffffffffu, total, 2);
-        if (rows[r] >= p.q_len) continue;
-        const float inverse = total > 0.f ? 1.f / total : 0.f;
-        T* out_row = out + static_cast<int64_t>(rows[r]) * kHeadDim;
-#pragma unroll
-        for (int j = 0; j < kHeadDim / 8; ++j) {
-          *reinterpret_cast<uint32_t*>(out_row + 8 * j + 2 * t) =
-              pack2<T>(o[4 * j + 2 * r] * inverse, o[4 * j + 2 * r + 1] * inverse);
-        }
-        if (t == 0) {
-          p.lse[it.bh * p.q_len + rows[r]] =
-              total > 0.f ? (row_max[r] + __log2f(total)) * 0.69314718055994531f : -INFINITY;
-        }
-      }
+      softmax_rows.write<T, kHeadDim>(o, static_cast<T*>(p.out) + it.bh * p.q_len * kHeadDim,
+                                      p.lse + it.bh * p.q_len, rows, p.q_len, t);
     }
   }
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL

@@ -39,7 +39,7 @@ def test_wrong_dtype():
 @pytest.mark.skipif(not cuda_backend_available(), reason="needs a CUDA device and psa's CUDA backend")
 def test_device_mismatch():
     q, k, v = qkv()
-    with pytest.raises(RuntimeError, match="k must be on the same device as q"):
+    with pytest.raises(ValueError, match=r"k must be on the device of q \(cuda:0\), got cpu"):
         attend(q.cuda(), k, v.cuda(), levels=levels_for(q, k).cuda())
 
 

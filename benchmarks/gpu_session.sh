@@ -9,6 +9,7 @@
 #   e2e [args...]           benchmarks/bench_e2e.py (a Wan-sized denoising step, dense vs psa)
 #   prefill [args...]       benchmarks/bench_prefill.py (causal VLM prefill attention)
 #   ulysses [args...]       benchmarks/bench_ulysses.py (needs as many GPUs as --world, default 2)
+#   rowcost [args...]       benchmarks/bench_row_cost.py (the attention kernel's fixed cost per row)
 # Example: bash benchmarks/gpu_session.sh tests tests/test_cuda_sm90.py bench --shapes wan1.3b_480p
 # Each step is cut off after STEP_TIMEOUT seconds (default 400), so a hung kernel still leaves the
 # other steps' output. Wheels in .whl/: nvidia_cutlass-4.2.0.0 and setuptools>=77 (see the README).
@@ -43,13 +44,14 @@ run_step() {
     e2e) $limit python3 benchmarks/bench_e2e.py "${args[@]}" 2>&1 | tee "$log_dir/e2e.log" ;;
     prefill) $limit python3 benchmarks/bench_prefill.py "${args[@]}" 2>&1 | tee "$log_dir/prefill.log" ;;
     ulysses) $limit python3 benchmarks/bench_ulysses.py "${args[@]}" 2>&1 | tee "$log_dir/ulysses.log" ;;
+    rowcost) $limit python3 benchmarks/bench_row_cost.py "${args[@]}" 2>&1 | tee "$log_dir/rowcost.log" ;;
     "") ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 }
 for word in "$@"; do
   case "$word" in
-    tests|sanitizer|bench|fa4|e2e|prefill|ulysses) run_step; step=$word; args=() ;;
+    tests|sanitizer|bench|fa4|e2e|prefill|ulysses|rowcost) run_step; step=$word; args=() ;;
     *) args+=("$word") ;;
   esac
 done

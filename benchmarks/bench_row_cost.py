@@ -2,8 +2,9 @@
 
 A sparse row has few tiles, so a fixed cost per row (per query block: loading Q, building the row's
 schedule, the epilogue, the pipeline filling and draining) weighs on sparse attention and hardly on
-dense attention. This times `attention_with_levels` on level maps with exactly m level-1 key blocks per
-row (random blocks, the sequence's partial last block left out), m = 0 .. 128, and prints per m the time
+dense attention. This times the kernel alone (`attention_over_pyramid`, the pyramid built beforehand)
+on level maps with exactly m level-1 key blocks per row (random blocks, the sequence's partial last block
+left out), m = 0 .. 128, and prints per m the time
 of one "round" (the kernel's time divided by the query blocks each SM handles in turn) and a
 least-squares fit: round time = fixed + m * per_tile. m = 0 is a row with nothing to attend to.
 
@@ -53,13 +54,15 @@ def main():
         shape = SHAPES[name]
         q, k, v = (torch.randn(1, shape.heads, shape.tokens, shape.head_dim, device="cuda", dtype=torch.bfloat16)
                    for _ in range(3))
+        pyramid = psa.kv_pyramid(k, v)
         n_blocks = math.ceil(shape.tokens / BLOCK)
         rounds = math.ceil(shape.heads * n_blocks / sms)
         points = []
         for per_row in (int(m) for m in args.tiles.split(",")):
             levels = random_level_one_map(shape.heads, n_blocks, min(per_row, n_blocks - 1))
             ms = triton.testing.do_bench(
-                lambda: psa.attention_with_levels(q, k, v, levels, block_m=BLOCK, block_n=BLOCK), warmup=30, rep=200)
+                lambda: psa.attention_over_pyramid(q, pyramid, levels, block_m=BLOCK, block_n=BLOCK), warmup=30,
+                rep=200)
             round_us = ms * 1e3 / rounds
             points.append((per_row, round_us))
             print(f"|{name}|{per_row}|{ms:.3f}|{round_us:.2f}|")

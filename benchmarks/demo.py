@@ -44,7 +44,7 @@ READ_SYNTHETIC = (
 
 def has_cuda_backend() -> bool:
     return torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-        "psa::attention_with_levels", "CUDA")
+        "psa::attention_over_pyramid", "CUDA")
 
 
 def timed(fn, device, repeats):

@@ -14,6 +14,7 @@ from .config import PSAConfig  # noqa: E402
 from .modules import PSAAttention  # noqa: E402
 from .ops import (  # noqa: E402
     assign_levels,
+    attention_over_pyramid,
     attention_with_levels,
     estimate_importance,
     estimate_levels,
@@ -26,6 +27,7 @@ __all__ = [
     "PSAAttention",
     "PSAConfig",
     "assign_levels",
+    "attention_over_pyramid",
     "attention_with_levels",
     "estimate_importance",
     "estimate_levels",

@@ -1,19 +1,24 @@
-"""The backward of attention over a level map (docs/spec.md section 7), device-generic.
+"""The backward of psa's two differentiable stages (docs/spec.md section 7), device-generic.
 
-The reference backward, written out: for each chunk of query rows it rebuilds the columns those rows
-see (every level's visible tokens, `reference.pyramid_columns`) and applies
+`attention_with_levels` is `kv_pyramid` followed by `attention_over_pyramid`, so its gradient is theirs:
 
-    P = softmax(S),  dP = dO V^T,  dS = P * (dP - delta + dlse),  delta = rowsum(dO * O),
-    dq = scale dS K,  dK_cols += scale dS^T q,  dV_cols += P^T dO
+- `attention_over_pyramid_backward`: for each chunk of query rows it rebuilds the columns those rows see
+  (every level's visible tokens, `reference.pyramid_columns`) and applies
 
-then sums the query heads of each key head (GQA), and spreads every pooled token's gradient over the
-keys it averages, divided by their count (the backward of the mean). Plain tensor operations, so it
-runs on any device and `torch.compile` traces it; memory is bounded by the chunk (rows x pyramid
-tokens), time is that of dense attention over the ~1.9 L pyramid tokens: a correct baseline and the
-oracle for fused kernels, not a fast path. The level map gets no gradient.
+      P = softmax(S),  dP = dO V^T,  dS = P * (dP - delta + dlse),  delta = rowsum(dO * O),
+      dq = scale dS K,  dK_cols += scale dS^T q,  dV_cols += P^T dO
+
+  then sums the query heads of each key head (GQA) and splits the columns' gradients by level: dK, dV
+  of the keys themselves and dK_l, dV_l of each pooled level.
+- `kv_pyramid_backward`: a pooled token is the mean of the keys it covers, so its gradient, divided by
+  their count, goes to each of them.
+
+Plain tensor operations, so they run on any device and `torch.compile` traces them; memory is bounded by
+the chunk (rows x pyramid tokens), time is that of dense attention over the ~1.9 L pyramid tokens: a
+correct baseline and the oracle for fused kernels, not a fast path. The level map gets no gradient.
 """
 
-from typing import Optional, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -21,21 +26,29 @@ from . import reference
 
 # Elements of one chunk's logits (batch x query heads x rows x pyramid tokens) at most.
 _CHUNK_ELEMENTS = 1 << 26
+POOLED_LEVELS = (2, 4, 8)
 
 
-def attention_with_levels_backward(grad_out: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
-                                   q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, levels: torch.Tensor, *,
-                                   block_m: int, block_n: int, scale: Optional[float],
-                                   causal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(dq, dk, dv) of `attention_with_levels(q, k, v, levels)` given the gradients of its `out` and
-    `lse` (either may be None). Computed in float32 for 16-bit inputs, in the input dtype otherwise."""
-    compute = torch.float32 if q.dtype in (torch.float16, torch.bfloat16) else q.dtype
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float32 if dtype in (torch.float16, torch.bfloat16) else dtype
+
+
+def attention_over_pyramid_backward(grad_out: Optional[torch.Tensor], grad_lse: Optional[torch.Tensor],
+                                    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+                                    pooled: Sequence[torch.Tensor], levels: torch.Tensor, *, block_m: int,
+                                    block_n: int, scale: Optional[float],
+                                    causal: bool) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    """`(dq, dk, dv, [dk2, dv2, dk4, dv4, dk8, dv8])` of `attention_over_pyramid(q, k, v, *pooled, levels)`
+    given the gradients of its `out` and `lse` (either may be None). Computed in float32 for 16-bit
+    inputs, in the input dtype otherwise; each gradient is returned in its input's dtype."""
+    compute = _compute_dtype(q.dtype)
     batch, q_heads, q_len, dim = q.shape
     kv_heads, k_len = k.shape[1], k.shape[2]
     group = q_heads // kv_heads
     scale = dim ** -0.5 if scale is None else scale
-    keys_f, values_f = k.to(compute), v.to(compute)
-    pyramid = reference.kv_pyramid(keys_f, values_f)
+    pyramid = {1: (k.to(compute), v.to(compute))}
+    for index, level in enumerate(POOLED_LEVELS):
+        pyramid[level] = (pooled[2 * index].to(compute), pooled[2 * index + 1].to(compute))
     tokens = sum(k_l.shape[-2] for k_l, _ in pyramid.values())
     d_keys = q.new_zeros((batch, kv_heads, tokens, dim), dtype=compute)
     d_values = torch.zeros_like(d_keys)
@@ -60,20 +73,31 @@ def attention_with_levels_backward(grad_out: Optional[torch.Tensor], grad_lse: O
             d_scores = d_scores + probs * grad_lse[:, :, start:stop, None].to(compute)
         dq[:, :, start:stop] = torch.matmul(d_scores, keys_q) * scale
         d_keys += (torch.matmul(d_scores.transpose(-1, -2), q_rows) * scale).unflatten(1, (kv_heads, group)).sum(2)
-    dk = _unpool(d_keys, pyramid, k_len)
-    dv = _unpool(d_values, pyramid, k_len)
-    return dq.to(q.dtype), dk.to(k.dtype), dv.to(v.dtype)
+    # Split the columns [K_1 | K_2 | K_4 | K_8] back into the stage's inputs.
+    counts = [k_l.shape[-2] for k_l, _ in pyramid.values()]
+    d_keys_by_level, d_values_by_level = d_keys.split(counts, dim=2), d_values.split(counts, dim=2)
+    d_pooled = []
+    for index in range(len(POOLED_LEVELS)):
+        d_pooled.append(d_keys_by_level[index + 1].to(pooled[2 * index].dtype))
+        d_pooled.append(d_values_by_level[index + 1].to(pooled[2 * index + 1].dtype))
+    return (dq.to(q.dtype), d_keys_by_level[0].to(k.dtype), d_values_by_level[0].to(v.dtype), d_pooled)
 
 
-def _unpool(d_columns: torch.Tensor, pyramid, k_len: int) -> torch.Tensor:
-    """Gradients of the columns `[K_1 | K_2 | K_4 | K_8]` back to the `k_len` keys: a pooled token's
-    gradient, divided by the keys it covers, goes to each of them."""
-    total = torch.zeros_like(d_columns[:, :, :k_len])
-    offset = 0
-    for level, (k_level, _) in pyramid.items():
-        count = k_level.shape[-2]
-        part = d_columns[:, :, offset:offset + count]
-        offset += count
-        counts = reference.pool_counts(k_len, level, d_columns.device).to(part.dtype)
-        total += (part / counts[:, None]).repeat_interleave(level, dim=2)[:, :, :k_len]
-    return total
+def kv_pyramid_backward(d_pooled: Sequence[Optional[torch.Tensor]], k: torch.Tensor,
+                        v: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """`(dk, dv)` of `kv_pyramid(k, v)` given the gradients of `(k2, v2, k4, v4, k8, v8)` (None where a
+    level got none): each pooled token's gradient, divided by the keys it covers, goes to each of them."""
+    k_len = k.shape[-2]
+    totals = [None, None]
+    for index, grad in enumerate(d_pooled):
+        if grad is None:
+            continue
+        level = POOLED_LEVELS[index // 2]
+        part = grad.to(_compute_dtype(grad.dtype))
+        counts = reference.pool_counts(k_len, level, grad.device).to(part.dtype)
+        spread = (part / counts[:, None]).repeat_interleave(level, dim=2)[:, :, :k_len]
+        slot = index % 2
+        totals[slot] = spread if totals[slot] is None else totals[slot] + spread
+    dk = None if totals[0] is None else totals[0].to(k.dtype)
+    dv = None if totals[1] is None else totals[1].to(v.dtype)
+    return dk, dv

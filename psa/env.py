@@ -72,7 +72,7 @@ def report() -> str:
         "  estimate_importance pooled: CUDA block means + scores kernels",
         "  estimate_importance antidiagonal: ATen (cuBLAS, chunked)",
         "  assign_levels: CUDA, one CTA per row (n_k <= 4096)",
-        "  attention_with_levels: " + (
+        "  attention_over_pyramid (attention_with_levels = kv_pyramid + it): " + (
             "TMA/wgmma kernel (sm90) for block_m 64/128 and block_n 64/128 with TMA-compatible strides, "
             "mma.sync (sm80) otherwise" if hopper else "mma.sync kernel (sm80)"),
     ]

@@ -170,6 +170,23 @@ def attention_with_levels(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lev
     return (out, lse) if return_lse else out
 
 
+def attention_over_pyramid(q: torch.Tensor, pyramid: Dict[int, Tuple[torch.Tensor, torch.Tensor]],
+                           levels: torch.Tensor, *, block_m: int, block_n: int, scale: Optional[float] = None,
+                           causal: bool = False, return_lse: bool = False):
+    """`attention_with_levels` with the pyramid given: `pyramid` is what `kv_pyramid(k, v)` returns
+    (`{1: (k, v), 2: (K_2, V_2), 4: ..., 8: ...}`), so several calls over one K and V (or a training step
+    that keeps it) pool them once. Returns `out` (and `lse` with `return_lse`)."""
+    if not isinstance(pyramid, dict) or sorted(pyramid) != [1, 2, 4, 8]:
+        raise ValueError("pyramid must be the dict kv_pyramid(k, v) returns, keyed 1, 2, 4 and 8, got "
+                         f"{type(pyramid).__name__}" + (f" with keys {sorted(pyramid)}" if isinstance(pyramid, dict)
+                                                         else ""))
+    (k, v), (k2, v2), (k4, v4), (k8, v8) = (pyramid[level] for level in (1, 2, 4, 8))
+    _check_same_device(q=q, k=k, v=v, k2=k2, v2=v2, k4=k4, v4=v4, k8=k8, v8=v8, levels=levels)
+    out, lse = _ops.attention_over_pyramid(q, k, v, k2, v2, k4, v4, k8, v8, levels, block_m=block_m,
+                                           block_n=block_n, scale=scale, causal=causal)
+    return (out, lse) if return_lse else out
+
+
 def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: Optional[PSAConfig] = None, *,
                      scale: Optional[float] = None, force_keys: Positions = None, force_queries: Positions = None,
                      generator: Optional[torch.Generator] = None, return_lse: bool = False,
@@ -219,78 +236,65 @@ def _assign_levels_fake(scores, force_keys=None, force_queries=None, k=None, *, 
     return scores.new_empty(scores.shape, dtype=torch.int8)
 
 
-def _attention_outputs(q):
+@torch.library.register_fake("psa::attention_over_pyramid")
+def _attention_over_pyramid_fake(q, k, v, k2, v2, k4, v4, k8, v8, levels, *, block_m, block_n, scale=None,
+                                 causal=False):
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
-@torch.library.register_fake("psa::attention_with_levels")
-def _attention_with_levels_fake(q, k, v, levels, *, block_m, block_n, scale=None, causal=False):
-    return _attention_outputs(q)
-
-
-@torch.library.register_fake("psa::sparse_attention")
-def _sparse_attention_fake(q, k, v, force_keys=None, force_queries=None, q_offsets=None, k_offsets=None, *,
-                           block_m, block_n, mode, bounds, estimator, min_full, sim_thresholds, causal, sink, stride,
-                           scale=None):
-    out, lse = _attention_outputs(q)
-    levels = q.new_empty(q.shape[0], q.shape[1], _ceil_div(q.shape[2], block_m), _ceil_div(k.shape[2], block_n),
-                         dtype=torch.int8)
-    return out, lse, levels
+# attention_with_levels and sparse_attention are composite ops (C++, CompositeImplicitAutograd): traced
+# through their stages, they need no fake kernel and no autograd formula of their own.
 
 
 # --------------------------------------------------------------------------------------------------
-# Autograd: attention (and the whole op through it) differentiates in q, k and v with the reference
-# backward (psa/backward.py); the stages that only decide the level map have no gradient
+# Autograd: the two stages of attention differentiate (psa/backward.py), so attention_with_levels and
+# sparse_attention do through them; the stages that decide the level map give outputs without gradient
 # --------------------------------------------------------------------------------------------------
 
 def _register_not_differentiable(name: str) -> None:
-    def backward(ctx, *grads):
-        raise RuntimeError(f"psa.{name} is not differentiable: it decides the level map (no gradient flows "
-                           "through the estimate or the assignment); differentiate attention_with_levels or "
-                           "sparse_attention instead")
-
+    """The op's outputs do not require grad (as `torch.argmax`'s): calling backward on them raises
+    PyTorch's "does not require grad", and they contribute no gradient to the inputs."""
     def setup_context(ctx, inputs, output, keyword_only_inputs=None):
-        pass
+        ctx.num_inputs = len(inputs)
+        ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
+
+    def backward(ctx, *grads):
+        return (None,) * ctx.num_inputs
 
     torch.library.register_autograd(f"psa::{name}", backward, setup_context=setup_context)
 
 
-for _name in ("kv_pyramid", "estimate_importance", "assign_levels"):
+for _name in ("estimate_importance", "assign_levels"):
     _register_not_differentiable(_name)
 
 
-def _save_attention(ctx, q, k, v, levels, keyword_only_inputs):
-    ctx.save_for_backward(q, k, v, levels)
+def _kv_pyramid_setup(ctx, inputs, output, keyword_only_inputs=None):
+    k, v = inputs
+    ctx.save_for_backward(k, v)
+
+
+def _kv_pyramid_backward(ctx, *grads):
+    from .backward import kv_pyramid_backward
+
+    k, v = ctx.saved_tensors
+    return kv_pyramid_backward(grads, k, v)
+
+
+def _attention_over_pyramid_setup(ctx, inputs, output, keyword_only_inputs=None):
+    ctx.save_for_backward(*inputs)
     ctx.attention = dict(block_m=keyword_only_inputs["block_m"], block_n=keyword_only_inputs["block_n"],
                          scale=keyword_only_inputs.get("scale"), causal=keyword_only_inputs.get("causal", False))
 
 
-def _attention_grads(ctx, grad_out, grad_lse):
-    from .backward import attention_with_levels_backward
+def _attention_over_pyramid_backward(ctx, grad_out, grad_lse):
+    from .backward import attention_over_pyramid_backward
 
-    q, k, v, levels = ctx.saved_tensors
-    return attention_with_levels_backward(grad_out, grad_lse, q, k, v, levels, **ctx.attention)
-
-
-def _attention_setup(ctx, inputs, output, keyword_only_inputs=None):
-    q, k, v, levels = inputs
-    _save_attention(ctx, q, k, v, levels, keyword_only_inputs)
+    q, k, v, *pooled, levels = ctx.saved_tensors
+    dq, dk, dv, d_pooled = attention_over_pyramid_backward(grad_out, grad_lse, q, k, v, pooled, levels,
+                                                           **ctx.attention)
+    return (dq, dk, dv, *d_pooled, None)
 
 
-def _attention_backward(ctx, grad_out, grad_lse):
-    dq, dk, dv = _attention_grads(ctx, grad_out, grad_lse)
-    return dq, dk, dv, None
-
-
-def _sparse_setup(ctx, inputs, output, keyword_only_inputs=None):
-    q, k, v = inputs[:3]
-    _save_attention(ctx, q, k, v, output[2], keyword_only_inputs)
-
-
-def _sparse_backward(ctx, grad_out, grad_lse, grad_levels):
-    dq, dk, dv = _attention_grads(ctx, grad_out, grad_lse)
-    return dq, dk, dv, None, None, None, None
-
-
-torch.library.register_autograd("psa::attention_with_levels", _attention_backward, setup_context=_attention_setup)
-torch.library.register_autograd("psa::sparse_attention", _sparse_backward, setup_context=_sparse_setup)
+torch.library.register_autograd("psa::kv_pyramid", _kv_pyramid_backward, setup_context=_kv_pyramid_setup)
+torch.library.register_autograd("psa::attention_over_pyramid", _attention_over_pyramid_backward,
+                                setup_context=_attention_over_pyramid_setup)

@@ -12,7 +12,7 @@ def has_cuda_kernel(op: str) -> bool:
 
 
 def cuda_backend_available() -> bool:
-    return has_cuda_kernel("attention_with_levels")
+    return has_cuda_kernel("attention_over_pyramid")
 
 
 # Devices of the backend-generic tests, which run in float64/float32 at small head dims: the CPU

@@ -45,6 +45,26 @@ def test_gradcheck_against_the_forward_kernel(rng, batch, q_heads, kv_heads, q_l
     assert torch.autograd.gradcheck(attention, (q, k, v), eps=1e-6, atol=1e-6, fast_mode=True)
 
 
+@pytest.mark.parametrize("causal", [False, True])
+def test_attention_over_pyramid_gradcheck_in_every_input(rng, causal):
+    # The pooled levels as independent inputs: their gradients (dK_l, dV_l) are checked, not only the
+    # sum the pyramid's backward makes of them.
+    q, k, v = inputs(rng, 1, 4, 2, 45, 77, 8)
+    pooled = [x.detach().clone().requires_grad_(True) for x in torch.ops.psa.kv_pyramid(k, v)]
+    levels = level_map(rng, 1, 4, 45, 77, 32, 32)
+
+    def attention(q, k, v, *pooled):
+        pyramid = {1: (k, v), 2: tuple(pooled[0:2]), 4: tuple(pooled[2:4]), 8: tuple(pooled[4:6])}
+        return psa.attention_over_pyramid(q, pyramid, levels, block_m=32, block_n=32, causal=causal)
+
+    assert torch.autograd.gradcheck(attention, (q, k, v, *pooled), eps=1e-6, atol=1e-6, fast_mode=True)
+
+
+def test_kv_pyramid_gradcheck(rng):
+    _, k, v = inputs(rng, 2, 2, 2, 8, 61, 4)
+    assert torch.autograd.gradcheck(lambda k, v: torch.ops.psa.kv_pyramid(k, v), (k, v), eps=1e-6, atol=1e-6)
+
+
 def test_full_gradcheck_on_a_small_causal_gqa_case(rng):
     # Column by column (not fast mode) once: every entry of the Jacobian.
     q, k, v = inputs(rng, 1, 2, 1, 40, 72, 8)

@@ -283,3 +283,19 @@ def test_cuda_level_map_with_unknown_values_stops_the_kernel(kernel, value):
     env = dict(os.environ, PSA_CUDA_KERNEL=kernel)
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300, env=env)
     assert result.returncode != 0 and "CUDA error" in result.stderr, result.stderr[-2000:]
+
+
+def test_attention_over_pyramid_checks_the_pyramid():
+    q, k, v = qkv()
+    pyramid = psa.kv_pyramid(k, v)
+    levels = levels_for(q, k)
+    with pytest.raises(ValueError, match="pyramid must be the dict kv_pyramid"):
+        psa.attention_over_pyramid(q, list(pyramid.values()), levels, block_m=64, block_n=64)
+    with pytest.raises(RuntimeError, match=r"k4 must have shape \[B, Hkv, ceil\(Lk/4\), D\] = \[1, 2, 25, 32\]"):
+        psa.attention_over_pyramid(q, {**pyramid, 4: (pyramid[4][0][:, :, :20], pyramid[4][1])}, levels,
+                                   block_m=64, block_n=64)
+    with pytest.raises(RuntimeError, match="v8 must have the same dtype as k"):
+        psa.attention_over_pyramid(q, {**pyramid, 8: (pyramid[8][0], pyramid[8][1].double())}, levels,
+                                   block_m=64, block_n=64)
+    with pytest.raises(RuntimeError, match="levels values must be in"):
+        psa.attention_over_pyramid(q, pyramid, levels * 3, block_m=64, block_n=64)

@@ -31,6 +31,9 @@ def samples(device, dtype=torch.float32):
             ((scores, keys, None, k), dict(mode="threshold", bounds=[0.5, 0.6, 0.7, 0.8], block_m=64, block_n=32,
                                            q_len=100, k_len=90, causal=True, sim_thresholds=[0.1, 0.0, -0.1])),
         ],
+        "attention_over_pyramid": [
+            ((q, k, v, *torch.ops.psa.kv_pyramid(k, v), levels.to(device)), dict(block_m=64, block_n=32, causal=causal))
+            for causal in (False, True)],
         "attention_with_levels": [
             ((q, k, v, levels.to(device)), dict(block_m=64, block_n=32, causal=causal)) for causal in (False, True)],
         "sparse_attention": [
@@ -58,8 +61,24 @@ def test_opcheck(device, name):
 
 
 def test_stages_that_decide_the_level_map_have_no_gradient():
+    # As torch.argmax's: outputs that do not require grad, even from inputs that do.
     q = torch.randn(1, 1, 40, 16, requires_grad=True)
-    k = torch.randn(1, 1, 40, 16)
-    scores = psa.estimate_importance(q, k, psa.PSAConfig(block_m=32, block_n=32))
-    with pytest.raises(RuntimeError, match="not differentiable: it decides the level map"):
+    k = torch.randn(1, 1, 40, 16, requires_grad=True)
+    config = psa.PSAConfig(block_m=32, block_n=32)
+    scores = psa.estimate_importance(q, k, config)
+    levels = psa.assign_levels(scores, config, k=k, q_len=40)
+    assert not scores.requires_grad and not levels.requires_grad
+    with pytest.raises(RuntimeError, match="does not require grad"):
         scores.sum().backward()
+
+
+def test_composite_ops_record_their_stages():
+    # attention_with_levels and sparse_attention decompose into the stage ops under tracing.
+    q, k, v = torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16), torch.randn(1, 2, 70, 16)
+    levels = torch.ones(1, 2, 3, 3, dtype=torch.int8)
+    graph = torch.fx.experimental.proxy_tensor.make_fx(
+        lambda q, k, v, levels: torch.ops.psa.attention_with_levels(q, k, v, levels, block_m=32, block_n=32))(
+            q, k, v, levels)
+    called = [str(node.target) for node in graph.graph.nodes if node.op == "call_function"]
+    assert called == ["psa.kv_pyramid.default"] + ["<built-in function getitem>"] * 6 + [
+        "psa.attention_over_pyramid.default"] + ["<built-in function getitem>"] * 2

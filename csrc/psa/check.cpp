@@ -115,12 +115,31 @@ void check_levels(const char* op, const at::Tensor& levels, const at::Tensor& q,
   PSA_CHECK(levels.sizes() == at::IntArrayRef(expected), op,
               ": levels must have shape [B, Hq, ceil(Lq/block_m), ceil(Lk/block_n)] = ", expected, ", got ",
               levels.sizes());
-  if (!levels.is_cuda()) {
-    // On the GPU a value check would cost a host sync; the CUDA kernels treat unknown values as skip.
-    const auto valid = levels.eq(0) | levels.eq(1) | levels.eq(2) | levels.eq(4) | levels.eq(8);
-    PSA_CHECK(valid.all().item<bool>(), op, ": levels values must be in {0, 1, 2, 4, 8}, got ",
-                std::get<0>(at::_unique(levels.masked_select(valid.logical_not()))));
+}
+
+void check_level_values(const char* op, const at::Tensor& levels) {
+  const auto valid = levels.eq(0) | levels.eq(1) | levels.eq(2) | levels.eq(4) | levels.eq(8);
+  PSA_CHECK(valid.all().item<bool>(), op, ": levels values must be in {0, 1, 2, 4, 8}, got ",
+            std::get<0>(at::_unique(levels.masked_select(valid.logical_not()))));
+}
+
+void check_pyramid(const char* op, const at::Tensor& k, const std::vector<at::Tensor>& pooled) {
+  static const char* const kNames[] = {"k2", "v2", "k4", "v4", "k8", "v8"};
+  for (size_t i = 0; i < pooled.size(); ++i) {
+    const at::Tensor& t = pooled[i];
+    const int64_t level = int64_t{2} << (i / 2);
+    check_tensor(op, kNames[i], t, "k", k);
+    const std::vector<int64_t> expected = {k.size(0), k.size(1), ceil_div(k.size(2), level), k.size(3)};
+    PSA_CHECK(t.sizes() == at::IntArrayRef(expected), op, ": ", kNames[i], " must have shape [B, Hkv, ceil(Lk/",
+              level, "), D] = ", expected, " (kv_pyramid's output for k and v), got ", t.sizes());
   }
+}
+
+bool any_symbolic(std::initializer_list<at::Tensor> tensors) {
+  for (const auto& t : tensors) {
+    if (t.defined() && t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return true;
+  }
+  return false;
 }
 
 void check_position_mask(const char* op, const char* name, const c10::optional<at::Tensor>& mask,

@@ -4,6 +4,7 @@
 
 #include <ATen/ATen.h>
 
+#include <initializer_list>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -49,9 +50,17 @@ void check_qk(const char* op, const at::Tensor& q, const at::Tensor& k);
 // k and v [B, H, L, D] of one shape, dtype and device, as kv_pyramid takes them.
 void check_pyramid_inputs(const char* op, const at::Tensor& k, const at::Tensor& v);
 void check_block_sizes(const char* op, int64_t block_m, int64_t block_n);
-// levels int8 [B, Hq, ceil(Lq/block_m), ceil(Lk/block_n)] with values in {0, 1, 2, 4, 8}.
+// levels int8 [B, Hq, ceil(Lq/block_m), ceil(Lk/block_n)] on q's device (dtype, device and shape only).
 void check_levels(const char* op, const at::Tensor& levels, const at::Tensor& q, const at::Tensor& k,
                   int64_t block_m, int64_t block_n);
+// Every value of a CPU level map in {0, 1, 2, 4, 8}. (CUDA kernels stop on other values instead: the
+// host cannot read a device tensor without a synchronisation.)
+void check_level_values(const char* op, const at::Tensor& levels);
+// The pyramid {k2, v2, k4, v4, k8, v8} of k and v: level l is [B, Hkv, ceil(Lk/l), D], dtype and device of k.
+void check_pyramid(const char* op, const at::Tensor& k, const std::vector<at::Tensor>& pooled);
+// Whether any tensor has symbolic sizes (torch.compile with dynamic shapes traces the composite ops
+// with such tensors; their checks run in the stage ops instead).
+bool any_symbolic(std::initializer_list<at::Tensor> tensors);
 // An optional bool mask of positions, [length] or [batch, length], on `device`.
 void check_position_mask(const char* op, const char* name, const c10::optional<at::Tensor>& mask,
                          int64_t batch, int64_t length, const at::Device& device);

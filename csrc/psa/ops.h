@@ -28,7 +28,19 @@ at::Tensor assign_levels(const at::Tensor& scores, const std::optional<at::Tenso
                          int64_t q_len, int64_t k_len, double min_full, bool causal, bool sink,
                          std::optional<at::ArrayRef<double>> sim_thresholds);
 
-// (out [B, Hq, Lq, D] in q's dtype, lse float32 [B, Hq, Lq]).
+// (out [B, Hq, Lq, D] in q's dtype, lse float32 [B, Hq, Lq]) of attention over a level map, given the
+// pyramid of k and v as kv_pyramid returns it.
+std::tuple<at::Tensor, at::Tensor> attention_over_pyramid(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const at::Tensor& k2,
+                                                          const at::Tensor& v2, const at::Tensor& k4,
+                                                          const at::Tensor& v4, const at::Tensor& k8,
+                                                          const at::Tensor& v8, const at::Tensor& levels,
+                                                          int64_t block_m, int64_t block_n,
+                                                          std::optional<double> scale, bool causal);
+
+// The composite ops (CompositeImplicitAutograd): they call the stage ops through the dispatcher, so
+// autograd and torch.compile see the stages, and every backend is served by the stages' kernels.
+// kv_pyramid -> attention_over_pyramid.
 std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const at::Tensor& levels,
                                                          int64_t block_m, int64_t block_n,
@@ -63,10 +75,11 @@ at::Tensor assign_levels(const at::Tensor& scores, bool threshold_mode, at::Arra
                          int64_t block_m, int64_t block_n, int64_t q_len, int64_t k_len, double min_full,
                          bool causal, bool sink, const at::Tensor& force_key_blocks,
                          const at::Tensor& force_query_blocks, const at::Tensor& cap);
-std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v, const at::Tensor& levels,
-                                                         int64_t block_m, int64_t block_n, double scale,
-                                                         bool causal);
+// pooled = {k2, v2, k4, v4, k8, v8}.
+std::tuple<at::Tensor, at::Tensor> attention_over_pyramid(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const std::vector<at::Tensor>& pooled,
+                                                          const at::Tensor& levels, int64_t block_m,
+                                                          int64_t block_n, double scale, bool causal);
 }  // namespace cpu
 
 #ifdef PSA_WITH_CUDA
@@ -84,10 +97,11 @@ at::Tensor assign_levels(const at::Tensor& scores, bool threshold_mode, at::Arra
                          int64_t block_m, int64_t block_n, int64_t q_len, int64_t k_len, double min_full,
                          bool causal, bool sink, const at::Tensor& force_key_blocks,
                          const at::Tensor& force_query_blocks, const at::Tensor& cap);
-std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v, const at::Tensor& levels,
-                                                         int64_t block_m, int64_t block_n, double scale,
-                                                         bool causal);
+// pooled = {k2, v2, k4, v4, k8, v8}.
+std::tuple<at::Tensor, at::Tensor> attention_over_pyramid(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const std::vector<at::Tensor>& pooled,
+                                                          const at::Tensor& levels, int64_t block_m,
+                                                          int64_t block_n, double scale, bool causal);
 }  // namespace cuda
 #endif
 

@@ -13,6 +13,10 @@ TORCH_LIBRARY(psa, m) {
       "str mode, float[] bounds, int block_m, int block_n, SymInt q_len, SymInt k_len, float min_full=0.06, "
       "bool causal=False, bool sink=True, float[]? sim_thresholds=None) -> Tensor");
   m.def(
+      "attention_over_pyramid(Tensor q, Tensor k, Tensor v, Tensor k2, Tensor v2, Tensor k4, Tensor v4, Tensor k8, "
+      "Tensor v8, Tensor levels, *, int block_m, int block_n, float? scale=None, bool causal=False) -> "
+      "(Tensor out, Tensor lse)");
+  m.def(
       "attention_with_levels(Tensor q, Tensor k, Tensor v, Tensor levels, *, int block_m, int block_n, "
       "float? scale=None, bool causal=False) -> (Tensor out, Tensor lse)");
   m.def(
@@ -22,12 +26,17 @@ TORCH_LIBRARY(psa, m) {
       "float? scale=None) -> (Tensor out, Tensor lse, Tensor levels)");
 }
 
+// The composite ops: stage ops called through the dispatcher, for every backend (ops.h).
+TORCH_LIBRARY_IMPL(psa, CompositeImplicitAutograd, m) {
+  m.impl("attention_with_levels", &psa::attention_with_levels);
+  m.impl("sparse_attention", &psa::sparse_attention);
+}
+
 TORCH_LIBRARY_IMPL(psa, CPU, m) {
   m.impl("kv_pyramid", &psa::kv_pyramid);
   m.impl("estimate_importance", &psa::estimate_importance);
   m.impl("assign_levels", &psa::assign_levels);
-  m.impl("attention_with_levels", &psa::attention_with_levels);
-  m.impl("sparse_attention", &psa::sparse_attention);
+  m.impl("attention_over_pyramid", &psa::attention_over_pyramid);
 }
 
 #ifdef PSA_WITH_CUDA
@@ -36,7 +45,6 @@ TORCH_LIBRARY_IMPL(psa, CUDA, m) {
   m.impl("kv_pyramid", &psa::kv_pyramid);
   m.impl("estimate_importance", &psa::estimate_importance);
   m.impl("assign_levels", &psa::assign_levels);
-  m.impl("attention_with_levels", &psa::attention_with_levels);
-  m.impl("sparse_attention", &psa::sparse_attention);
+  m.impl("attention_over_pyramid", &psa::attention_over_pyramid);
 }
 #endif

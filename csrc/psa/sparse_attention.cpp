@@ -1,16 +1,18 @@
-// The whole pipeline as one op. It calls the stage ops through the dispatcher, so each stage runs on
-// the backend of the inputs and this file serves every backend.
-#include <ATen/core/dispatch/Dispatcher.h>
-
+// The whole pipeline as one composite op (CompositeImplicitAutograd): the stage ops through the
+// dispatcher, so each runs on the backend of the inputs, autograd differentiates attention_with_levels
+// (the estimate and the level map have no gradient) and torch.compile records the stages.
 #include "ops.h"
+#include "stage_ops.h"
 
 namespace psa {
 namespace {
 
-template <typename Signature>
-c10::TypedOperatorHandle<Signature> stage(const char* name) {
-  return c10::Dispatcher::singleton().findSchemaOrThrow(name, "").typed<Signature>();
-}
+// assign_levels as its schema types it: q_len and k_len are SymInts, so a dynamic-shape trace passes
+// the sequence lengths through symbolically.
+using AssignLevelsCall = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
+                                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                    const std::string&, at::ArrayRef<double>, int64_t, int64_t, c10::SymInt,
+                                    c10::SymInt, double, bool, bool, std::optional<at::ArrayRef<double>>);
 
 }  // namespace
 
@@ -21,12 +23,12 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention(
     at::ArrayRef<double> bounds, const std::string& estimator, double min_full,
     std::optional<at::ArrayRef<double>> sim_thresholds, bool causal, bool sink, int64_t stride,
     std::optional<double> scale) {
-  static const auto estimate = stage<decltype(estimate_importance)>("psa::estimate_importance");
-  static const auto assign = stage<decltype(assign_levels)>("psa::assign_levels");
-  static const auto attend = stage<decltype(attention_with_levels)>("psa::attention_with_levels");
+  static const auto estimate = stage_op<decltype(estimate_importance)>("psa::estimate_importance");
+  static const auto assign = stage_op<AssignLevelsCall>("psa::assign_levels");
+  static const auto attend = stage_op<decltype(attention_with_levels)>("psa::attention_with_levels");
   const auto scores = estimate.call(q, k, q_offsets, k_offsets, block_m, block_n, estimator, scale, causal, stride);
-  auto levels = assign.call(scores, force_keys, force_queries, k, mode, bounds, block_m, block_n, q.size(2),
-                            k.size(2), min_full, causal, sink, sim_thresholds);
+  auto levels = assign.call(scores, force_keys, force_queries, k, mode, bounds, block_m, block_n, q.sym_size(2),
+                            k.sym_size(2), min_full, causal, sink, sim_thresholds);
   auto [out, lse] = attend.call(q, k, v, levels, block_m, block_n, scale, causal);
   return {out, lse, levels};
 }

@@ -1,5 +1,5 @@
-// CUDA host side of attention_with_levels: builds the pyramid, fills AttentionParams and launches the
-// block-tile kernel for the (dtype, head_dim, block_m) variant on the current stream.
+// CUDA host side of attention_over_pyramid: fills AttentionParams and launches the block-tile kernel
+// for the (dtype, head_dim, block_m) variant on the current stream.
 #include "../ops.h"
 #include "common.h"
 #include "kernels/launchers.h"
@@ -13,7 +13,7 @@
 namespace psa::cuda {
 namespace {
 
-constexpr const char* kOp = "psa.attention_with_levels";
+constexpr const char* kOp = "psa.attention_over_pyramid";
 
 template <typename T, int kHeadDim>
 cudaError_t launch_for_block_m(int64_t block_m, const kernels::AttentionParams& params, cudaStream_t stream) {
@@ -80,10 +80,11 @@ std::string sm90_unavailable_reason(const at::Tensor& q, const std::vector<at::T
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q_in, const at::Tensor& k_in,
-                                                         const at::Tensor& v_in, const at::Tensor& levels,
-                                                         int64_t block_m, int64_t block_n, double scale,
-                                                         bool causal) {
+std::tuple<at::Tensor, at::Tensor> attention_over_pyramid(const at::Tensor& q_in, const at::Tensor& k_in,
+                                                          const at::Tensor& v_in,
+                                                          const std::vector<at::Tensor>& pooled_in,
+                                                          const at::Tensor& levels, int64_t block_m,
+                                                          int64_t block_n, double scale, bool causal) {
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const auto q = rows_16b_aligned(q_in), k = rows_16b_aligned(k_in), v = rows_16b_aligned(v_in);
   const int64_t batch = q.size(0), q_heads = q.size(1), q_len = q.size(2), dim = q.size(3);
@@ -92,7 +93,8 @@ std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q_in,
   PSA_CHECK(n_k <= 65535, kOp, ": ceil(Lk / block_n) must be at most 65535 on CUDA, got ", n_k);
   PSA_CHECK(q_len < (int64_t{1} << 31) && k.size(2) < (int64_t{1} << 31), kOp,
             ": Lq and Lk must be below 2^31, got ", q_len, " and ", k.size(2));
-  const auto pooled = kv_pyramid(k, v);  // {k2, v2, k4, v4, k8, v8}, contiguous
+  std::vector<at::Tensor> pooled;  // {k2, v2, k4, v4, k8, v8}
+  for (const auto& t : pooled_in) pooled.push_back(rows_16b_aligned(t));
   const KernelChoice choice = requested_kernel(kOp);
   std::string sm90_reason = "PSA_CUDA_KERNEL=sm80";
   if (choice != KernelChoice::kSm80) {

@@ -69,10 +69,10 @@ at::Tensor gather_vector(const std::vector<TokenRange>& ranges, const std::vecto
 
 }  // namespace
 
-std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q, const at::Tensor& k,
-                                                         const at::Tensor& v, const at::Tensor& levels,
-                                                         int64_t block_m, int64_t block_n, double scale,
-                                                         bool causal) {
+std::tuple<at::Tensor, at::Tensor> attention_over_pyramid(const at::Tensor& q, const at::Tensor& k,
+                                                          const at::Tensor& v, const std::vector<at::Tensor>& pooled,
+                                                          const at::Tensor& levels, int64_t block_m,
+                                                          int64_t block_n, double scale, bool causal) {
   const int64_t batch = q.size(0), q_heads = q.size(1), q_len = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), k_len = k.size(2);
   const int64_t n_q = ceil_div(q_len, block_m), n_k = ceil_div(k_len, block_n);
@@ -81,8 +81,6 @@ std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q, co
   const auto compute_dtype = q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const auto compute = q.options().dtype(compute_dtype);
 
-  // Pooled levels are rounded to the storage dtype first, as every backend sees them.
-  const auto pooled = cpu::kv_pyramid(k, v);
   std::vector<LevelTensors> pyramid(kNumLevels);
   for (int i = 0; i < kNumLevels; ++i) {
     const int64_t level = kLevels[i];

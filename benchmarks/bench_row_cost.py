@@ -8,6 +8,10 @@ left out), m = 0 .. 128, and prints per m the time
 of one "round" (the kernel's time divided by the query blocks each SM handles in turn) and a
 least-squares fit: round time = fixed + m * per_tile. m = 0 is a row with nothing to attend to.
 
+Then the cost of a tile by level: maps with every key block at one level L (1, 2, 4, 8), so every row
+has ceil(n_k / L) tiles of that level; a pooled tile is kTileN / (block_n / L) pieces, each its own
+copy, so a tile of level 8 moves the bytes of a level-1 tile in 8 times as many pieces.
+
 One run, one GPU, bf16, B=1, random inputs, `triton.testing.do_bench` medians.
 
 Usage: python benchmarks/bench_row_cost.py [--shapes wan1.3b_480p,cogvideox5b] [--tiles 0,4,8,16,32,64,128]
@@ -49,7 +53,7 @@ def main():
     print(f"# {torch.cuda.get_device_name()}, torch {torch.__version__}, bf16, B=1, {datetime.date.today().isoformat()}")
     print("|shape|tiles per row|ms|us per round|")
     print("|---|---|---|---|")
-    fits = []
+    fits, per_level = [], []
     for name in args.shapes.split(","):
         shape = SHAPES[name]
         q, k, v = (torch.randn(1, shape.heads, shape.tokens, shape.head_dim, device="cuda", dtype=torch.bfloat16)
@@ -70,11 +74,23 @@ def main():
         ys = torch.tensor([p[1] for p in points], dtype=torch.float64)
         slope = ((xs - xs.mean()) * (ys - ys.mean())).sum() / ((xs - xs.mean()) ** 2).sum()
         fits.append((name, (ys.mean() - slope * xs.mean()).item(), slope.item()))
+        for level in (1, 2, 4, 8):
+            levels = torch.full((1, shape.heads, n_blocks, n_blocks), level, dtype=torch.int8, device="cuda")
+            ms = triton.testing.do_bench(
+                lambda: psa.attention_over_pyramid(q, pyramid, levels, block_m=BLOCK, block_n=BLOCK), warmup=30,
+                rep=200)
+            tiles = math.ceil(n_blocks / level)
+            per_level.append((name, level, tiles, ms, ms * 1e3 / rounds / tiles))
     print()
     print("|shape|fixed us per row|us per tile|")
     print("|---|---|---|")
     for name, fixed, per_tile in fits:
         print(f"|{name}|{fixed:.2f}|{per_tile:.3f}|")
+    print()
+    print("|shape|every block at level|tiles per row|ms|us per tile (round time / tiles)|")
+    print("|---|---|---|---|---|")
+    for name, level, tiles, ms, per_tile in per_level:
+        print(f"|{name}|{level}|{tiles}|{ms:.3f}|{per_tile:.3f}|")
 
 
 if __name__ == "__main__":

@@ -38,11 +38,11 @@ at::Tensor blocks_or_none(const std::optional<at::Tensor>& mask, int64_t batch, 
 
 }  // namespace
 
-at::Tensor assign_levels(const at::Tensor& scores, const std::optional<at::Tensor>& force_keys,
-                         const std::optional<at::Tensor>& force_queries, const std::optional<at::Tensor>& k,
-                         const std::string& mode, at::ArrayRef<double> bounds, int64_t block_m, int64_t block_n,
-                         int64_t q_len, int64_t k_len, double min_full, bool causal, bool sink,
-                         std::optional<at::ArrayRef<double>> sim_thresholds) {
+AssignArgs prepare_assign_levels(const at::Tensor& scores, const std::optional<at::Tensor>& force_keys,
+                                 const std::optional<at::Tensor>& force_queries, const std::optional<at::Tensor>& k,
+                                 const std::string& mode, at::ArrayRef<double> bounds, int64_t block_m,
+                                 int64_t block_n, int64_t q_len, int64_t k_len, double min_full,
+                                 std::optional<at::ArrayRef<double>> sim_thresholds) {
   check_block_sizes(kOp, block_m, block_n);
   PSA_CHECK(q_len >= 1 && k_len >= 1, kOp, ": q_len and k_len must be positive, got ", q_len, " and ", k_len);
   PSA_CHECK(scores.dim() == 4 && at::isFloatingType(scores.scalar_type()), kOp,
@@ -62,12 +62,9 @@ at::Tensor assign_levels(const at::Tensor& scores, const std::optional<at::Tenso
   PSA_CHECK(min_full >= 0.0 && min_full <= 1.0, kOp, ": min_full must lie in [0, 1], got ", min_full);
   check_position_mask(kOp, "force_keys", force_keys, batch, k_len, scores.device());
   check_position_mask(kOp, "force_queries", force_queries, batch, q_len, scores.device());
-  if (!scores.is_cuda()) {
-    PSA_CHECK(!(scores < 0).any().item<bool>(), kOp,
-              ": scores must be non-negative (NaN or inf in a row makes that row dense, docs/spec.md section 5)");
-  }
 
-  at::Tensor cap;
+  AssignArgs args;
+  args.threshold_mode = mode == "threshold";
   if (sim_thresholds.has_value()) {
     PSA_CHECK(sim_thresholds->size() == 3, kOp, ": sim_thresholds must hold 3 values (t2, t4, t8), got ",
                 *sim_thresholds);
@@ -77,18 +74,16 @@ at::Tensor assign_levels(const at::Tensor& scores, const std::optional<at::Tenso
                 kOp, ": k must be [B=", batch, ", Hkv dividing ", q_heads, ", Lk=", k_len, ", D], got ", k->sizes());
     PSA_CHECK(k->device() == scores.device(), kOp, ": k must be on the device of scores (", scores.device(),
                 "), got ", k->device());
-    cap = similarity_cap(*k, block_n, *sim_thresholds);
+    args.cap = similarity_cap(*k, block_n, *sim_thresholds);
   }
-  const auto key_blocks = blocks_or_none(force_keys, batch, k_len, block_n, scores.options());
-  const auto query_blocks = blocks_or_none(force_queries, batch, q_len, block_m, scores.options());
-#ifdef PSA_WITH_CUDA
-  if (scores.is_cuda()) {
-    return cuda::assign_levels(scores, mode == "threshold", bounds, block_m, block_n, q_len, k_len, min_full, causal,
-                               sink, key_blocks, query_blocks, cap);
-  }
-#endif
-  return cpu::assign_levels(scores, mode == "threshold", bounds, block_m, block_n, q_len, k_len, min_full, causal,
-                            sink, key_blocks, query_blocks, cap);
+  args.force_key_blocks = blocks_or_none(force_keys, batch, k_len, block_n, scores.options());
+  args.force_query_blocks = blocks_or_none(force_queries, batch, q_len, block_m, scores.options());
+  return args;
+}
+
+void check_scores_non_negative(const at::Tensor& scores) {
+  PSA_CHECK(!(scores < 0).any().item<bool>(), kOp,
+            ": scores must be non-negative (NaN or inf in a row makes that row dense, docs/spec.md section 5)");
 }
 
 }  // namespace psa

@@ -23,8 +23,8 @@ std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q, co
     check_levels(op, levels, q, k, block_m, block_n);
     PSA_CHECK(!scale.has_value() || std::isfinite(*scale), op, ": scale must be finite, got ", scale.value_or(0.0));
   }
-  static const auto pyramid = stage_op<decltype(kv_pyramid)>("psa::kv_pyramid");
-  static const auto attend = stage_op<decltype(attention_over_pyramid)>("psa::attention_over_pyramid");
+  static const auto pyramid = stage_op<KvPyramidCall>("psa::kv_pyramid");
+  static const auto attend = stage_op<AttentionOverPyramidCall>("psa::attention_over_pyramid");
   const auto [k2, v2, k4, v4, k8, v8] = pyramid.call(k, v);
   return attend.call(q, k, v, k2, v2, k4, v4, k8, v8, levels, block_m, block_n, scale, causal);
 }

@@ -22,49 +22,51 @@ at::Tensor checked_offsets(const char* name, const std::optional<at::Tensor>& of
               " offsets into a block, got ", t.scalar_type(), " of shape ", t.sizes());
   PSA_CHECK(t.device() == q.device(), "psa.estimate_importance: ", name, " must be on the device of q (",
               q.device(), "), got ", t.device());
-  // On the GPU a range check would cost a host sync; the CUDA kernel clamps offsets into the block.
-  if (!t.is_cuda()) {
-    PSA_CHECK(t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < block, "psa.estimate_importance: ",
-                name, " must lie in [0, ", block, "), got ", t);
-  }
   return t;
 }
 
 }  // namespace
 
-at::Tensor estimate_importance(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& q_offsets,
-                               const std::optional<at::Tensor>& k_offsets, int64_t block_m, int64_t block_n,
-                               const std::string& method, std::optional<double> scale, bool causal,
-                               int64_t stride) {
+EstimateArgs prepare_estimate_importance(const at::Tensor& q, const at::Tensor& k,
+                                         const std::optional<at::Tensor>& q_offsets,
+                                         const std::optional<at::Tensor>& k_offsets, int64_t block_m,
+                                         int64_t block_n, const std::string& method, std::optional<double> scale,
+                                         int64_t stride) {
   constexpr const char* op = "psa.estimate_importance";
   check_qk(op, q, k);
   check_block_sizes(op, block_m, block_n);
-  const double softmax_scale = scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3))));
-  PSA_CHECK(std::isfinite(softmax_scale), op, ": scale must be finite, got ", softmax_scale);
+  EstimateArgs args;
+  args.scale = scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3))));
+  PSA_CHECK(std::isfinite(args.scale), op, ": scale must be finite, got ", args.scale);
   if (method == "sampled") {
-    const auto q_samples = checked_offsets("q_offsets", q_offsets, block_m, q);
-    const auto k_samples = checked_offsets("k_offsets", k_offsets, block_n, q);
-#ifdef PSA_WITH_CUDA
-    if (q.is_cuda()) {
-      return cuda::estimate_sampled(q, k, block_m, block_n, softmax_scale, causal, q_samples, k_samples);
-    }
-#endif
-    return aten::estimate_sampled(q, k, block_m, block_n, softmax_scale, causal, q_samples, k_samples);
+    args.method = EstimateMethod::kSampled;
+    args.q_offsets = checked_offsets("q_offsets", q_offsets, block_m, q);
+    args.k_offsets = checked_offsets("k_offsets", k_offsets, block_n, q);
+    return args;
   }
+  PSA_CHECK(method == "antidiagonal" || method == "pooled", op,
+            ": method must be 'sampled', 'antidiagonal' or 'pooled', got '", method, "'");
   PSA_CHECK(!q_offsets.has_value() && !k_offsets.has_value(), op,
               ": q_offsets and k_offsets apply to the 'sampled' method only, got method '", method, "'");
   if (method == "antidiagonal") {
     PSA_CHECK(stride >= 1 && block_m % stride == 0 && block_n % stride == 0, op,
                 ": stride must be a positive divisor of block_m and block_n, got ", stride);
-    return aten::estimate_antidiagonal(q, k, block_m, block_n, softmax_scale, causal, stride);
+    args.method = EstimateMethod::kAntidiagonal;
+  } else {
+    args.method = EstimateMethod::kPooled;
   }
-  if (method == "pooled") {
-#ifdef PSA_WITH_CUDA
-    if (q.is_cuda()) return cuda::estimate_pooled(q, k, block_m, block_n, softmax_scale, causal);
-#endif
-    return aten::estimate_pooled(q, k, block_m, block_n, softmax_scale, causal);
+  return args;
+}
+
+void check_offsets_in_block(const EstimateArgs& args, int64_t block_m, int64_t block_n) {
+  if (args.method != EstimateMethod::kSampled) return;
+  const std::pair<const char*, const at::Tensor*> named[] = {{"q_offsets", &args.q_offsets}, {"k_offsets", &args.k_offsets}};
+  const int64_t blocks[] = {block_m, block_n};
+  for (int i = 0; i < 2; ++i) {
+    const at::Tensor& t = *named[i].second;
+    PSA_CHECK(t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < blocks[i], "psa.estimate_importance: ",
+              named[i].first, " must lie in [0, ", blocks[i], "), got ", t);
   }
-  PSA_CHECK(false, op, ": method must be 'sampled', 'antidiagonal' or 'pooled', got '", method, "'");
 }
 
 }  // namespace psa

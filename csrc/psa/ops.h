@@ -1,5 +1,6 @@
-// Host entry points of the psa operators (schemas: registration.cpp). Each entry validates its inputs
-// once, for every backend, then hands the work to the backend of the inputs' device.
+// Host code of the psa operators (schemas: registration.cpp): the shared preparation of each op, the
+// composite ops, and the kernels of each backend (registered per dispatch key in cpu/registration.cpp
+// and cuda/registration.cpp).
 #pragma once
 
 #include <ATen/ATen.h>
@@ -11,36 +12,50 @@
 
 namespace psa {
 
-// Pooled K and V at levels 2, 4, 8: (k2, v2, k4, v4, k8, v8), each [B, Hkv, ceil(Lk/l), D].
-using PyramidTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-PyramidTensors kv_pyramid(const at::Tensor& k, const at::Tensor& v);
+// ---- Shared preparation, one per op: validates the op's arguments for every backend (messages name the
+// op and the argument) and derives what the backends need. Each backend's registration
+// (cpu/registration.cpp, cuda/registration.cpp) calls it, adds the checks only its device can make
+// without a synchronisation, and picks its kernels.
 
-// Block scores, float32 [B, Hq, n_q, n_k], rows summing to 1 over their candidate blocks.
-at::Tensor estimate_importance(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& q_offsets,
-                               const std::optional<at::Tensor>& k_offsets, int64_t block_m, int64_t block_n,
-                               const std::string& method, std::optional<double> scale, bool causal,
-                               int64_t stride);
+// k and v for kv_pyramid.
+void prepare_kv_pyramid(const at::Tensor& k, const at::Tensor& v);
 
-// Level map, int8 [B, Hq, n_q, n_k] with values in {0, 1, 2, 4, 8}.
-at::Tensor assign_levels(const at::Tensor& scores, const std::optional<at::Tensor>& force_keys,
-                         const std::optional<at::Tensor>& force_queries, const std::optional<at::Tensor>& k,
-                         const std::string& mode, at::ArrayRef<double> bounds, int64_t block_m, int64_t block_n,
-                         int64_t q_len, int64_t k_len, double min_full, bool causal, bool sink,
-                         std::optional<at::ArrayRef<double>> sim_thresholds);
+enum class EstimateMethod { kSampled, kAntidiagonal, kPooled };
+struct EstimateArgs {
+  EstimateMethod method;
+  double scale;
+  at::Tensor q_offsets, k_offsets;  // sampled: the given offsets or the default ones
+};
+EstimateArgs prepare_estimate_importance(const at::Tensor& q, const at::Tensor& k,
+                                         const std::optional<at::Tensor>& q_offsets,
+                                         const std::optional<at::Tensor>& k_offsets, int64_t block_m,
+                                         int64_t block_n, const std::string& method, std::optional<double> scale,
+                                         int64_t stride);
+// CPU only: offsets within [0, block) (on the GPU the check would cost a host sync; the kernels clamp).
+void check_offsets_in_block(const EstimateArgs& args, int64_t block_m, int64_t block_n);
 
-// (out [B, Hq, Lq, D] in q's dtype, lse float32 [B, Hq, Lq]) of attention over a level map, given the
-// pyramid of k and v as kv_pyramid returns it.
-std::tuple<at::Tensor, at::Tensor> attention_over_pyramid(const at::Tensor& q, const at::Tensor& k,
-                                                          const at::Tensor& v, const at::Tensor& k2,
-                                                          const at::Tensor& v2, const at::Tensor& k4,
-                                                          const at::Tensor& v4, const at::Tensor& k8,
-                                                          const at::Tensor& v8, const at::Tensor& levels,
-                                                          int64_t block_m, int64_t block_n,
-                                                          std::optional<double> scale, bool causal);
+struct AssignArgs {
+  bool threshold_mode;
+  at::Tensor force_key_blocks, force_query_blocks;  // bool [B, n_k], [B, n_q]
+  at::Tensor cap;                                   // int64 [B, Hkv, n_k], or undefined without sim_thresholds
+};
+AssignArgs prepare_assign_levels(const at::Tensor& scores, const std::optional<at::Tensor>& force_keys,
+                                 const std::optional<at::Tensor>& force_queries, const std::optional<at::Tensor>& k,
+                                 const std::string& mode, at::ArrayRef<double> bounds, int64_t block_m,
+                                 int64_t block_n, int64_t q_len, int64_t k_len, double min_full,
+                                 std::optional<at::ArrayRef<double>> sim_thresholds);
+// CPU only: scores >= 0 (NaN and inf are allowed: they make their row dense).
+void check_scores_non_negative(const at::Tensor& scores);
 
-// The composite ops (CompositeImplicitAutograd): they call the stage ops through the dispatcher, so
+// Returns the softmax scale. pooled = {k2, v2, k4, v4, k8, v8}.
+double prepare_attention_over_pyramid(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                      const std::vector<at::Tensor>& pooled, const at::Tensor& levels,
+                                      int64_t block_m, int64_t block_n, std::optional<double> scale);
+
+// ---- The composite ops (CompositeImplicitAutograd): they call the stage ops through the dispatcher, so
 // autograd and torch.compile see the stages, and every backend is served by the stages' kernels.
-// kv_pyramid -> attention_over_pyramid.
+
+// (out [B, Hq, Lq, D] in q's dtype, lse float32 [B, Hq, Lq]): kv_pyramid -> attention_over_pyramid.
 std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q, const at::Tensor& k,
                                                          const at::Tensor& v, const at::Tensor& levels,
                                                          int64_t block_m, int64_t block_n,
@@ -55,6 +70,10 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention(
     std::optional<at::ArrayRef<double>> sim_thresholds, bool causal, bool sink, int64_t stride,
     std::optional<double> scale);
 
+// Pooled K and V at levels 2, 4, 8 as the ops return them: (k2, v2, k4, v4, k8, v8).
+using PyramidTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+inline PyramidTensors pyramid_tuple(const std::vector<at::Tensor>& t) { return {t[0], t[1], t[2], t[3], t[4], t[5]}; }
+
 // The estimators as device-generic ATen code (aten/estimators.cpp): the CPU backend's kernels and the
 // CUDA backend's fallback. Inputs arrive validated.
 namespace aten {
@@ -66,7 +85,7 @@ at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, int64_t blo
                            double scale, bool causal);
 }  // namespace aten
 
-// The CPU reference backend. Inputs arrive validated.
+// The CPU reference backend. Inputs arrive prepared.
 namespace cpu {
 // {k2, v2, k4, v4, k8, v8}
 std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v);
@@ -83,7 +102,7 @@ std::tuple<at::Tensor, at::Tensor> attention_over_pyramid(const at::Tensor& q, c
 }  // namespace cpu
 
 #ifdef PSA_WITH_CUDA
-// The CUDA backend. Inputs arrive validated and on one device.
+// The CUDA backend. Inputs arrive prepared and on one device.
 namespace cuda {
 // {k2, v2, k4, v4, k8, v8}
 std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v);

@@ -1,4 +1,6 @@
-// The psa operator family: every schema, once. Fake (meta) kernels and autograd live in psa/ops.py.
+// The psa operator family: every schema, once, and the composite ops. Each backend registers its kernels
+// under its own dispatch key (cpu/registration.cpp, cuda/registration.cpp); fake (meta) kernels and
+// autograd live in psa/ops.py.
 #include <torch/library.h>
 
 #include "ops.h"
@@ -31,20 +33,3 @@ TORCH_LIBRARY_IMPL(psa, CompositeImplicitAutograd, m) {
   m.impl("attention_with_levels", &psa::attention_with_levels);
   m.impl("sparse_attention", &psa::sparse_attention);
 }
-
-TORCH_LIBRARY_IMPL(psa, CPU, m) {
-  m.impl("kv_pyramid", &psa::kv_pyramid);
-  m.impl("estimate_importance", &psa::estimate_importance);
-  m.impl("assign_levels", &psa::assign_levels);
-  m.impl("attention_over_pyramid", &psa::attention_over_pyramid);
-}
-
-#ifdef PSA_WITH_CUDA
-// The same entry points: each validates, then picks the backend of its inputs' device.
-TORCH_LIBRARY_IMPL(psa, CUDA, m) {
-  m.impl("kv_pyramid", &psa::kv_pyramid);
-  m.impl("estimate_importance", &psa::estimate_importance);
-  m.impl("assign_levels", &psa::assign_levels);
-  m.impl("attention_over_pyramid", &psa::attention_over_pyramid);
-}
-#endif

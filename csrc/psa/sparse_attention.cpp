@@ -5,16 +5,6 @@
 #include "stage_ops.h"
 
 namespace psa {
-namespace {
-
-// assign_levels as its schema types it: q_len and k_len are SymInts, so a dynamic-shape trace passes
-// the sequence lengths through symbolically.
-using AssignLevelsCall = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
-                                    const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                    const std::string&, at::ArrayRef<double>, int64_t, int64_t, c10::SymInt,
-                                    c10::SymInt, double, bool, bool, std::optional<at::ArrayRef<double>>);
-
-}  // namespace
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& force_keys,
@@ -23,9 +13,9 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention(
     at::ArrayRef<double> bounds, const std::string& estimator, double min_full,
     std::optional<at::ArrayRef<double>> sim_thresholds, bool causal, bool sink, int64_t stride,
     std::optional<double> scale) {
-  static const auto estimate = stage_op<decltype(estimate_importance)>("psa::estimate_importance");
+  static const auto estimate = stage_op<EstimateImportanceCall>("psa::estimate_importance");
   static const auto assign = stage_op<AssignLevelsCall>("psa::assign_levels");
-  static const auto attend = stage_op<decltype(attention_with_levels)>("psa::attention_with_levels");
+  static const auto attend = stage_op<AttentionWithLevelsCall>("psa::attention_with_levels");
   const auto scores = estimate.call(q, k, q_offsets, k_offsets, block_m, block_n, estimator, scale, causal, stride);
   auto levels = assign.call(scores, force_keys, force_queries, k, mode, bounds, block_m, block_n, q.sym_size(2),
                             k.sym_size(2), min_full, causal, sink, sim_thresholds);

@@ -10,6 +10,8 @@
 #   prefill [args...]       benchmarks/bench_prefill.py (causal VLM prefill attention)
 #   ulysses [args...]       benchmarks/bench_ulysses.py (needs as many GPUs as --world, default 2)
 #   rowcost [args...]       benchmarks/bench_row_cost.py (the attention kernel's fixed cost per row)
+#   patch FILE              apply FILE (a `git diff` of a variant, carried untracked) with patch -p1 and
+#                           rebuild (ninja recompiles what it touches): A/B of kernel variants in one call
 # Example: bash benchmarks/gpu_session.sh tests tests/test_cuda_sm90.py bench --shapes wan1.3b_480p
 # Each step is cut off after STEP_TIMEOUT seconds (default 400), so a hung kernel still leaves the
 # other steps' output. Wheels in .whl/: nvidia_cutlass-4.2.0.0 and setuptools>=77 (see the README).
@@ -21,11 +23,14 @@ export PYTHONUNBUFFERED=1
 python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/*.whl || exit 1
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
 export CUTLASS_INCLUDE_DIR=/tmp/site/cutlass_library/source/include
-start=$(date +%s)
-MAX_JOBS=${MAX_JOBS:-16} PSA_CUDA_ARCHS=${PSA_CUDA_ARCHS:-9.0a} \
-  python3 -m pip install -q --no-deps --no-build-isolation -e . >"$log_dir/build.log" 2>&1 \
-  || { tail -40 "$log_dir/build.log"; exit 1; }
-echo "build: $(( $(date +%s) - start )) s"
+build() {
+  local start=$(date +%s)
+  MAX_JOBS=${MAX_JOBS:-16} PSA_CUDA_ARCHS=${PSA_CUDA_ARCHS:-9.0a} \
+    python3 -m pip install -q --no-deps --no-build-isolation -e . >"$log_dir/build.log" 2>&1 \
+    || { tail -40 "$log_dir/build.log"; exit 1; }
+  echo "build: $(( $(date +%s) - start )) s"
+}
+build
 nvidia-smi --query-gpu=name,clocks.sm,power.draw --format=csv,noheader
 
 limit="timeout ${STEP_TIMEOUT:-400}"
@@ -45,13 +50,14 @@ run_step() {
     prefill) $limit python3 benchmarks/bench_prefill.py "${args[@]}" 2>&1 | tee "$log_dir/prefill.log" ;;
     ulysses) $limit python3 benchmarks/bench_ulysses.py "${args[@]}" 2>&1 | tee "$log_dir/ulysses.log" ;;
     rowcost) $limit python3 benchmarks/bench_row_cost.py "${args[@]}" 2>&1 | tee "$log_dir/rowcost.log" ;;
+    patch) echo "== patch ${args[0]}"; patch -p1 --forward < "${args[0]}" | tail -3 && build ;;
     "") ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 }
 for word in "$@"; do
   case "$word" in
-    tests|sanitizer|bench|fa4|e2e|prefill|ulysses|rowcost) run_step; step=$word; args=() ;;
+    tests|sanitizer|bench|fa4|e2e|prefill|ulysses|rowcost|patch) run_step; step=$word; args=() ;;
     *) args+=("$word") ;;
   esac
 done

@@ -1,10 +1,10 @@
 """Typed wrappers over `torch.ops.psa`, with their fake kernels and autograd registrations.
 
 The wrappers convert arguments and fill defaults from a `PSAConfig`: no device queries, no `.item()`
-on the GPU, no prints, so they trace under `torch.compile(fullgraph=True)`. Tensors are validated once,
-in the C++ entry points; the wrappers check only host-side arguments (positions, generator) and that
-every tensor shares one device, which the dispatcher would otherwise route around (a meta tensor
-among CPU ones selects the fake kernel).
+on the GPU, no prints, so they trace under `torch.compile(fullgraph=True)`. Tensors are validated in
+C++ (each op's preparation, csrc/psa/<op>.cpp); the wrappers check only host-side arguments (positions,
+generator, the pyramid dict) and that every tensor shares one device, which the dispatcher would
+otherwise route around (a meta tensor among CPU ones selects the fake kernel).
 """
 
 from __future__ import annotations

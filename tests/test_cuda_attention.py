@@ -107,6 +107,24 @@ def test_strided_and_misaligned_inputs_equal_contiguous(rng):
     assert torch.equal(strided, contiguous)
 
 
+@pytest.mark.parametrize("dim", CUDA_HEAD_DIMS)
+def test_attention_over_a_given_pyramid_equals_attention_with_levels(rng, dim):
+    # The pyramid passed in, as strided views of [B, L, H, D] storage and with a misaligned level: the
+    # kernel reads what it is given (TMA-compatible or copied), with attention_with_levels' result.
+    q = randn(rng, 1, 4, 300, dim, dtype=torch.bfloat16, device="cuda")
+    k, v = (randn(rng, 1, 2, 333, dim, dtype=torch.bfloat16, device="cuda") for _ in range(2))
+    levels = random_levels(rng, 1, 4, 3, 3).cuda()
+    kwargs = dict(block_m=128, block_n=128, causal=True)
+    pyramid = psa.kv_pyramid(k, v)
+    strided = {level: tuple(x.transpose(1, 2).contiguous().transpose(1, 2) for x in pair)
+               for level, pair in pyramid.items()}
+    flat = torch.empty(pyramid[8][1].numel() + 1, dtype=torch.bfloat16, device="cuda")
+    misaligned = flat[1:].view(pyramid[8][1].shape).copy_(pyramid[8][1])
+    strided[8] = (strided[8][0], misaligned)
+    expected = psa.attention_with_levels(q, k, v, levels, **kwargs)
+    assert torch.equal(psa.attention_over_pyramid(q, strided, levels, **kwargs), expected)
+
+
 def test_explicit_scale(rng):
     q, k, v = (randn(rng, 1, 2, 150, 64, dtype=torch.float16, device="cuda") for _ in range(3))
     levels = torch.ones(1, 2, 3, 3, dtype=torch.int8, device="cuda")

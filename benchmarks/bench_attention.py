@@ -210,6 +210,7 @@ def main():
               "fa4 bs TF/s", "psa x", "flex x", "fa4 bs x", "kernel / fa4 bs", "est+asg %")
     print("|" + "|".join(header) + "|")
     print("|" + "|".join("---" for _ in header) + "|")
+    kernel_rates = {}  # (shape, density) -> the kernel's effective TFLOP/s
     for name in shapes:
         shape = SHAPES[name]
         length, heads, dim = shape.tokens, shape.heads, shape.head_dim
@@ -265,8 +266,15 @@ def main():
                    cell(fa4_bs_ms, lambda t: f"{kernel_ms / t:.2f}"),
                    f"{100 * (estimate_ms + assign_ms) / cudnn_ms:.1f}")
             print("|" + "|".join(row) + "|", flush=True)
+            kernel_rates[name, density] = dense_flops * measured / kernel_ms / 1e9
         q = k = v = q4 = k4 = v4 = None   # free this shape's inputs before the next one
         torch.cuda.empty_cache()
+    # Sparse tiles against dense ones: the kernel's effective rate at each density over its own rate at 1.0.
+    for name in shapes:
+        if (name, 1.0) in kernel_rates:
+            ratios = ", ".join(f"{d}: {100 * kernel_rates[name, d] / kernel_rates[name, 1.0]:.0f}%"
+                               for d in densities if d != 1.0)
+            print(f"kernel effective TFLOP/s over its density-1.0 rate, {name}: {ratios}")
 
 
 if __name__ == "__main__":

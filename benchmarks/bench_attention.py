@@ -267,7 +267,7 @@ def main():
                    f"{100 * (estimate_ms + assign_ms) / cudnn_ms:.1f}")
             print("|" + "|".join(row) + "|", flush=True)
             kernel_rates[name, density] = dense_flops * measured / kernel_ms / 1e9
-        q = k = v = q4 = k4 = v4 = None   # free this shape's inputs before the next one
+        q = k = v = q4 = k4 = v4 = pyramid = None   # free this shape's inputs before the next one
         torch.cuda.empty_cache()
     # Sparse tiles against dense ones: the kernel's effective rate at each density over its own rate at 1.0.
     for name in shapes:

@@ -99,6 +99,8 @@ class Layer(nn.Module):
     def __init__(self, width: int, heads: int):
         super().__init__()
         self.heads = heads
+        # q, k, v [B, H, L, D] -> [B, H, L, D]; train_with_psa.py swaps in psa's attention.
+        self.attention = F.scaled_dot_product_attention
         self.norm1, self.norm2 = nn.LayerNorm(width), nn.LayerNorm(width)
         self.qkv, self.out = nn.Linear(width, 3 * width), nn.Linear(width, width)
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
@@ -106,7 +108,7 @@ class Layer(nn.Module):
     def forward(self, x, cos, sin):
         q, k, v = self.qkv(self.norm1(x)).unflatten(-1, (3, self.heads, -1)).permute(2, 0, 3, 1, 4)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        attended = F.scaled_dot_product_attention(q, k, v)           # [B, H, L, D]
+        attended = self.attention(q, k, v)                           # [B, H, L, D]
         x = x + self.out(attended.transpose(1, 2).flatten(2))
         return x + self.mlp(self.norm2(x))
 

@@ -10,6 +10,8 @@
 #   prefill [args...]       benchmarks/bench_prefill.py (causal VLM prefill attention)
 #   ulysses [args...]       benchmarks/bench_ulysses.py (needs as many GPUs as --world, default 2)
 #   rowcost [args...]       benchmarks/bench_row_cost.py (the attention kernel's fixed cost per row)
+#   train [args...]         benchmarks/train_with_psa.py (fine-tuning through psa vs dense); needs .whl_demo/
+#                           carried: the PyAV wheel and clip/cockatoo.mp4
 #   patch FILE              apply FILE (a `git diff` of a variant, carried untracked) with patch -p1 and
 #                           rebuild (ninja recompiles what it touches): A/B of kernel variants in one call
 # Example: bash benchmarks/gpu_session.sh tests tests/test_cuda_sm90.py bench --shapes wan1.3b_480p
@@ -50,6 +52,10 @@ run_step() {
     prefill) $limit python3 benchmarks/bench_prefill.py "${args[@]}" 2>&1 | tee "$log_dir/prefill.log" ;;
     ulysses) $limit python3 benchmarks/bench_ulysses.py "${args[@]}" 2>&1 | tee "$log_dir/ulysses.log" ;;
     rowcost) $limit python3 benchmarks/bench_row_cost.py "${args[@]}" 2>&1 | tee "$log_dir/rowcost.log" ;;
+    train)
+      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl_demo/av-*.whl \
+        && mkdir -p ~/.cache/psa && cp .whl_demo/clip/cockatoo.mp4 ~/.cache/psa/ \
+        && $limit python3 benchmarks/train_with_psa.py "${args[@]}" 2>&1 | tee "$log_dir/train.log" ;;
     patch) echo "== patch ${args[0]}"; patch -p1 --forward < "${args[0]}" | tail -3 && build ;;
     "") ;;
     *) echo "unknown step $step"; exit 2 ;;
@@ -57,7 +63,7 @@ run_step() {
 }
 for word in "$@"; do
   case "$word" in
-    tests|sanitizer|bench|fa4|e2e|prefill|ulysses|rowcost|patch) run_step; step=$word; args=() ;;
+    tests|sanitizer|bench|fa4|e2e|prefill|ulysses|rowcost|train|patch) run_step; step=$word; args=() ;;
     *) args+=("$word") ;;
   esac
 done

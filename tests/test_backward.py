@@ -161,3 +161,20 @@ def test_compile_fullgraph_traces_forward_and_backward(rng, fresh_dynamo):
     compiled = torch.autograd.grad(torch.compile(loss, fullgraph=True)(q, k, v), (q, k, v))
     for grad, reference in zip(compiled, eager):
         torch.testing.assert_close(grad, reference, rtol=1e-5, atol=1e-5)
+
+
+def test_activation_checkpointing_gives_the_same_gradients(rng):
+    # torch.utils.checkpoint recomputes the forward in the backward: the level map is decided again from
+    # the same inputs, so the gradients equal those of the plain graph.
+    q, k, v = inputs(rng, 1, 2, 1, 96, 96, 16)
+    config = psa.PSAConfig(block_m=32, block_n=32, bounds=(0.3, 0.5, 0.6, 0.8))
+
+    def block(q, k, v):
+        return psa.sparse_attention(q, k, v, config).tanh()
+
+    grad_out = torch.randn(1, 2, 96, 16, generator=rng, dtype=torch.float64)
+    plain = torch.autograd.grad(block(q, k, v), (q, k, v), grad_out)
+    checkpointed = torch.utils.checkpoint.checkpoint(block, q, k, v, use_reentrant=False)
+    again = torch.autograd.grad(checkpointed, (q, k, v), grad_out)
+    for expected, grad in zip(plain, again):
+        torch.testing.assert_close(grad, expected, rtol=0, atol=0)

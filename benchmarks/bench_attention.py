@@ -20,12 +20,17 @@ pyramid, estimate with each estimator (sampled, pooled, antidiagonal), assign, t
 
 Usage: python benchmarks/bench_attention.py [--shapes wan1.3b_480p,...] [--densities 0.15,0.3,1.0]
            [--estimators sampled,pooled,antidiagonal] [--no-stages] [--no-densities] [--kernels] [--site DIR]
+           [--backward]
 
 --site adds a site directory before looking for FA4 (benchmarks/fa4_wheels.sh installs it into one on a
 machine without a registry).
 
 --kernels also lists the device time of every kernel each stage launches (torch.profiler), to see
 where a stage's time goes.
+
+--backward adds forward + backward times at the default config (density ~0.15): psa (`sparse_attention`,
+gradients through attention_over_pyramid and the pyramid) against cuDNN's dense forward + backward and
+FlexAttention's block-sparse forward + backward at psa's measured density (its top blocks per row).
 """
 
 import argparse
@@ -182,6 +187,42 @@ def print_stage_table(shapes, estimators, kernels=False):
         torch.cuda.empty_cache()
 
 
+def forward_backward_ms(forward, inputs) -> float:
+    """Median ms of forward + backward (gradients of q, k and v for a fixed random output gradient)."""
+    grad_out = torch.randn_like(inputs[0])
+
+    def step():
+        out = forward(*inputs)
+        torch.autograd.grad(out, inputs, grad_out)
+
+    return bench(step)
+
+
+def print_backward_table(shapes, flex):
+    """Per shape: forward + backward of psa at the default config, cuDNN dense, Flex block-sparse."""
+    header = ["shape", "density", "psa fwd+bwd ms", "cudnn fwd+bwd ms", "flex fwd+bwd ms", "psa x cudnn",
+              "psa x flex"]
+    print_row(header)
+    print_row(["---"] * len(header))
+    for name in shapes:
+        shape = SHAPES[name]
+        q, k, v = (torch.randn(1, shape.heads, shape.tokens, shape.head_dim, device="cuda", dtype=torch.bfloat16,
+                               requires_grad=True) for _ in range(3))
+        config = psa.PSAConfig()
+        with torch.no_grad():
+            scores = psa.estimate_importance(q, k, config)
+            density = psa.level_stats(psa.assign_levels(scores, config, k=k, q_len=shape.tokens))["density"]
+        mask = flex_block_mask(scores, density, shape.tokens, config.block_n)
+        psa_ms = forward_backward_ms(lambda q, k, v: psa.sparse_attention(q, k, v, config), (q, k, v))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            cudnn_ms = forward_backward_ms(F.scaled_dot_product_attention, (q, k, v))
+        flex_ms = forward_backward_ms(lambda q, k, v: flex(q, k, v, block_mask=mask), (q, k, v))
+        print_row([name, f"{density:.3f}", f"{psa_ms:.2f}", f"{cudnn_ms:.2f}", f"{flex_ms:.2f}",
+                   f"{cudnn_ms / psa_ms:.2f}", f"{flex_ms / psa_ms:.2f}"])
+        q = k = v = scores = mask = None
+        torch.cuda.empty_cache()
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shapes", default=",".join(GPU_SHAPES))
@@ -191,6 +232,7 @@ def main():
     parser.add_argument("--no-densities", action="store_true", help="skip the per-density table")
     parser.add_argument("--kernels", action="store_true", help="per-kernel device times of each stage")
     parser.add_argument("--site", action="append", default=[], help="extra site directory (for FA4)")
+    parser.add_argument("--backward", action="store_true", help="forward + backward table at the default config")
     args = parser.parse_args()
     for directory in args.site:
         site.addsitedir(directory)
@@ -203,6 +245,8 @@ def main():
           f"{datetime.date.today().isoformat()}, FA4: {'yes' if fa4.available else 'no (' + fa4.reason + ')'}")
     if not args.no_stages:
         print_stage_table(shapes, args.estimators.split(","), args.kernels)
+    if args.backward:
+        print_backward_table(shapes, flex)
     if not densities:
         return
     header = ("shape", "dens", "psa ms", "pyr", "est", "asg", "attend", "kernel", "sm80 kernel", "cudnn", "flash",

@@ -1,62 +1,23 @@
-// The CUDA backend's kernels under the CUDA dispatch key: each op's shared preparation (../ops.h), then
-// the CUDA kernels. Checks of tensor contents that would need a host synchronisation are not made here:
-// the kernels clamp sample offsets, and stop on level values outside {0, 1, 2, 4, 8}.
-#include <torch/library.h>
-
-#include "../check.h"
-#include "../ops.h"
+// The CUDA backend's kernels under the CUDA dispatch key. Tensor contents are not checked here: that
+// would cost a host synchronisation. The kernels clamp sample offsets into their block, and stop on
+// level values outside {0, 1, 2, 4, 8}.
+#include "../backend_ops.h"
 
 namespace psa::cuda {
 namespace {
 
-PyramidTensors kv_pyramid_op(const at::Tensor& k, const at::Tensor& v) {
-  prepare_kv_pyramid(k, v);
-  return pyramid_tuple(kv_pyramid(k, v));
-}
-
-at::Tensor estimate_importance_op(const at::Tensor& q, const at::Tensor& k, const std::optional<at::Tensor>& q_offsets,
-                                  const std::optional<at::Tensor>& k_offsets, int64_t block_m, int64_t block_n,
-                                  const std::string& method, std::optional<double> scale, bool causal,
-                                  int64_t stride) {
-  const EstimateArgs args =
-      prepare_estimate_importance(q, k, q_offsets, k_offsets, block_m, block_n, method, scale, stride);
-  switch (args.method) {
-    case EstimateMethod::kSampled:
-      return estimate_sampled(q, k, block_m, block_n, args.scale, causal, args.q_offsets, args.k_offsets);
-    case EstimateMethod::kAntidiagonal:
-      return aten::estimate_antidiagonal(q, k, block_m, block_n, args.scale, causal, stride);
-    case EstimateMethod::kPooled:
-    default:
-      return estimate_pooled(q, k, block_m, block_n, args.scale, causal);
-  }
-}
-
-at::Tensor assign_levels_op(const at::Tensor& scores, const std::optional<at::Tensor>& force_keys,
-                            const std::optional<at::Tensor>& force_queries, const std::optional<at::Tensor>& k,
-                            const std::string& mode, at::ArrayRef<double> bounds, int64_t block_m, int64_t block_n,
-                            int64_t q_len, int64_t k_len, double min_full, bool causal, bool sink,
-                            std::optional<at::ArrayRef<double>> sim_thresholds) {
-  const AssignArgs args = prepare_assign_levels(scores, force_keys, force_queries, k, mode, bounds, block_m, block_n,
-                                                q_len, k_len, min_full, sim_thresholds);
-  return assign_levels(scores, args.threshold_mode, bounds, block_m, block_n, q_len, k_len, min_full, causal, sink,
-                       args.force_key_blocks, args.force_query_blocks, args.cap);
-}
-
-std::tuple<at::Tensor, at::Tensor> attention_over_pyramid_op(
-    const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k2, const at::Tensor& v2,
-    const at::Tensor& k4, const at::Tensor& v4, const at::Tensor& k8, const at::Tensor& v8, const at::Tensor& levels,
-    int64_t block_m, int64_t block_n, std::optional<double> scale, bool causal) {
-  const std::vector<at::Tensor> pooled = {k2, v2, k4, v4, k8, v8};
-  const double softmax_scale = prepare_attention_over_pyramid(q, k, v, pooled, levels, block_m, block_n, scale);
-  return attention_over_pyramid(q, k, v, pooled, levels, block_m, block_n, softmax_scale, causal);
-}
+struct CudaBackend {
+  static std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v) { return cuda::kv_pyramid(k, v); }
+  static constexpr auto estimate_sampled = &cuda::estimate_sampled;
+  static constexpr auto estimate_pooled = &cuda::estimate_pooled;
+  static constexpr auto assign_levels = &cuda::assign_levels;
+  static constexpr auto attention_over_pyramid = &cuda::attention_over_pyramid;
+  static void check_offsets(const EstimateArgs&, int64_t, int64_t) {}
+  static void check_scores(const at::Tensor&) {}
+  static void check_levels(const at::Tensor&) {}
+};
 
 }  // namespace
 }  // namespace psa::cuda
 
-TORCH_LIBRARY_IMPL(psa, CUDA, m) {
-  m.impl("kv_pyramid", &psa::cuda::kv_pyramid_op);
-  m.impl("estimate_importance", &psa::cuda::estimate_importance_op);
-  m.impl("assign_levels", &psa::cuda::assign_levels_op);
-  m.impl("attention_over_pyramid", &psa::cuda::attention_over_pyramid_op);
-}
+TORCH_LIBRARY_IMPL(psa, CUDA, m) { psa::BackendOps<psa::cuda::CudaBackend>::register_kernels(m); }

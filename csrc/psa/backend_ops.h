@@ -1,0 +1,73 @@
+// The op bodies every backend registers under its own dispatch key (cpu/registration.cpp,
+// cuda/registration.cpp): each op's shared preparation (ops.h), the checks of tensor contents that
+// only some backends can make without a host synchronisation, then the backend's kernels.
+//
+// A Backend is a struct of static functions: the kernels (kv_pyramid, estimate_sampled,
+// estimate_pooled, assign_levels, attention_over_pyramid, with the backend namespaces' signatures) and
+// the content checks (check_offsets, check_scores, check_levels: empty where they would cost a sync).
+#pragma once
+
+#include <torch/library.h>
+
+#include "check.h"
+#include "ops.h"
+
+namespace psa {
+
+template <typename Backend>
+struct BackendOps {
+  static PyramidTensors kv_pyramid(const at::Tensor& k, const at::Tensor& v) {
+    prepare_kv_pyramid(k, v);
+    return pyramid_tuple(Backend::kv_pyramid(k, v));
+  }
+
+  static at::Tensor estimate_importance(const at::Tensor& q, const at::Tensor& k,
+                                        const std::optional<at::Tensor>& q_offsets,
+                                        const std::optional<at::Tensor>& k_offsets, int64_t block_m, int64_t block_n,
+                                        const std::string& method, std::optional<double> scale, bool causal,
+                                        int64_t stride) {
+    const EstimateArgs args =
+        prepare_estimate_importance(q, k, q_offsets, k_offsets, block_m, block_n, method, scale, stride);
+    switch (args.method) {
+      case EstimateMethod::kSampled:
+        Backend::check_offsets(args, block_m, block_n);
+        return Backend::estimate_sampled(q, k, block_m, block_n, args.scale, causal, args.q_offsets, args.k_offsets);
+      case EstimateMethod::kAntidiagonal:
+        return aten::estimate_antidiagonal(q, k, block_m, block_n, args.scale, causal, stride);
+      case EstimateMethod::kPooled:
+        return Backend::estimate_pooled(q, k, block_m, block_n, args.scale, causal);
+    }
+    PSA_CHECK(false, "psa.estimate_importance: unknown method");
+  }
+
+  static at::Tensor assign_levels(const at::Tensor& scores, const std::optional<at::Tensor>& force_keys,
+                                  const std::optional<at::Tensor>& force_queries, const std::optional<at::Tensor>& k,
+                                  const std::string& mode, at::ArrayRef<double> bounds, int64_t block_m,
+                                  int64_t block_n, int64_t q_len, int64_t k_len, double min_full, bool causal,
+                                  bool sink, std::optional<at::ArrayRef<double>> sim_thresholds) {
+    const AssignArgs args = prepare_assign_levels(scores, force_keys, force_queries, k, mode, bounds, block_m,
+                                                  block_n, q_len, k_len, min_full, sim_thresholds);
+    Backend::check_scores(scores);
+    return Backend::assign_levels(scores, args.threshold_mode, bounds, block_m, block_n, q_len, k_len, min_full,
+                                  causal, sink, args.force_key_blocks, args.force_query_blocks, args.cap);
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> attention_over_pyramid(
+      const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k2, const at::Tensor& v2,
+      const at::Tensor& k4, const at::Tensor& v4, const at::Tensor& k8, const at::Tensor& v8,
+      const at::Tensor& levels, int64_t block_m, int64_t block_n, std::optional<double> scale, bool causal) {
+    const std::vector<at::Tensor> pooled = {k2, v2, k4, v4, k8, v8};
+    const double softmax_scale = prepare_attention_over_pyramid(q, k, v, pooled, levels, block_m, block_n, scale);
+    Backend::check_levels(levels);
+    return Backend::attention_over_pyramid(q, k, v, pooled, levels, block_m, block_n, softmax_scale, causal);
+  }
+
+  static void register_kernels(torch::Library& m) {
+    m.impl("kv_pyramid", &kv_pyramid);
+    m.impl("estimate_importance", &estimate_importance);
+    m.impl("assign_levels", &assign_levels);
+    m.impl("attention_over_pyramid", &attention_over_pyramid);
+  }
+};
+
+}  // namespace psa

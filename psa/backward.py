@@ -26,7 +26,6 @@ from . import reference
 
 # Elements of one chunk's logits (batch x query heads x rows x pyramid tokens) at most.
 _CHUNK_ELEMENTS = 1 << 26
-POOLED_LEVELS = (2, 4, 8)
 
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -47,7 +46,7 @@ def attention_over_pyramid_backward(grad_out: Optional[torch.Tensor], grad_lse: 
     group = q_heads // kv_heads
     scale = dim ** -0.5 if scale is None else scale
     pyramid = {1: (k.to(compute), v.to(compute))}
-    for index, level in enumerate(POOLED_LEVELS):
+    for index, level in enumerate(reference.POOLED_LEVELS):
         pyramid[level] = (pooled[2 * index].to(compute), pooled[2 * index + 1].to(compute))
     tokens = sum(k_l.shape[-2] for k_l, _ in pyramid.values())
     d_keys = q.new_zeros((batch, kv_heads, tokens, dim), dtype=compute)
@@ -77,27 +76,27 @@ def attention_over_pyramid_backward(grad_out: Optional[torch.Tensor], grad_lse: 
     counts = [k_l.shape[-2] for k_l, _ in pyramid.values()]
     d_keys_by_level, d_values_by_level = d_keys.split(counts, dim=2), d_values.split(counts, dim=2)
     d_pooled = []
-    for index in range(len(POOLED_LEVELS)):
+    for index in range(len(reference.POOLED_LEVELS)):
         d_pooled.append(d_keys_by_level[index + 1].to(pooled[2 * index].dtype))
         d_pooled.append(d_values_by_level[index + 1].to(pooled[2 * index + 1].dtype))
     return (dq.to(q.dtype), d_keys_by_level[0].to(k.dtype), d_values_by_level[0].to(v.dtype), d_pooled)
 
 
-def kv_pyramid_backward(d_pooled: Sequence[Optional[torch.Tensor]], k: torch.Tensor,
-                        v: torch.Tensor) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """`(dk, dv)` of `kv_pyramid(k, v)` given the gradients of `(k2, v2, k4, v4, k8, v8)` (None where a
-    level got none): each pooled token's gradient, divided by the keys it covers, goes to each of them."""
-    k_len = k.shape[-2]
+def kv_pyramid_backward(d_pooled: Sequence[Optional[torch.Tensor]], k_len: int, k_dtype: torch.dtype,
+                        v_dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
+    """`(dk, dv)` of `kv_pyramid(k, v)` for keys of length `k_len`, given the gradients of `(k2, v2, k4,
+    v4, k8, v8)` (None where a level got none): each pooled token's gradient, divided by the keys it
+    covers, goes to each of them. It needs only k's length and the dtypes, not k and v."""
     totals = [None, None]
     for index, grad in enumerate(d_pooled):
         if grad is None:
             continue
-        level = POOLED_LEVELS[index // 2]
+        level = reference.POOLED_LEVELS[index // 2]
         part = grad.to(_compute_dtype(grad.dtype))
         counts = reference.pool_counts(k_len, level, grad.device).to(part.dtype)
         spread = (part / counts[:, None]).repeat_interleave(level, dim=2)[:, :, :k_len]
         slot = index % 2
         totals[slot] = spread if totals[slot] is None else totals[slot] + spread
-    dk = None if totals[0] is None else totals[0].to(k.dtype)
-    dv = None if totals[1] is None else totals[1].to(v.dtype)
+    dk = None if totals[0] is None else totals[0].to(k_dtype)
+    dv = None if totals[1] is None else totals[1].to(v_dtype)
     return dk, dv

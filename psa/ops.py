@@ -269,15 +269,15 @@ for _name in ("estimate_importance", "assign_levels"):
 
 
 def _kv_pyramid_setup(ctx, inputs, output, keyword_only_inputs=None):
+    # The backward needs k's length and the dtypes only: saving k and v would keep them alive.
     k, v = inputs
-    ctx.save_for_backward(k, v)
+    ctx.k_len, ctx.dtypes = k.shape[-2], (k.dtype, v.dtype)
 
 
 def _kv_pyramid_backward(ctx, *grads):
     from .backward import kv_pyramid_backward
 
-    k, v = ctx.saved_tensors
-    return kv_pyramid_backward(grads, k, v)
+    return kv_pyramid_backward(grads, ctx.k_len, *ctx.dtypes)
 
 
 def _attention_over_pyramid_setup(ctx, inputs, output, keyword_only_inputs=None):

@@ -1,5 +1,6 @@
 #include "check.h"
 
+#include <cmath>
 #include <cstdio>
 
 namespace psa {
@@ -115,6 +116,17 @@ void check_levels(const char* op, const at::Tensor& levels, const at::Tensor& q,
   PSA_CHECK(levels.sizes() == at::IntArrayRef(expected), op,
               ": levels must have shape [B, Hq, ceil(Lq/block_m), ceil(Lk/block_n)] = ", expected, ", got ",
               levels.sizes());
+}
+
+double check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& levels, int64_t block_m, int64_t block_n,
+                              std::optional<double> scale) {
+  check_qkv(op, q, k, v);
+  check_block_sizes(op, block_m, block_n);
+  check_levels(op, levels, q, k, block_m, block_n);
+  const double softmax_scale = scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3))));
+  PSA_CHECK(std::isfinite(softmax_scale), op, ": scale must be finite, got ", softmax_scale);
+  return softmax_scale;
 }
 
 void check_level_values(const char* op, const at::Tensor& levels) {

@@ -5,6 +5,7 @@
 #include <ATen/ATen.h>
 
 #include <initializer_list>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <vector>
@@ -53,6 +54,11 @@ void check_block_sizes(const char* op, int64_t block_m, int64_t block_n);
 // levels int8 [B, Hq, ceil(Lq/block_m), ceil(Lk/block_n)] on q's device (dtype, device and shape only).
 void check_levels(const char* op, const at::Tensor& levels, const at::Tensor& q, const at::Tensor& k,
                   int64_t block_m, int64_t block_n);
+// The inputs of attention over a level map (q, k, v, block sizes, levels' shape, a finite scale); returns
+// the softmax scale (1/sqrt(head_dim) by default).
+double check_attention_inputs(const char* op, const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                              const at::Tensor& levels, int64_t block_m, int64_t block_n,
+                              std::optional<double> scale);
 // Every value of a CPU level map in {0, 1, 2, 4, 8}. (CUDA kernels stop on other values instead: the
 // host cannot read a device tensor without a synchronisation.)
 void check_level_values(const char* op, const at::Tensor& levels);

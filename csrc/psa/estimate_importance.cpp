@@ -59,14 +59,12 @@ EstimateArgs prepare_estimate_importance(const at::Tensor& q, const at::Tensor& 
 }
 
 void check_offsets_in_block(const EstimateArgs& args, int64_t block_m, int64_t block_n) {
-  if (args.method != EstimateMethod::kSampled) return;
-  const std::pair<const char*, const at::Tensor*> named[] = {{"q_offsets", &args.q_offsets}, {"k_offsets", &args.k_offsets}};
-  const int64_t blocks[] = {block_m, block_n};
-  for (int i = 0; i < 2; ++i) {
-    const at::Tensor& t = *named[i].second;
-    PSA_CHECK(t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < blocks[i], "psa.estimate_importance: ",
-              named[i].first, " must lie in [0, ", blocks[i], "), got ", t);
-  }
+  const auto in_block = [](const char* name, const at::Tensor& t, int64_t block) {
+    PSA_CHECK(t.min().item<int64_t>() >= 0 && t.max().item<int64_t>() < block, "psa.estimate_importance: ", name,
+              " must lie in [0, ", block, "), got ", t);
+  };
+  in_block("q_offsets", args.q_offsets, block_m);
+  in_block("k_offsets", args.k_offsets, block_n);
 }
 
 }  // namespace psa

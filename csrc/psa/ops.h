@@ -31,7 +31,8 @@ EstimateArgs prepare_estimate_importance(const at::Tensor& q, const at::Tensor& 
                                          const std::optional<at::Tensor>& k_offsets, int64_t block_m,
                                          int64_t block_n, const std::string& method, std::optional<double> scale,
                                          int64_t stride);
-// CPU only: offsets within [0, block) (on the GPU the check would cost a host sync; the kernels clamp).
+// CPU only, sampled method: offsets within [0, block) (on the GPU the check would cost a host sync; the
+// kernels clamp).
 void check_offsets_in_block(const EstimateArgs& args, int64_t block_m, int64_t block_n);
 
 struct AssignArgs {

@@ -10,6 +10,9 @@
 #   prefill [args...]       benchmarks/bench_prefill.py (causal VLM prefill attention)
 #   ulysses [args...]       benchmarks/bench_ulysses.py (needs as many GPUs as --world, default 2)
 #   rowcost [args...]       benchmarks/bench_row_cost.py (the attention kernel's fixed cost per row)
+#   ncu [args...]           Nsight Compute on one attention launch (benchmarks/profile_attention.py args):
+#                           the report, its per-SASS-instruction source page as CSV and the details
+#                           page into $OUT; the headline metrics printed
 #   train [args...]         benchmarks/train_with_psa.py (fine-tuning through psa vs dense); needs .whl_demo/
 #                           carried: the PyAV wheel and clip/cockatoo.mp4
 #   patch FILE              apply FILE (a `git diff` of a variant, carried untracked) with patch -p1 and
@@ -53,6 +56,17 @@ run_step() {
     prefill) $limit python3 benchmarks/bench_prefill.py "${args[@]}" 2>&1 | tee "$log_dir/prefill.log" ;;
     ulysses) $limit python3 benchmarks/bench_ulysses.py "${args[@]}" 2>&1 | tee "$log_dir/ulysses.log" ;;
     rowcost) $limit python3 benchmarks/bench_row_cost.py "${args[@]}" 2>&1 | tee "$log_dir/rowcost.log" ;;
+    ncu)
+      # One report per argument list (attention_map_psa, ...); --clock-control none: the lent machine's
+      # clocks stay as they are (device METHOD.md).
+      name=$(echo "attention ${args[*]:-}" | tr -cs 'A-Za-z0-9.' '_' | sed 's/_*$//')
+      $limit ncu --clock-control none --set full --import-source no -k regex:attention_with_levels \
+        --launch-skip 1 --launch-count 1 -f -o "$log_dir/$name" \
+        python3 benchmarks/profile_attention.py "${args[@]}" 2>&1 | tail -3
+      ncu -i "$log_dir/$name.ncu-rep" --page source --print-source sass --csv >"$log_dir/${name}_sass.csv" 2>&1
+      ncu -i "$log_dir/$name.ncu-rep" --page details >"$log_dir/${name}_details.txt" 2>&1
+      grep -E "Duration|Issue Slots Busy|Issued Ipc Active|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|Compute \(SM\) Throughput|L2 Hit Rate|Executed Ipc" \
+        "$log_dir/${name}_details.txt" | head -20 ;;
     train)
       python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl_demo/av-*.whl \
         && mkdir -p ~/.cache/psa && cp .whl_demo/clip/cockatoo.mp4 ~/.cache/psa/ \
@@ -65,7 +79,7 @@ run_step() {
 }
 for word in "$@"; do
   case "$word" in
-    tests|sanitizer|bench|fa4|e2e|prefill|ulysses|rowcost|train|patch|unpatch) run_step; step=$word; args=() ;;
+    tests|sanitizer|bench|fa4|e2e|prefill|ulysses|rowcost|ncu|train|patch|unpatch) run_step; step=$word; args=() ;;
     *) args+=("$word") ;;
   esac
 done

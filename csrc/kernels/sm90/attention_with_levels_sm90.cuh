@@ -6,8 +6,8 @@
 // kBlockM = 64 * kConsumers rows of one batch and head) gridDim.x apart:
 //   - Warp 1 builds each item's schedule (key block ids grouped by level, as sm80 does) into one of
 //     two shared-memory slots, up to two items ahead.
-//   - Warp 0 is the producer (its warpgroup's registers given back with setmaxnreg). It walks the
-//     schedule: a tile is kTileN consecutive pooled tokens of one level, i.e. kTileN / piece pieces,
+//   - Warps 0 (Q and K) and 2 (V) are the loaders (their warpgroup's registers given back with
+//     setmaxnreg). Each walks the schedule: a tile is kTileN consecutive pooled tokens of one level, i.e. kTileN / piece pieces,
 //     each piece `piece = min(block_n >> L, kTileN)` contiguous rows of level L's K or V (one key
 //     block, or a slice of one). Lane i issues piece i as one TMA box per 64 head_dim columns, into
 //     consecutive shared-memory rows; empty slots get a box past the end of the tensor, which TMA
@@ -121,7 +121,7 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
   const auto ids_of = [&](int slot) { return schedules + slot * p.n_k; };
 
   // ---- Barrier set-up (thread 0). Schedule slots: the builder warp's 32 lanes fill one
-  // (sched_full), the producer warp's and the consumers' threads release it (sched_empty); every
+  // (sched_full), the two loader warps' and the consumers' threads release it (sched_empty); every
   // thread that touched a slot arrives itself, so each one's own accesses are ordered by its arrive.
   constexpr int kConsumerThreads = Shape::kConsumers * 128;
   if (tid == 0) {
@@ -130,7 +130,7 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
 #pragma unroll
     for (int slot = 0; slot < 2; ++slot) {
       Barrier::init(&smem.sched_full[slot], 32);
-      Barrier::init(&smem.sched_empty[slot], 32 + kConsumerThreads);
+      Barrier::init(&smem.sched_empty[slot], 64 + kConsumerThreads);  // two loader warps + consumers
     }
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
@@ -162,7 +162,10 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
       }
       return;
     }
-    if (warp != 0) return;
+    // Warp 0 loads Q and K, warp 2 loads V: a pooled tile is up to 16 TMA boxes per tensor, each
+    // issued through a per-lane loop, and one warp issuing both tensors' boxes fell behind.
+    if (warp != 0 && warp != 2) return;
+    const bool loads_k = warp == 0;
     int ring = 0;  // tiles loaded so far, over all items: the K/V ring's stage and phase
     for (int k = 0, item = blockIdx.x; item < items; ++k, item += gridDim.x) {
       const int slot = k & 1;
@@ -172,8 +175,8 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
       const int n_tiles = Geometry::row_tiles(smem.level_count[slot], p.block_n);
       // Q of this item, once the consumers' last MMA of the previous item has read its Q: while they
       // write the previous item's output, this item's Q and first tiles are already on their way.
-      if (k > 0) Barrier::wait(&smem.q_empty, (k - 1) & 1);
-      if (lane == 0) {
+      if (loads_k && k > 0) Barrier::wait(&smem.q_empty, (k - 1) & 1);
+      if (loads_k && lane == 0) {
         TxBarrier::expect_transaction(&smem.q_full, static_cast<uint32_t>(sizeof(smem.q)));
         for (int c = 0; c < kBlockM / 64; ++c) {
 #pragma unroll
@@ -209,10 +212,13 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
           __syncwarp();
           if (lane == 0) Barrier::arrive(full);
         };
-        load(&params.k_map[L], &smem.k_full[stage], &smem.k_empty[stage],
-             [&](int panel) { return k_panel(stage, panel); });
-        load(&params.v_map[L], &smem.v_full[stage], &smem.v_empty[stage],
-             [&](int panel) { return v_panel(stage, panel); });
+        if (loads_k) {
+          load(&params.k_map[L], &smem.k_full[stage], &smem.k_empty[stage],
+               [&](int panel) { return k_panel(stage, panel); });
+        } else {
+          load(&params.v_map[L], &smem.v_full[stage], &smem.v_empty[stage],
+               [&](int panel) { return v_panel(stage, panel); });
+        }
       }
       ring += n_tiles;
       Barrier::arrive(&smem.sched_empty[slot]);

@@ -247,35 +247,36 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
     float s[kTileN / 2];           // S of the newest tile, then its probabilities
     uint32_t pa[kTileN / 16][4];   // P of the previous tile as the PV MMA's A fragments
 
-    // Operand descriptors, built once: per MMA only the start address moves (descriptor_at), by
+    // Operand descriptors, built once: per MMA only the start address moves (SmemDescriptor::at), by
     // compile-time offsets plus the stage's. Building each from its pointer cost ~14 instructions
     // per wgmma (a third of the consumer's instructions).
-    const uint64_t q_desc = smem_descriptor(q_panel(0) + consumer * 64 * kPanelColumns, 16, kSwizzleAtomBytes);
-    const uint64_t k_desc = smem_descriptor(k_panel(0, 0), 16, kSwizzleAtomBytes);
-    const uint64_t v_desc = smem_descriptor(v_panel(0, 0), kTileN * kPanelRowBytes, kSwizzleAtomBytes);
+    const auto q_desc = SmemDescriptor::of(q_panel(0) + consumer * 64 * kPanelColumns, 16, kSwizzleAtomBytes);
+    const auto k_desc = SmemDescriptor::of(k_panel(0, 0), 16, kSwizzleAtomBytes);
+    const auto v_desc = SmemDescriptor::of(v_panel(0, 0), kTileN * kPanelRowBytes, kSwizzleAtomBytes);
     constexpr uint32_t kStageBytes = sizeof(smem.k[0]);
     static_assert(sizeof(smem.v[0]) == kStageBytes, "K and V stages advance alike");
     const auto issue_s = [&](int stage) {
       fence_registers(s);
       cute::warpgroup_arrive();
+      const SmemDescriptor k_stage = k_desc.at(stage * kStageBytes);
 #pragma unroll
       for (int kk = 0; kk < kHeadDim / 16; ++kk) {
         // k16 step kk: panel kk / 4, 32 bytes per step inside the panel's 128-byte rows.
         constexpr uint32_t kStepBytes = 2 * 16;
         const uint32_t q_offset = (kk / 4) * kBlockM * kPanelRowBytes + (kk % 4) * kStepBytes;
         const uint32_t k_offset = (kk / 4) * kTileN * kPanelRowBytes + (kk % 4) * kStepBytes;
-        mma_ss<T, kTileN>(descriptor_at(q_desc, q_offset), descriptor_at(k_desc, stage * kStageBytes + k_offset), s,
-                          kk > 0);
+        mma_ss<T, kTileN>(q_desc.at(q_offset), k_stage.at(k_offset), s, kk > 0);
       }
       cute::warpgroup_commit_batch();
     };
     const auto issue_pv = [&](int stage) {
       fence_registers(o);
       cute::warpgroup_arrive();
+      const SmemDescriptor v_stage = v_desc.at(stage * kStageBytes);
 #pragma unroll
       for (int kk = 0; kk < kTileN / 16; ++kk) {
         // k16 step kk: 16 keys further down the V tile.
-        mma_rs<T, kHeadDim>(pa[kk], descriptor_at(v_desc, stage * kStageBytes + kk * 16 * kPanelRowBytes), o);
+        mma_rs<T, kHeadDim>(pa[kk], v_stage.at(kk * 16 * kPanelRowBytes), o);
       }
       cute::warpgroup_commit_batch();
     };

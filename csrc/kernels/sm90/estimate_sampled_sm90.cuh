@@ -170,9 +170,9 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
 
   using Accumulator = float[kTileN / 2];  // m64n128: column of element 4j + e is 8j + 2t + (e & 1)
   Accumulator acc[kMTiles];
-  // Operand descriptors built once; per MMA only the start address moves (descriptor_at).
-  const uint64_t q_desc = smem_descriptor(&smem.q[0][consumer * 64 * kMTiles][0], 16, kSwizzleAtomBytes);
-  const uint64_t k_desc = smem_descriptor(&smem.k[0][0][0][0], 16, kSwizzleAtomBytes);
+  // Operand descriptors built once; per MMA only the start address moves (SmemDescriptor::at).
+  const auto q_desc = SmemDescriptor::of(&smem.q[0][consumer * 64 * kMTiles][0], 16, kSwizzleAtomBytes);
+  const auto k_desc = SmemDescriptor::of(&smem.k[0][0][0][0], 16, kSwizzleAtomBytes);
   constexpr uint32_t kStageBytes = sizeof(smem.k[0]);
   // Issues S[m tile mt] = Q K^T for the key tile in `stage` (asynchronous; one commit group).
   auto issue = [&](int mt, int stage) {
@@ -184,7 +184,7 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
       const uint32_t within = (kk % 4) * 32;
       const uint32_t q_offset = ((kk / 4) * kRows + mt * 64) * kPanelRowBytes + within;
       const uint32_t k_offset = stage * kStageBytes + (kk / 4) * kTileN * kPanelRowBytes + within;
-      mma_ss<T, kTileN>(descriptor_at(q_desc, q_offset), descriptor_at(k_desc, k_offset), acc[mt], kk > 0);
+      mma_ss<T, kTileN>(q_desc.at(q_offset), k_desc.at(k_offset), acc[mt], kk > 0);
     }
     cute::warpgroup_commit_batch();
   };

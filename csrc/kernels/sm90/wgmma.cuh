@@ -30,20 +30,31 @@ namespace psa::kernels::sm90 {
 namespace gmma = cute::SM90::GMMA;
 
 // Descriptor of a SWIZZLE_128B tile starting at `smem` (1024-byte aligned, or offset inside a row by
-// a multiple of 32 bytes for K-major k steps).
-__device__ __forceinline__ uint64_t smem_descriptor(const void* smem, uint32_t leading_bytes, uint32_t stride_bytes) {
-  cute::GmmaDescriptor desc;
-  desc.bitfield.start_address_ = static_cast<uint16_t>(cute::cast_smem_ptr_to_uint(smem) >> 4);
-  desc.bitfield.leading_byte_offset_ = static_cast<uint16_t>(leading_bytes >> 4);
-  desc.bitfield.stride_byte_offset_ = static_cast<uint16_t>(stride_bytes >> 4);
-  desc.bitfield.base_offset_ = 0;
-  desc.bitfield.layout_type_ = static_cast<uint8_t>(gmma::LayoutType::B128);
-  return desc.desc_;
-}
+// a multiple of 32 bytes for K-major k steps), kept as its two 32-bit halves. The start address
+// (address >> 4) is the low 14 bits of the low half, and shared-memory addresses (< 256 KiB) never
+// carry out of it, so moving a tile's descriptor is one 32-bit add on the low half while the high half
+// (strides, swizzle mode) stays put. As a 64-bit add it cost an add with carry plus register moves per
+// MMA: 7 uniform instructions per S = Q K^T wgmma, 3 per P V one (SASS of the attention kernel).
+struct SmemDescriptor {
+  uint32_t lo, hi;
 
-// `desc` with its start address moved `bytes` further. The start field holds address >> 4 in its low
-// 14 bits, and shared-memory addresses (< 256 KiB) never carry out of it, so this is an integer add.
-__device__ __forceinline__ uint64_t descriptor_at(uint64_t desc, uint32_t bytes) { return desc + (bytes >> 4); }
+  __device__ __forceinline__ static SmemDescriptor of(const void* smem, uint32_t leading_bytes, uint32_t stride_bytes) {
+    cute::GmmaDescriptor desc;
+    desc.bitfield.start_address_ = static_cast<uint16_t>(cute::cast_smem_ptr_to_uint(smem) >> 4);
+    desc.bitfield.leading_byte_offset_ = static_cast<uint16_t>(leading_bytes >> 4);
+    desc.bitfield.stride_byte_offset_ = static_cast<uint16_t>(stride_bytes >> 4);
+    desc.bitfield.base_offset_ = 0;
+    desc.bitfield.layout_type_ = static_cast<uint8_t>(gmma::LayoutType::B128);
+    return {static_cast<uint32_t>(desc.desc_), static_cast<uint32_t>(desc.desc_ >> 32)};
+  }
+  // The descriptor of the tile `bytes` further on (a multiple of 16).
+  __device__ __forceinline__ SmemDescriptor at(uint32_t bytes) const { return {lo + (bytes >> 4), hi}; }
+  __device__ __forceinline__ uint64_t word() const {
+    uint64_t word;
+    asm("mov.b64 %0, {%1, %2};" : "=l"(word) : "r"(lo), "r"(hi));
+    return word;
+  }
+};
 
 // The CUTLASS atom for D[64 x N] (+)= A[64 x 16] B[16 x N], float accumulators.
 //   SS: A and B K-major in shared memory.  RS: A in registers, B MN-major in shared memory.
@@ -71,14 +82,15 @@ __device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float
 
 // Issues one asynchronous m64nNk16 MMA; `accumulate` false overwrites d.
 template <typename T, int N>
-__device__ __forceinline__ void mma_ss(uint64_t a, uint64_t b, float (&d)[N / 2], bool accumulate) {
-  detail::mma_ss<typename AtomSS<T, N>::Op>(a, b, d, accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero,
+__device__ __forceinline__ void mma_ss(SmemDescriptor a, SmemDescriptor b, float (&d)[N / 2], bool accumulate) {
+  detail::mma_ss<typename AtomSS<T, N>::Op>(a.word(), b.word(), d,
+                                            accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero,
                                             std::make_index_sequence<N / 2>{});
 }
 
 template <typename T, int N>
-__device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float (&d)[N / 2]) {
-  detail::mma_rs<typename AtomRS<T, N>::Op>(a, b, d, std::make_index_sequence<N / 2>{});
+__device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], SmemDescriptor b, float (&d)[N / 2]) {
+  detail::mma_rs<typename AtomRS<T, N>::Op>(a, b.word(), d, std::make_index_sequence<N / 2>{});
 }
 
 // Keeps the compiler from moving reads or writes of accumulator registers across the asynchronous

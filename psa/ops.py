@@ -242,12 +242,19 @@ def _attention_over_pyramid_fake(q, k, v, k2, v2, k4, v4, k8, v8, levels, *, blo
     return q.new_empty(q.shape), q.new_empty(q.shape[:3], dtype=torch.float32)
 
 
+@torch.library.register_fake("psa::attention_over_pyramid_backward")
+def _attention_over_pyramid_backward_fake(grad_out, grad_lse, q, k, v, k2, v2, k4, v4, k8, v8, levels, out, lse, *,
+                                          block_m, block_n, scale=None, causal=False):
+    return tuple(x.new_empty(x.shape) for x in (q, k, v, k2, v2, k4, v4, k8, v8))
+
+
 # attention_with_levels and sparse_attention are composite ops (C++, CompositeImplicitAutograd): traced
 # through their stages, they need no fake kernel and no autograd formula of their own.
 
 
 # --------------------------------------------------------------------------------------------------
-# Autograd: the two stages of attention differentiate (psa/backward.py), so attention_with_levels and
+# Autograd: the two stages of attention differentiate (attention_over_pyramid through its backward op,
+# kv_pyramid through psa/backward.py), so attention_with_levels and
 # sparse_attention do through them; the stages that decide the level map give outputs without gradient
 # --------------------------------------------------------------------------------------------------
 
@@ -281,18 +288,35 @@ def _kv_pyramid_backward(ctx, *grads):
 
 
 def _attention_over_pyramid_setup(ctx, inputs, output, keyword_only_inputs=None):
-    ctx.save_for_backward(*inputs)
+    ctx.save_for_backward(*inputs, *output)
     ctx.attention = dict(block_m=keyword_only_inputs["block_m"], block_n=keyword_only_inputs["block_n"],
                          scale=keyword_only_inputs.get("scale"), causal=keyword_only_inputs.get("causal", False))
 
 
 def _attention_over_pyramid_backward(ctx, grad_out, grad_lse):
+    # The backward op takes the forward's out and lse (delta = rowsum(dO * O), P = exp(S - lse)).
+    grads = torch.ops.psa.attention_over_pyramid_backward(grad_out, grad_lse, *ctx.saved_tensors, **ctx.attention)
+    return (*grads, None)
+
+
+@torch.library.register_kernel("psa::attention_over_pyramid_backward", "cuda")
+def _attention_over_pyramid_backward_cuda(grad_out, grad_lse, q, k, v, k2, v2, k4, v4, k8, v8, levels, out, lse, *,
+                                          block_m, block_n, scale=None, causal=False):
+    """The CUDA backward until its fused kernel exists: the device-generic reference (psa/backward.py),
+    which recomputes the softmax instead of reading out and lse. Correct, not fast."""
     from .backward import attention_over_pyramid_backward
 
-    q, k, v, *pooled, levels = ctx.saved_tensors
-    dq, dk, dv, d_pooled = attention_over_pyramid_backward(grad_out, grad_lse, q, k, v, pooled, levels,
-                                                           **ctx.attention)
-    return (dq, dk, dv, *d_pooled, None)
+    op = "psa.attention_over_pyramid_backward"
+    if grad_out is None and grad_lse is None:
+        raise ValueError(f"{op}: grad_out and grad_lse are both None")
+    for name, tensor, shape in (("out", out, q.shape), ("lse", lse, q.shape[:3]),
+                                ("grad_out", grad_out, q.shape), ("grad_lse", grad_lse, q.shape[:3])):
+        if tensor is not None and tensor.shape != shape:
+            raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(tensor.shape)}")
+    dq, dk, dv, d_pooled = attention_over_pyramid_backward(grad_out, grad_lse, q, k, v, (k2, v2, k4, v4, k8, v8),
+                                                           levels, block_m=block_m, block_n=block_n, scale=scale,
+                                                           causal=causal)
+    return (dq, dk, dv, *d_pooled)
 
 
 torch.library.register_autograd("psa::kv_pyramid", _kv_pyramid_backward, setup_context=_kv_pyramid_setup)

@@ -178,3 +178,49 @@ def test_activation_checkpointing_gives_the_same_gradients(rng):
     again = torch.autograd.grad(checkpointed, (q, k, v), grad_out)
     for expected, grad in zip(plain, again):
         torch.testing.assert_close(grad, expected, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("batch,q_heads,kv_heads,q_len,k_len,dim,block_m,block_n,causal", CASES)
+@pytest.mark.parametrize("outputs", ["out", "lse", "both"])
+def test_backward_op_matches_the_reference_backward(rng, batch, q_heads, kv_heads, q_len, k_len, dim, block_m,
+                                                    block_n, causal, outputs):
+    # The backend's backward op (CPU kernel: the forward's out and lse, P = exp(S - lse)) against
+    # psa/backward.py (plain tensor ops that recompute the softmax), float64, an empty row included.
+    from psa.backward import attention_over_pyramid_backward
+
+    q, k, v = (x.detach() for x in inputs(rng, batch, q_heads, kv_heads, q_len, k_len, dim))
+    pooled = torch.ops.psa.kv_pyramid(k, v)
+    levels = level_map(rng, batch, q_heads, q_len, k_len, block_m, block_n, empty_row=True)
+    kwargs = dict(block_m=block_m, block_n=block_n, causal=causal)
+    out, lse = torch.ops.psa.attention_over_pyramid(q, k, v, *pooled, levels, **kwargs)
+    grad_out = torch.randn(out.shape, generator=rng, dtype=out.dtype) if outputs != "lse" else None
+    grad_lse = torch.randn(lse.shape, generator=rng, dtype=lse.dtype) if outputs != "out" else None
+    grads = torch.ops.psa.attention_over_pyramid_backward(grad_out, grad_lse, q, k, v, *pooled, levels, out, lse,
+                                                          **kwargs)
+    dq, dk, dv, d_pooled = attention_over_pyramid_backward(grad_out, grad_lse, q, k, v, pooled, levels,
+                                                           scale=None, **kwargs)
+    expected = (dq, dk, dv, *d_pooled)
+    assert len(grads) == len(expected) == 9
+    for grad, reference, like in zip(grads, expected, (q, k, v, *pooled)):
+        assert grad.shape == like.shape and grad.dtype == like.dtype
+        torch.testing.assert_close(grad, reference, rtol=1e-9, atol=1e-9)
+    assert grads[0][:, :, :block_m].abs().max() == 0  # the rows of the empty first query block
+
+
+def test_backward_op_names_bad_arguments(rng):
+    q, k, v = (x.detach() for x in inputs(rng, 1, 2, 1, 40, 40, 8))
+    pooled = torch.ops.psa.kv_pyramid(k, v)
+    levels = torch.ones(1, 2, 2, 2, dtype=torch.int8)
+    out, lse = torch.ops.psa.attention_over_pyramid(q, k, v, *pooled, levels, block_m=32, block_n=32)
+    op = torch.ops.psa.attention_over_pyramid_backward
+    kwargs = dict(block_m=32, block_n=32)
+    with pytest.raises(RuntimeError, match="grad_out and grad_lse are both None"):
+        op(None, None, q, k, v, *pooled, levels, out, lse, **kwargs)
+    with pytest.raises(RuntimeError, match=r"grad_out must have shape \[1, 2, 40, 8\]"):
+        op(out[:, :, :20], None, q, k, v, *pooled, levels, out, lse, **kwargs)
+    with pytest.raises(RuntimeError, match="lse must be Float"):
+        op(out, None, q, k, v, *pooled, levels, out, lse.double(), **kwargs)
+    with pytest.raises(RuntimeError, match=r"out must have shape"):
+        op(out, None, q, k, v, *pooled, levels, out[..., :4], lse, **kwargs)
+    with pytest.raises(RuntimeError, match="levels"):
+        op(out, None, q, k, v, *pooled, levels[:, :, :1], out, lse, **kwargs)

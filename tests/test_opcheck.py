@@ -34,6 +34,14 @@ def samples(device, dtype=torch.float32):
         "attention_over_pyramid": [
             ((q, k, v, *torch.ops.psa.kv_pyramid(k, v), levels.to(device)), dict(block_m=64, block_n=32, causal=causal))
             for causal in (False, True)],
+        "attention_over_pyramid_backward": [
+            ((grad_out, grad_lse, q, k, v, *pyramid, levels.to(device), *forward),
+             dict(block_m=64, block_n=32, causal=causal))
+            for causal in (False, True)
+            for pyramid in [torch.ops.psa.kv_pyramid(k, v)]
+            for forward in [torch.ops.psa.attention_over_pyramid(q, k, v, *pyramid, levels.to(device), block_m=64,
+                                                                 block_n=32, causal=causal)]
+            for grad_out, grad_lse in ((rand(1, 4, 100, 64), rand(1, 4, 100).float()), (rand(1, 4, 100, 64), None))],
         "attention_with_levels": [
             ((q, k, v, levels.to(device)), dict(block_m=64, block_n=32, causal=causal)) for causal in (False, True)],
         "sparse_attention": [

@@ -3,7 +3,8 @@
 // only some backends can make without a host synchronisation, then the backend's kernels.
 //
 // A Backend is a struct of static functions: the kernels (kv_pyramid, estimate_sampled,
-// estimate_pooled, assign_levels, attention_over_pyramid, with the backend namespaces' signatures) and
+// estimate_pooled, assign_levels, attention_over_pyramid, and attention_over_pyramid_backward where the
+// backend has one, with the backend namespaces' signatures) and
 // the content checks (check_offsets, check_scores, check_levels: empty where they would cost a sync).
 #pragma once
 
@@ -60,6 +61,30 @@ struct BackendOps {
     const double softmax_scale = prepare_attention_over_pyramid(q, k, v, pooled, levels, block_m, block_n, scale);
     Backend::check_levels(levels);
     return Backend::attention_over_pyramid(q, k, v, pooled, levels, block_m, block_n, softmax_scale, causal);
+  }
+
+  // The backward of attention_over_pyramid, for a backend with its own kernel
+  // (Backend::attention_over_pyramid_backward); registered by register_backward_kernel.
+  static std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                    at::Tensor>
+  attention_over_pyramid_backward(const std::optional<at::Tensor>& grad_out, const std::optional<at::Tensor>& grad_lse,
+                                  const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const at::Tensor& k2,
+                                  const at::Tensor& v2, const at::Tensor& k4, const at::Tensor& v4,
+                                  const at::Tensor& k8, const at::Tensor& v8, const at::Tensor& levels,
+                                  const at::Tensor& out, const at::Tensor& lse, int64_t block_m, int64_t block_n,
+                                  std::optional<double> scale, bool causal) {
+    const std::vector<at::Tensor> pooled = {k2, v2, k4, v4, k8, v8};
+    const double softmax_scale = prepare_attention_over_pyramid_backward(grad_out, grad_lse, q, k, v, pooled, levels,
+                                                                         out, lse, block_m, block_n, scale);
+    Backend::check_levels(levels);
+    const auto grads = Backend::attention_over_pyramid_backward(
+        grad_out.value_or(at::Tensor()), grad_lse.value_or(at::Tensor()), q, k, v, pooled, levels, out, lse, block_m,
+        block_n, softmax_scale, causal);
+    return {grads[0], grads[1], grads[2], grads[3], grads[4], grads[5], grads[6], grads[7], grads[8]};
+  }
+
+  static void register_backward_kernel(torch::Library& m) {
+    m.impl("attention_over_pyramid_backward", &attention_over_pyramid_backward);
   }
 
   static void register_kernels(torch::Library& m) {

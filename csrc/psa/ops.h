@@ -53,6 +53,16 @@ double prepare_attention_over_pyramid(const at::Tensor& q, const at::Tensor& k, 
                                       const std::vector<at::Tensor>& pooled, const at::Tensor& levels,
                                       int64_t block_m, int64_t block_n, std::optional<double> scale);
 
+// The backward of attention_over_pyramid: its inputs as above, plus the forward's out and lse and the
+// gradients of either (grad_out [B, Hq, Lq, D], grad_lse [B, Hq, Lq]; at least one defined). Returns the
+// softmax scale.
+double prepare_attention_over_pyramid_backward(const std::optional<at::Tensor>& grad_out,
+                                               const std::optional<at::Tensor>& grad_lse, const at::Tensor& q,
+                                               const at::Tensor& k, const at::Tensor& v,
+                                               const std::vector<at::Tensor>& pooled, const at::Tensor& levels,
+                                               const at::Tensor& out, const at::Tensor& lse, int64_t block_m,
+                                               int64_t block_n, std::optional<double> scale);
+
 // ---- The composite ops (CompositeImplicitAutograd): they call the stage ops through the dispatcher, so
 // autograd and torch.compile see the stages, and every backend is served by the stages' kernels.
 
@@ -100,6 +110,14 @@ std::tuple<at::Tensor, at::Tensor> attention_over_pyramid(const at::Tensor& q, c
                                                           const at::Tensor& v, const std::vector<at::Tensor>& pooled,
                                                           const at::Tensor& levels, int64_t block_m,
                                                           int64_t block_n, double scale, bool causal);
+// {dq, dk, dv, dk2, dv2, dk4, dv4, dk8, dv8}, each in its input's dtype; grad_out or grad_lse may be
+// undefined (no gradient reached that output).
+std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_out, const at::Tensor& grad_lse,
+                                                        const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const std::vector<at::Tensor>& pooled,
+                                                        const at::Tensor& levels, const at::Tensor& out,
+                                                        const at::Tensor& lse, int64_t block_m, int64_t block_n,
+                                                        double scale, bool causal);
 }  // namespace cpu
 
 #ifdef PSA_WITH_CUDA

@@ -1,6 +1,6 @@
 // The psa operator family: every schema, once, and the composite ops. Each backend registers its kernels
 // under its own dispatch key (cpu/registration.cpp, cuda/registration.cpp); fake (meta) kernels and
-// autograd live in psa/ops.py.
+// autograd live in psa/ops.py (with the CUDA backward's stand-in until its fused kernel exists).
 #include <torch/library.h>
 
 #include "ops.h"
@@ -18,6 +18,11 @@ TORCH_LIBRARY(psa, m) {
       "attention_over_pyramid(Tensor q, Tensor k, Tensor v, Tensor k2, Tensor v2, Tensor k4, Tensor v4, Tensor k8, "
       "Tensor v8, Tensor levels, *, int block_m, int block_n, float? scale=None, bool causal=False) -> "
       "(Tensor out, Tensor lse)");
+  m.def(
+      "attention_over_pyramid_backward(Tensor? grad_out, Tensor? grad_lse, Tensor q, Tensor k, Tensor v, Tensor k2, "
+      "Tensor v2, Tensor k4, Tensor v4, Tensor k8, Tensor v8, Tensor levels, Tensor out, Tensor lse, *, int block_m, "
+      "int block_n, float? scale=None, bool causal=False) -> (Tensor dq, Tensor dk, Tensor dv, Tensor dk2, "
+      "Tensor dv2, Tensor dk4, Tensor dv4, Tensor dk8, Tensor dv8)");
   m.def(
       "attention_with_levels(Tensor q, Tensor k, Tensor v, Tensor levels, *, int block_m, int block_n, "
       "float? scale=None, bool causal=False) -> (Tensor out, Tensor lse)");

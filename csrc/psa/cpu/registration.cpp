@@ -12,6 +12,7 @@ struct CpuBackend {
   static constexpr auto estimate_pooled = &aten::estimate_pooled;
   static constexpr auto assign_levels = &cpu::assign_levels;
   static constexpr auto attention_over_pyramid = &cpu::attention_over_pyramid;
+  static constexpr auto attention_over_pyramid_backward = &cpu::attention_over_pyramid_backward;
   static void check_offsets(const EstimateArgs& args, int64_t block_m, int64_t block_n) {
     check_offsets_in_block(args, block_m, block_n);
   }
@@ -22,4 +23,7 @@ struct CpuBackend {
 }  // namespace
 }  // namespace psa::cpu
 
-TORCH_LIBRARY_IMPL(psa, CPU, m) { psa::BackendOps<psa::cpu::CpuBackend>::register_kernels(m); }
+TORCH_LIBRARY_IMPL(psa, CPU, m) {
+  psa::BackendOps<psa::cpu::CpuBackend>::register_kernels(m);
+  psa::BackendOps<psa::cpu::CpuBackend>::register_backward_kernel(m);
+}

@@ -49,6 +49,8 @@ struct SmemDescriptor {
   }
   // The descriptor of the tile `bytes` further on (a multiple of 16).
   __device__ __forceinline__ SmemDescriptor at(uint32_t bytes) const { return {lo + (bytes >> 4), hi}; }
+  // Packed with mov.b64: written as (hi << 32) | lo, ptxas built the descriptors in vector registers
+  // and moved each into uniform ones with R2UR per MMA (and spilled 84 bytes).
   __device__ __forceinline__ uint64_t word() const {
     uint64_t word;
     asm("mov.b64 %0, {%1, %2};" : "=l"(word) : "r"(lo), "r"(hi));

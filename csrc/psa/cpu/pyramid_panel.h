@@ -7,6 +7,7 @@
 #include <ATen/ATen.h>
 
 #include <cstring>
+#include <limits>
 #include <vector>
 
 namespace psa::cpu {
@@ -137,5 +138,70 @@ inline at::Tensor panel_logits(const at::Tensor& q_rows, const at::Tensor& keys,
   }
   return logits;
 }
+
+// What both kernels derive from their inputs before walking query blocks: sizes, the compute dtype
+// (float64 for float64 inputs, else float32), the pyramid in it and the level map.
+struct PanelContext {
+  int64_t batch, q_heads, q_len, dim, kv_heads, k_len, n_q, n_k, group, block_m, block_n, causal_offset;
+  at::ScalarType compute_dtype;
+  at::TensorOptions compute;
+  double scale;
+  bool causal;
+  std::vector<LevelTensors> pyramid;
+  at::Tensor level_map;  // contiguous int8 [B, Hq, n_q, n_k]
+
+  PanelContext(const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::vector<at::Tensor>& pooled,
+               const at::Tensor& levels, int64_t block_m_, int64_t block_n_, double scale_, bool causal_)
+      : batch(q.size(0)),
+        q_heads(q.size(1)),
+        q_len(q.size(2)),
+        dim(q.size(3)),
+        kv_heads(k.size(1)),
+        k_len(k.size(2)),
+        n_q((q_len + block_m_ - 1) / block_m_),
+        n_k((k_len + block_n_ - 1) / block_n_),
+        group(q_heads / kv_heads),
+        block_m(block_m_),
+        block_n(block_n_),
+        causal_offset(k_len - q_len),
+        compute_dtype(q.scalar_type() == at::kDouble ? at::kDouble : at::kFloat),
+        compute(q.options().dtype(compute_dtype)),
+        scale(scale_),
+        causal(causal_),
+        pyramid(pyramid_levels(k, v, pooled, compute_dtype)),
+        level_map(levels.contiguous()) {}
+};
+
+// One query block (batch b, query head h, block i) over its panel: the gathered keys and values, its
+// query rows and exp(logits - row max) in the compute dtype. A row that sees no token (max -inf) has
+// `empty_row` set and exps 0; a +inf or NaN max (overflowing or non-finite inputs) gives NaN, as dense
+// attention does.
+struct QueryBlockPanel {
+  int64_t row_begin, rows;
+  std::vector<TokenRange> ranges;
+  at::Tensor keys, values, q_rows, row_max, empty_row, exps;
+
+  // Fills the panel; false (and nothing gathered) when the block sees no token at all.
+  bool gather(const PanelContext& c, const at::Tensor& q, int64_t b, int64_t h, int64_t i) {
+    row_begin = i * c.block_m;
+    rows = std::min(c.block_m, c.q_len - row_begin);
+    const int8_t* level_row = c.level_map.data_ptr<int8_t>() + ((b * c.q_heads + h) * c.n_q + i) * c.n_k;
+    const int64_t tokens = visible_ranges(level_row, c.n_k, c.block_n, c.pyramid, ranges);
+    if (tokens == 0) return false;
+    keys = at::empty({tokens, c.dim}, c.compute);
+    values = at::empty({tokens, c.dim}, c.compute);
+    AT_DISPATCH_FLOATING_TYPES(c.compute_dtype, "psa_gather", [&] {
+      gather_rows<scalar_t>(b, h / c.group, ranges, c.pyramid, true, keys);
+      gather_rows<scalar_t>(b, h / c.group, ranges, c.pyramid, false, values);
+    });
+    q_rows = q[b][h].narrow(0, row_begin, rows).to(c.compute_dtype);
+    const auto logits =
+        panel_logits(q_rows, keys, ranges, c.pyramid, c.scale, c.causal, row_begin, c.causal_offset);
+    row_max = std::get<0>(logits.max(1, true));
+    empty_row = at::eq(row_max, -std::numeric_limits<double>::infinity());
+    exps = at::exp(logits - at::where(empty_row, at::zeros_like(row_max), row_max));
+    return true;
+  }
+};
 
 }  // namespace psa::cpu

@@ -117,3 +117,15 @@ def test_assign_rows_with_non_finite_scores_are_dense_as_on_the_cpu(rng, mode):
     args = dict(q_len=6 * 32, k_len=9 * 32)
     expected = psa.assign_levels(scores, config, **args)
     assert torch.equal(psa.assign_levels(scores.cuda(), config, **args).cpu(), expected)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_m,block_n", [(128, 128), (128, 64), (64, 128), (32, 64), (64, 32)])
+def test_antidiagonal_fused_kernel_over_many_tiles(rng, causal, block_m, block_n):
+    # The fused kernel (block_m / 8 dividing its 64 anti-rows, block_n / 8 a multiple of 8; block_n 32
+    # takes the ATen path): several CTAs per head, several 64-column tiles per row, Lq != Lk, GQA.
+    q = randn(rng, 1, 4, 2000, 128, dtype=torch.bfloat16, device="cuda")
+    k = randn(rng, 1, 2, 1531, 128, dtype=torch.bfloat16, device="cuda")
+    config = PSAConfig(block_m=block_m, block_n=block_n, estimator="antidiagonal", causal=causal)
+    scores = psa.estimate_importance(q, k, config)
+    check_scores(scores, q, k, causal, method="antidiagonal", block_m=block_m, block_n=block_n)

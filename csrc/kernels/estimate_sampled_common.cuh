@@ -60,8 +60,8 @@ __device__ void write_sampled_scores(const SampledParams& p, float* table, const
           const int chunk = kLoadsInFlight * round + c;
           if (4 * chunk >= p.q_samples) break;
           const float4 base = bases[chunk];
-          peak = fmaxf(peak, fmaxf(fmaxf(term(values[c].x, base.x), term(values[c].y, base.y)),
-                                   fmaxf(term(values[c].z, base.z), term(values[c].w, base.w))));
+          peak = max_nan(peak, max_nan(max_nan(term(values[c].x, base.x), term(values[c].y, base.y)),
+                                       max_nan(term(values[c].z, base.z), term(values[c].w, base.w))));
         }
       }
     }

@@ -143,13 +143,13 @@ __global__ void __launch_bounds__(AntidiagonalShape<kHeadDim>::kThreads, Antidia
           const bool visible = column < columns && column * S <= row_limit[r];
           const float x = visible ? s_acc[nt][e] * p.scale_log2 : -INFINITY;
           s_acc[nt][e] = x;
-          tile_max[r] = fmaxf(tile_max[r], x);
+          tile_max[r] = max_nan(tile_max[r], x);
         }
       }
       float base[2];
 #pragma unroll
       for (int r = 0; r < 2; ++r) {
-        const float new_max = fmaxf(run_max[r], quad_max(tile_max[r]));
+        const float new_max = max_nan(run_max[r], quad_max(tile_max[r]));  // a NaN logit poisons its row
         base[r] = new_max == -INFINITY ? 0.f : new_max;
         run_sum[r] *= exp2f(run_max[r] - base[r]);
         run_max[r] = new_max;
@@ -193,9 +193,13 @@ __global__ void __launch_bounds__(AntidiagonalShape<kHeadDim>::kThreads, Antidia
     const int block = first_block + qb;
     if (block >= p.n_q) break;
     float* out = p.scores + (static_cast<int64_t>(bh) * p.n_q + block) * p.n_k;
+    // A NaN anti-row makes its whole block row NaN, as the reference's softmax does (docs/spec.md
+    // section 5: such a row then runs dense).
+    bool nan_row = false;
+    for (int r = qb * rows_per_block; r < (qb + 1) * rows_per_block; ++r) nan_row |= isnan(s_row_max[r]);
     float total = 0.f;
     for (int j = lane; j < p.n_k; j += 32) {
-      float mass = 0.f;
+      float mass = nan_row ? NAN : 0.f;
       for (int gi = j * groups_per_block; gi < (j + 1) * groups_per_block && gi < n_tiles * kGroups; ++gi) {
         const int tile = gi / kGroups;
         for (int r = qb * rows_per_block; r < (qb + 1) * rows_per_block; ++r) {

@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(AntidiagonalShape<kHeadDim>::kThreads, Antidia
       total += mass;
     }
     total = warp_sum(total);
-    const float inverse = total > 0.f ? 1.f / total : 0.f;
+    const float inverse = total == 0.f ? 0.f : 1.f / total;  // NaN stays NaN: the row runs dense
     __syncwarp();
     for (int j = lane; j < p.n_k; j += 32) out[j] *= inverse;
   }

@@ -77,7 +77,7 @@ __device__ void write_sampled_scores(const SampledParams& p, float* table, const
 #pragma unroll 4
     for (int j = lane; j < p.n_k; j += 32) total += peaks[j * kRows];
     total = warp_sum(total);
-    const float inverse = total > 0.f ? 1.f / total : 0.f;
+    const float inverse = total == 0.f ? 0.f : 1.f / total;  // NaN stays NaN: the row runs dense
     float* out = p.scores + (static_cast<int64_t>(bh) * p.n_q + block) * p.n_k;
     for (int j = lane; j < p.n_k; j += 32) out[j] = peaks[j * kRows] * inverse;
   }

@@ -78,30 +78,6 @@ struct RowPartials {
   }
 };
 
-// The maxima of a thread's two rows of S (s[i] in row (i >> 1) & 1) as a pairwise tree: five FMNMX deep
-// at 128 keys. Written as partial chains, ptxas folds them back into one 32-long chain per row; ncu
-// on the H200 put the row max at 16% of a consumer warp's time, most of it in stall "wait" (each
-// FMNMX waiting on the one before).
-template <int kWidth, int kPerRow>
-__device__ __forceinline__ void fold_max(float (&m)[2][kPerRow]) {
-#pragma unroll
-  for (int r = 0; r < 2; ++r)
-#pragma unroll
-    for (int j = 0; j < kWidth; ++j) m[r][j] = fmaxf(m[r][j], m[r][j + kWidth]);
-  if constexpr (kWidth > 1) fold_max<kWidth / 2>(m);
-}
-template <int kValues>
-__device__ __forceinline__ void row_maxima(const float (&s)[kValues], float (&out)[2]) {
-  constexpr int kPerRow = kValues / 2;
-  static_assert((kPerRow & (kPerRow - 1)) == 0, "a power of two per row");
-  float m[2][kPerRow];
-#pragma unroll
-  for (int i = 0; i < kValues; ++i) m[(i >> 1) & 1][((i >> 2) << 1) | (i & 1)] = s[i];
-  fold_max<kPerRow / 2>(m);
-  out[0] = m[0][0];
-  out[1] = m[1][0];
-}
-
 template <typename T, int kHeadDim, int kBlockM>
 __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThreads,
                                   AttentionSm90Shape<kHeadDim, kBlockM>::kMinBlocks)
@@ -315,11 +291,12 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
         // The common tile: every column valid with the same bias L, no mask. max(s * scale + L) is
         // max(s) * scale + L for scale >= 0, so the row max is taken on raw S and each probability
         // costs one FFMA and one exp2: exp2(s * scale + (L - max)).
-        float raw_max[2];
-        row_maxima(s, raw_max);
+        RowPartials<MaxOp> maxima(-INFINITY);
+#pragma unroll
+        for (int i = 0; i < kTileN / 2; ++i) maxima.add(i, s[i]);
         const float bias = static_cast<float>(geometry.level);
 #pragma unroll
-        for (int r = 0; r < 2; ++r) tile_max[r] = fmaf(raw_max[r], p.scale_log2, bias);
+        for (int r = 0; r < 2; ++r) tile_max[r] = fmaf(maxima.total(r), p.scale_log2, bias);
         softmax_rows.update_max(tile_max, base, scale_old);
         const float offset[2] = {bias - base[0], bias - base[1]};
         RowPartials<AddOp> sums(0.f);

@@ -166,8 +166,10 @@ def _sample_block_rows(x: torch.Tensor, block: int, offsets: torch.Tensor) -> to
 
 
 def _normalize_rows(scores: torch.Tensor) -> torch.Tensor:
+    """Rows divided by their sum; an all-zero row stays zero, a row holding NaN or inf becomes NaN
+    (docs/spec.md section 5 then runs it dense)."""
     total = scores.sum(-1, keepdim=True)
-    return torch.where(total > 0, scores / torch.where(total > 0, total, 1.0), 0.0)
+    return torch.where(total == 0, 0.0, scores / torch.where(total == 0, 1.0, total))
 
 
 def estimate_sampled(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: int,
@@ -209,7 +211,7 @@ def estimate_antidiagonal(q: torch.Tensor, k: torch.Tensor, *, block_m: int, blo
         first_key = torch.arange(k_tiles, device=q.device) * stride
         visible = first_key[None, :] <= (last_query + k_len - q_len)[:, None]
         logits = logits.masked_fill(~visible, float("-inf"))
-    row_has_key = logits.isfinite().any(-1, keepdim=True)
+    row_has_key = (logits != float("-inf")).any(-1, keepdim=True)  # NaN counts: it must reach the scores
     probs = torch.softmax(logits.float() if logits.dtype != torch.float64 else logits, dim=-1)
     probs = probs.masked_fill(~row_has_key, 0.0)
     n_q, n_k = num_blocks(q_len, block_m), num_blocks(k_len, block_n)

@@ -117,3 +117,38 @@ def test_assign_rows_with_non_finite_scores_are_dense_as_on_the_cpu(rng, mode):
     args = dict(q_len=6 * 32, k_len=9 * 32)
     expected = psa.assign_levels(scores, config, **args)
     assert torch.equal(psa.assign_levels(scores.cuda(), config, **args).cpu(), expected)
+
+
+@pytest.mark.parametrize("method", ["sampled", "pooled", "antidiagonal"])
+@pytest.mark.parametrize("family", ["auto", "sm80"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_estimators_carry_nan_as_the_cpu_does(rng, monkeypatch, method, family, causal):
+    """A NaN in q, or a NaN or inf in k, makes the scores of every row whose logits it touches NaN, as the
+    reference (those rows then run dense in the assignment); the other rows are unchanged."""
+    monkeypatch.setenv("PSA_CUDA_KERNEL", family)
+    q = randn(rng, 2, 4, 333, 128, dtype=torch.bfloat16, device="cuda")
+    k = randn(rng, 2, 2, 301, 128, dtype=torch.bfloat16, device="cuda")
+    q[0, 1, 128:256] = float("nan")  # query block 1 of (batch 0, head 1): that row only
+    k[1, 0, :128] = float("nan")     # key block 0 of (batch 1, kv head 0): every row of query heads 0 and 1
+    k[1, 1, 6] = float("inf")        # a sampled row of key block 0 of kv head 1: query heads 2 and 3
+    config = PSAConfig(block_m=128, block_n=128, estimator=method, causal=causal)
+    scores = psa.estimate_importance(q, k, config).cpu().double()
+    expected = reference.estimate_importance(q.double().cpu(), k.double().cpu(), causal=causal, method=method,
+                                             block_m=128, block_n=128).double()
+    assert expected[0, 1, 1].isnan().all() and expected[1].isnan().all()
+    assert not expected[0, 0].isnan().any() and not expected[0, 1, 0].isnan().any()
+    assert torch.equal(scores.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    torch.testing.assert_close(scores[finite], expected[finite], atol=2e-5, rtol=1e-3)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_m,block_n", [(128, 128), (128, 64), (64, 128), (32, 64), (64, 32)])
+def test_antidiagonal_fused_kernel_over_many_tiles(rng, causal, block_m, block_n):
+    # The fused kernel (block_m / 8 dividing its 64 anti-rows, block_n / 8 a multiple of 8; block_n 32
+    # takes the ATen path): several CTAs per head, several 64-column tiles per row, Lq != Lk, GQA.
+    q = randn(rng, 1, 4, 2000, 128, dtype=torch.bfloat16, device="cuda")
+    k = randn(rng, 1, 2, 1531, 128, dtype=torch.bfloat16, device="cuda")
+    config = PSAConfig(block_m=block_m, block_n=block_n, estimator="antidiagonal", causal=causal)
+    scores = psa.estimate_importance(q, k, config)
+    check_scores(scores, q, k, causal, method="antidiagonal", block_m=block_m, block_n=block_n)

@@ -97,6 +97,38 @@ def test_pooled_and_antidiagonal_match_literal_spec(rng):
 
 
 @pytest.mark.parametrize("method", METHODS)
+@pytest.mark.parametrize("causal", [False, True])
+def test_non_finite_inputs_reach_the_scores(rng, method, causal):
+    """NaN in a query block makes that row of scores NaN, NaN or +inf in a visible key block makes every
+    row that sees it NaN (the assignment then runs those rows dense); the other rows keep finite scores."""
+    q = randn(rng, 2, 2, 333, 32, dtype=torch.float64)
+    k = randn(rng, 2, 2, 301, 32, dtype=torch.float64)
+    q[0, 1, 128:256] = float("nan")
+    k[1, 0, :64] = float("nan")
+    k[1, 1, 6] = float("inf")  # a sampled row of key block 0 (offsets 2, 6, 10, ...)
+    config = PSAConfig(block_m=128, block_n=64, estimator=method, causal=causal)
+    scores = psa.estimate_importance(q, k, config)
+    expected = reference.estimate_importance(q, k, method=method, block_m=128, block_n=64, causal=causal)
+    assert expected[0, 1, 1].isnan().all() and expected[1].isnan().all()
+    assert not expected[0, 0].isnan().any() and not expected[0, 1, 0].isnan().any()
+    assert torch.equal(scores.isnan(), expected.isnan())
+    finite = ~expected.isnan()
+    torch.testing.assert_close(scores[finite], expected[finite], atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
+def test_non_finite_inputs_give_nan_where_sdpa_does(rng, method):
+    q = randn(rng, 1, 2, 300, 32)
+    k = randn(rng, 1, 2, 300, 32)
+    v = randn(rng, 1, 2, 300, 32)
+    q[0, 0, 70] = float("nan")
+    k[0, 1, 202] = float("inf")  # a row the sampled estimator reads
+    out = psa.sparse_attention(q, k, v, PSAConfig(block_m=64, block_n=64, estimator=method))
+    expected = torch.nn.functional.scaled_dot_product_attention(q, k, v)
+    assert torch.equal(out.isnan(), expected.isnan())
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_estimators_are_deterministic(rng, method):
     q = randn(rng, 1, 2, 500, 32)
     k = randn(rng, 1, 2, 500, 32)

@@ -106,20 +106,29 @@ struct SwizzledRows {
   }
 };
 
-// Max and sum across the 4 lanes (t = 0..3) that share a row of an mma C fragment.
+// max(a, b), NaN if either is NaN, where fmaxf returns the other operand: one FMNMX.NAN, as cheap as
+// fmaxf. The estimators take their maxima with it so that a NaN logit reaches the row's scores, as
+// torch.amax carries it on the CPU (docs/spec.md section 5: such a row then runs dense).
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float out;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(out) : "f"(a), "f"(b));
+  return out;
+}
+
+// Max and sum across the 4 lanes (t = 0..3) that share a row of an mma C fragment (the max keeps NaN).
 __device__ __forceinline__ float quad_max(float x) {
-  x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, 1));
-  return fmaxf(x, __shfl_xor_sync(0xffffffff, x, 2));
+  x = max_nan(x, __shfl_xor_sync(0xffffffff, x, 1));
+  return max_nan(x, __shfl_xor_sync(0xffffffff, x, 2));
 }
 __device__ __forceinline__ float quad_sum(float x) {
   x += __shfl_xor_sync(0xffffffff, x, 1);
   return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
 
-// Max and sum across a whole warp (every lane gets the result).
+// Max (keeping NaN) and sum across a whole warp (every lane gets the result).
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll
-  for (int delta = 16; delta > 0; delta >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffff, x, delta));
+  for (int delta = 16; delta > 0; delta >>= 1) x = max_nan(x, __shfl_xor_sync(0xffffffff, x, delta));
   return x;
 }
 __device__ __forceinline__ float warp_sum(float x) {

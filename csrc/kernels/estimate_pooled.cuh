@@ -130,13 +130,13 @@ __global__ void __launch_bounds__(PooledScoresShape::kThreads) pooled_scores_ker
     float* row = scores + static_cast<int64_t>(r) * p.n_k;
     const int last = candidates.last(first_row + r);
     float peak = -INFINITY;
-    for (int j = lane; j <= last; j += 32) peak = fmaxf(peak, row[j]);
+    for (int j = lane; j <= last; j += 32) peak = max_nan(peak, row[j]);
     peak = warp_max(peak);
     float total = 0.f;
     for (int j = lane; j <= last; j += 32) total += exp2f(row[j] - peak);
     total = warp_sum(total);
-    const float inverse = total > 0.f ? 1.f / total : 0.f;
-    for (int j = lane; j < p.n_k; j += 32) row[j] = j <= last ? exp2f(row[j] - peak) * inverse : 0.f;
+    const float inverse = total == 0.f ? 0.f : 1.f / total;  // NaN stays NaN: the row runs dense
+    for (int j = lane; j < p.n_k; j += 32) row[j] = (j <= last ? exp2f(row[j] - peak) : 0.f) * inverse;
   }
 }
 

@@ -147,8 +147,8 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
     for (int nt = 0; nt < kTileN / 8; ++nt) {
 #pragma unroll
       for (int mt = 0; mt < kMTiles; ++mt) {
-        block_max[2 * mt] = fmaxf(block_max[2 * mt], fmaxf(s[mt][nt][0], s[mt][nt][1]) * p.scale_log2);
-        block_max[2 * mt + 1] = fmaxf(block_max[2 * mt + 1], fmaxf(s[mt][nt][2], s[mt][nt][3]) * p.scale_log2);
+        block_max[2 * mt] = max_nan(block_max[2 * mt], max_nan(s[mt][nt][0], s[mt][nt][1]) * p.scale_log2);
+        block_max[2 * mt + 1] = max_nan(block_max[2 * mt + 1], max_nan(s[mt][nt][2], s[mt][nt][3]) * p.scale_log2);
       }
       if ((nt + 1) % tiles_per_block == 0) {
         const int key_block = (tile * kTileN + nt * 8) / p.k_samples;
@@ -156,7 +156,7 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
         for (int i = 0; i < 2 * kMTiles; ++i) {
           float value = quad_max(block_max[i]);
           if (key_block > row_last_candidate[i]) value = -INFINITY;
-          row_max[i] = fmaxf(row_max[i], value);
+          row_max[i] = max_nan(row_max[i], value);
           if (t == 0 && key_block < active_blocks) table[key_block * kRows + local_rows[i]] = value;
           block_max[i] = -INFINITY;
         }

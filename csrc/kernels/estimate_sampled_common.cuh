@@ -60,8 +60,8 @@ __device__ void write_sampled_scores(const SampledParams& p, float* table, const
           const int chunk = kLoadsInFlight * round + c;
           if (4 * chunk >= p.q_samples) break;
           const float4 base = bases[chunk];
-          peak = fmaxf(peak, fmaxf(fmaxf(term(values[c].x, base.x), term(values[c].y, base.y)),
-                                   fmaxf(term(values[c].z, base.z), term(values[c].w, base.w))));
+          peak = max_nan(peak, max_nan(max_nan(term(values[c].x, base.x), term(values[c].y, base.y)),
+                                       max_nan(term(values[c].z, base.z), term(values[c].w, base.w))));
         }
       }
     }
@@ -77,7 +77,7 @@ __device__ void write_sampled_scores(const SampledParams& p, float* table, const
 #pragma unroll 4
     for (int j = lane; j < p.n_k; j += 32) total += peaks[j * kRows];
     total = warp_sum(total);
-    const float inverse = total > 0.f ? 1.f / total : 0.f;
+    const float inverse = total == 0.f ? 0.f : 1.f / total;  // NaN stays NaN: the row runs dense
     float* out = p.scores + (static_cast<int64_t>(bh) * p.n_q + block) * p.n_k;
     for (int j = lane; j < p.n_k; j += 32) out[j] = peaks[j * kRows] * inverse;
   }

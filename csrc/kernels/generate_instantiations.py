@@ -24,6 +24,8 @@ KERNELS = {
                                    "AttentionParams", [INPUT_DTYPES, HEAD_DIMS, {"m64": "64", "m128": "128"}]),
     "estimate_sampled": ("estimate_sampled.cuh", "launch_estimate_sampled", "SampledParams",
                          [INPUT_DTYPES, HEAD_DIMS]),
+    "estimate_antidiagonal": ("estimate_antidiagonal.cuh", "launch_estimate_antidiagonal", "AntidiagonalParams",
+                              [INPUT_DTYPES, HEAD_DIMS]),
     "estimate_pooled": ("estimate_pooled.cuh", "launch_estimate_pooled", "PooledParams", [INPUT_DTYPES, HEAD_DIMS]),
     # The Hopper estimator's input: plain CUDA.
     "gather_sampled_rows": ("gather_sampled_rows.cuh", "launch_gather_sampled_rows", "SampledParams",

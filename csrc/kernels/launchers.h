@@ -28,6 +28,11 @@ cudaError_t launch_attention_with_levels_sm90(const AttentionParams& params, cud
 template <typename T, int kHeadDim>
 cudaError_t launch_estimate_sampled(const SampledParams& params, cudaStream_t stream);
 
+// The fused antidiagonal estimator, heads [bh_begin, bh_begin + bh_count) per launch; params.table sized
+// by AntidiagonalShape::table_floats_per_head for bh_count heads.
+template <typename T, int kHeadDim>
+cudaError_t launch_estimate_antidiagonal(const AntidiagonalParams& params, cudaStream_t stream);
+
 // Fills params.q_rows / params.k_rows with the sampled rows of every head (the Hopper estimator's input).
 template <typename T, int kHeadDim>
 cudaError_t launch_gather_sampled_rows(const SampledParams& params, cudaStream_t stream);

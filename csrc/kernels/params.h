@@ -60,6 +60,23 @@ struct SampledParams {
   bool causal;
 };
 
+// The fused antidiagonal estimator (docs/spec.md section 4, "antidiagonal"; estimate_antidiagonal.cuh).
+struct AntidiagonalParams {
+  const void* q;                      // [B, Hq, Lq, D]
+  const void* k;                      // [B, Hkv, Lk, D]
+  int64_t q_stride[3];
+  int64_t k_stride[3];
+  float* scores;                      // [B, Hq, n_q, n_k], contiguous
+  float* table;                       // scratch: per CTA, [k_groups][rows] sums, then [n_tiles][rows] maxima
+  int bh_begin, bh_count;             // the (batch * head) range of this launch
+  int batch, q_heads, kv_heads, q_len, k_len;
+  int block_m, block_n, n_q, n_k;
+  int stride;                         // S: anti-rows and anti-columns cover S tokens
+  int q_tiles, k_tiles;               // ceil(Lq / S), ceil(Lk / S)
+  float scale_log2;                   // scale * log2(e) / S: anti-logits in the exp2 domain
+  bool causal;
+};
+
 // The pooled estimator (docs/spec.md section 4, "pooled").
 struct PooledParams {
   const void* q;                      // [B, Hq, Lq, D]

@@ -26,6 +26,31 @@ struct AttentionShape {
   static size_t smem_bytes(int n_k) { return kFixedBytes + sizeof(uint16_t) * static_cast<size_t>(n_k); }
 };
 
+// The fused antidiagonal estimator: kRows anti-rows per CTA (whole query blocks: block_m / S must divide
+// it), anti-columns streamed kTileN at a time, each tile the sum of S gathered [rows x D] x [D x kTileN]
+// products through a two-stage ring.
+template <int kHeadDim>
+struct AntidiagonalShape {
+  static constexpr int kWarps = 4;
+  static constexpr int kRows = 16 * kWarps;  // anti-rows per CTA, 16 per warp
+  static constexpr int kThreads = 32 * kWarps;
+  static constexpr int kTileN = 64;          // anti-columns per tile
+  static constexpr int kGroups = kTileN / 8; // n8 column groups per tile: the table's unit
+  static constexpr int kStages = 2;
+  static constexpr int kChunks = kHeadDim / 8;
+  static constexpr int kMinBlocks = 3;  // 3 x 66 KiB of shared memory at head_dim 128
+  static constexpr size_t kSmemBytes = 2 * kStages * (kRows + kTileN) * kHeadDim + 2 * sizeof(float) * kRows;
+  static int ctas_per_head(int n_q, int rows_per_block) {
+    return (n_q * rows_per_block + kRows - 1) / kRows;
+  }
+  // Scratch floats of one (batch, head): per CTA, a sum per (column group, anti-row) and a max per (tile,
+  // anti-row).
+  static int64_t table_floats_per_head(int n_q, int rows_per_block, int k_tiles) {
+    const int64_t tiles = (k_tiles + kTileN - 1) / kTileN;
+    return static_cast<int64_t>(ctas_per_head(n_q, rows_per_block)) * kRows * tiles * (kGroups + 1);
+  }
+};
+
 template <int kHeadDim>
 struct SampledShape {
   static constexpr int kWarps = 4;

@@ -3,9 +3,9 @@
 // only some backends can make without a host synchronisation, then the backend's kernels.
 //
 // A Backend is a struct of static functions: the kernels (kv_pyramid, estimate_sampled,
-// estimate_pooled, assign_levels, attention_over_pyramid, and attention_over_pyramid_backward where the
-// backend has one, with the backend namespaces' signatures) and
-// the content checks (check_offsets, check_scores, check_levels: empty where they would cost a sync).
+// estimate_antidiagonal, estimate_pooled, assign_levels, attention_over_pyramid, and
+// attention_over_pyramid_backward where the backend has one, with the backend namespaces' signatures)
+// and the content checks (check_offsets, check_scores, check_levels: empty where they would cost a sync).
 #pragma once
 
 #include <torch/library.h>
@@ -34,7 +34,7 @@ struct BackendOps {
         Backend::check_offsets(args, block_m, block_n);
         return Backend::estimate_sampled(q, k, block_m, block_n, args.scale, causal, args.q_offsets, args.k_offsets);
       case EstimateMethod::kAntidiagonal:
-        return aten::estimate_antidiagonal(q, k, block_m, block_n, args.scale, causal, stride);
+        return Backend::estimate_antidiagonal(q, k, block_m, block_n, args.scale, causal, stride);
       case EstimateMethod::kPooled:
         return Backend::estimate_pooled(q, k, block_m, block_n, args.scale, causal);
     }

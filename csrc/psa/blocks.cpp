@@ -15,9 +15,11 @@ at::Tensor candidate_blocks(int64_t q_len, int64_t k_len, int64_t block_m, int64
 }
 
 at::Tensor normalize_rows(const at::Tensor& scores) {
+  // An all-zero row (nothing visible) stays zero; a row holding NaN or inf becomes NaN, which the
+  // assignment runs dense (docs/spec.md section 5).
   const auto total = scores.sum(-1, true);
-  const auto positive = total > 0;
-  return at::where(positive, scores / at::where(positive, total, at::ones_like(total)), at::zeros_like(scores));
+  const auto empty = total == 0;
+  return at::where(empty, at::zeros_like(scores), scores / at::where(empty, at::ones_like(total), total));
 }
 
 at::Tensor positions_to_blocks(const at::Tensor& mask, int64_t batch, int64_t length, int64_t block) {

@@ -10,7 +10,7 @@ namespace psa {
 at::Tensor candidate_blocks(int64_t q_len, int64_t k_len, int64_t block_m, int64_t block_n, bool causal,
                             const at::TensorOptions& options);
 
-// Rows divided by their sum; rows summing to zero stay zero.
+// Rows divided by their sum; rows summing to zero stay zero, rows holding NaN or inf become NaN.
 at::Tensor normalize_rows(const at::Tensor& scores);
 
 // bool [B, n_blocks] from a bool position mask [L] or [B, L] (any position set marks its block).

@@ -130,6 +130,10 @@ at::Tensor estimate_sampled(const at::Tensor& q, const at::Tensor& k, int64_t bl
                             double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets);
 at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n, double scale,
                            bool causal);
+// The fused kernel where block_m / stride divides 64 and block_n / stride is 8, 16, 32 or 64, else
+// aten::estimate_antidiagonal.
+at::Tensor estimate_antidiagonal(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
+                                 double scale, bool causal, int64_t stride);
 // Arguments as cpu::assign_levels.
 at::Tensor assign_levels(const at::Tensor& scores, bool threshold_mode, at::ArrayRef<double> bounds,
                          int64_t block_m, int64_t block_n, int64_t q_len, int64_t k_len, double min_full,

@@ -71,13 +71,13 @@ __device__ __forceinline__ void quad_reduce_scatter_max(const float (&groups)[kG
     const int low_group = ((i >> 1) << 2) | (i & 1);  // bit 1 clear; low_group | 2 has it set
     const float send = high ? groups[low_group] : groups[low_group | 2];
     const float keep = high ? groups[low_group | 2] : groups[low_group];
-    half[i] = fmaxf(keep, __shfl_xor_sync(0xffffffffu, send, 2));
+    half[i] = max_nan(keep, __shfl_xor_sync(0xffffffffu, send, 2));
   }
 #pragma unroll
   for (int m = 0; m < kGroups / 4; ++m) {
     const float send = odd ? half[2 * m] : half[2 * m + 1];
     const float keep = odd ? half[2 * m + 1] : half[2 * m];
-    owned[m] = fmaxf(keep, __shfl_xor_sync(0xffffffffu, send, 1));
+    owned[m] = max_nan(keep, __shfl_xor_sync(0xffffffffu, send, 1));
   }
 }
 
@@ -200,7 +200,7 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
 #pragma unroll
         for (int c = 0; c < kGroupChunks; ++c) {
           const int j = group * kGroupChunks + c;
-          m = fmaxf(m, fmaxf(acc[mt][4 * j + 2 * r], acc[mt][4 * j + 2 * r + 1]));
+          m = max_nan(m, max_nan(acc[mt][4 * j + 2 * r], acc[mt][4 * j + 2 * r + 1]));
         }
         groups[group] = m;
       }
@@ -211,7 +211,7 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
       for (int m = 0; m < kGroups / 4; ++m) {
         const int key_block = tile * kGroups + 4 * m + t;
         const float value = key_block > row_last[slot] ? -INFINITY : owned[m] * p.scale_log2;
-        row_max[slot] = fmaxf(row_max[slot], value);
+        row_max[slot] = max_nan(row_max[slot], value);
         if (key_block < active_blocks) table[key_block * kRows + local_rows[slot]] = value;
       }
     }

@@ -42,9 +42,10 @@ at::Tensor block_means(const at::Tensor& x, int64_t block) {
   return sums / counts.unsqueeze(-1);
 }
 
-// Softmax over the last dim that leaves rows with no finite logit at zero instead of NaN.
+// Softmax over the last dim that leaves rows whose logits are all -inf (nothing visible) at zero
+// instead of NaN; a NaN logit still makes its row NaN, as dense attention would.
 at::Tensor masked_softmax(const at::Tensor& logits) {
-  const auto has_key = at::isfinite(logits).any(-1, true);
+  const auto has_key = logits.ne(-std::numeric_limits<double>::infinity()).any(-1, true);
   return at::where(has_key, at::softmax(logits, -1), at::zeros_like(logits));
 }
 

@@ -1,7 +1,8 @@
 // CUDA host side of the estimators. Sampled: for 8, 16 or 32 offsets per block the fused kernels (on
 // sm_90 the sampled rows are gathered into compact tensors and a TMA + wgmma GEMM reduces them; else
-// the portable mma.sync kernel), the ATen path for other counts. Pooled: block means, then one small
-// kernel for the logits and the softmax.
+// the portable mma.sync kernel), the ATen path for other counts. Antidiagonal: one fused mma.sync kernel
+// (anti-logits reduced in registers to block sums of their softmax) where the block sizes allow, else
+// the ATen path. Pooled: block means, then one small kernel for the logits and the softmax.
 #include <algorithm>
 #include <string>
 
@@ -106,6 +107,45 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
                         : kernels::launch_estimate_sampled<T, 64>(params, stream);
     });
     check_launch(kOp, status);
+  }
+  return scores;
+}
+
+at::Tensor estimate_antidiagonal(const at::Tensor& q_in, const at::Tensor& k_in, int64_t block_m, int64_t block_n,
+                                 double scale, bool causal, int64_t stride) {
+  // The fused kernel needs whole query blocks per CTA (block_m / S dividing its 64 anti-rows) and key
+  // blocks of whole groups of 8 anti-columns within a 64-column tile; other strides take the ATen path.
+  const int64_t rows_per_block = block_m / stride, cols_per_block = block_n / stride;
+  using Shape = kernels::AntidiagonalShape<64>;  // both head dims share the CTA shape and the table
+  const bool fused = block_m % stride == 0 && block_n % stride == 0 && Shape::kRows % rows_per_block == 0 &&
+                     cols_per_block % 8 == 0 && Shape::kTileN % cols_per_block == 0;
+  if (!fused) return aten::estimate_antidiagonal(q_in, k_in, block_m, block_n, scale, causal, stride);
+  const c10::cuda::CUDAGuard device_guard(q_in.device());
+  const auto q = rows_16b_aligned(q_in), k = rows_16b_aligned(k_in);
+  const int64_t batch = q.size(0), q_heads = q.size(1), dim = q.size(3);
+  const int64_t n_q = ceil_div(q.size(2), block_m), n_k = ceil_div(k.size(2), block_n);
+  auto scores = at::empty({batch, q_heads, n_q, n_k}, q.options().dtype(at::kFloat));
+  if (scores.numel() == 0) return scores;
+
+  kernels::AntidiagonalParams params{};
+  fill_common_params(params, q, k, scores, block_m, block_n, scale / static_cast<double>(stride), causal);
+  params.stride = static_cast<int>(stride);
+  params.q_tiles = static_cast<int>(ceil_div(q.size(2), stride));
+  params.k_tiles = static_cast<int>(ceil_div(k.size(2), stride));
+  const int64_t per_head = Shape::table_floats_per_head(params.n_q, static_cast<int>(rows_per_block), params.k_tiles);
+  const int64_t heads = batch * q_heads;
+  const int64_t chunk = std::clamp<int64_t>(kMaxTableBytes / (per_head * 4), 1, std::min<int64_t>(heads, 65535));
+  auto table = at::empty({chunk * per_head}, q.options().dtype(at::kFloat));
+  params.table = table.data_ptr<float>();
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  for (int64_t begin = 0; begin < heads; begin += chunk) {
+    params.bh_begin = static_cast<int>(begin);
+    params.bh_count = static_cast<int>(std::min(chunk, heads - begin));
+    check_launch(kOp, dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {
+      using T = decltype(tag);
+      return dim == 128 ? kernels::launch_estimate_antidiagonal<T, 128>(params, stream)
+                        : kernels::launch_estimate_antidiagonal<T, 64>(params, stream);
+    }));
   }
   return scores;
 }

@@ -30,6 +30,11 @@ def main():
                                        sim_thresholds=(0.0, -0.1, -0.2))
                 out, levels = psa.sparse_attention(q, k, v, config, force_keys=range(290, 301), return_levels=True)
                 assert torch.isfinite(out).all()
+    # The antidiagonal kernels over several CTAs and column tiles (Hopper: 256 anti-columns = 2048 keys).
+    for causal in (False, True):
+        config = psa.PSAConfig(estimator="antidiagonal", causal=causal)
+        psa.estimate_importance(rand(1, 2, 2100, 128, dtype=torch.bfloat16), rand(1, 1, 4500, 128, dtype=torch.bfloat16),
+                                config)
     torch.cuda.synchronize()
     print("sanitizer case done")
 

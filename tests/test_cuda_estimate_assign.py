@@ -142,13 +142,45 @@ def test_estimators_carry_nan_as_the_cpu_does(rng, monkeypatch, method, family, 
     torch.testing.assert_close(scores[finite], expected[finite], atol=2e-5, rtol=1e-3)
 
 
+def use_kernel_family(monkeypatch, family):
+    if family == "sm90" and torch.cuda.get_device_capability() != (9, 0):
+        pytest.skip("the Hopper kernels need an sm_90 GPU")
+    monkeypatch.setenv("PSA_CUDA_KERNEL", family)
+
+
+@pytest.mark.parametrize("family", ["sm90", "sm80"])
 @pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("block_m,block_n", [(128, 128), (128, 64), (64, 128), (32, 64), (64, 32)])
-def test_antidiagonal_fused_kernel_over_many_tiles(rng, causal, block_m, block_n):
-    # The fused kernel (block_m / 8 dividing its 64 anti-rows, block_n / 8 a multiple of 8; block_n 32
-    # takes the ATen path): several CTAs per head, several 64-column tiles per row, Lq != Lk, GQA.
-    q = randn(rng, 1, 4, 2000, 128, dtype=torch.bfloat16, device="cuda")
-    k = randn(rng, 1, 2, 1531, 128, dtype=torch.bfloat16, device="cuda")
+@pytest.mark.parametrize("block_m,block_n", [(128, 128), (128, 64), (64, 128), (32, 64)])
+@pytest.mark.parametrize("q_len,k_len", [(2000, 4500), (4500, 1531)])
+def test_antidiagonal_fused_kernel_over_many_tiles(rng, monkeypatch, family, causal, block_m, block_n, q_len, k_len):
+    # The fused kernels (block_m / 8 dividing 64 anti-rows, block_n / 8 a multiple of 8): several CTAs per
+    # head, several column tiles per row (the Hopper kernel's are 256 anti-columns: 2048 keys), Lq != Lk
+    # both ways (causal rows that see nothing), GQA.
+    use_kernel_family(monkeypatch, family)
+    q = randn(rng, 1, 4, q_len, 128, dtype=torch.bfloat16, device="cuda")
+    k = randn(rng, 1, 2, k_len, 128, dtype=torch.bfloat16, device="cuda")
     config = PSAConfig(block_m=block_m, block_n=block_n, estimator="antidiagonal", causal=causal)
     scores = psa.estimate_importance(q, k, config)
     check_scores(scores, q, k, causal, method="antidiagonal", block_m=block_m, block_n=block_n)
+
+
+@pytest.mark.parametrize("family,stride", [("sm90", 2), ("sm90", 4), ("sm80", 4), ("sm80", 16)])
+@pytest.mark.parametrize("causal", [False, True])
+def test_antidiagonal_fused_kernel_strides_layouts_and_head_dim_64(rng, monkeypatch, family, stride, causal):
+    # Other strides (16 is past the Hopper kernel's descriptors), fp16, head_dim 64, and q / k in the
+    # [B, L, H, D] layout video models keep (token stride H * D), lengths not multiples of the stride, so
+    # the last group of S tokens is partial.
+    use_kernel_family(monkeypatch, family)
+    q = randn(rng, 2, 2603, 4, 64, dtype=torch.float16, device="cuda").transpose(1, 2)
+    k = randn(rng, 2, 2317, 2, 64, dtype=torch.float16, device="cuda").transpose(1, 2)
+    config = PSAConfig(block_m=128, block_n=128, estimator="antidiagonal", causal=causal, stride=stride)
+    scores = psa.estimate_importance(q, k, config)
+    check_scores(scores, q, k, causal, method="antidiagonal", block_m=128, block_n=128, stride=stride)
+
+
+def test_antidiagonal_forced_onto_hopper_names_why_it_cannot_run(monkeypatch):
+    use_kernel_family(monkeypatch, "sm90")
+    q = torch.randn(1, 2, 512, 64, dtype=torch.bfloat16, device="cuda")
+    config = PSAConfig(block_m=128, block_n=128, estimator="antidiagonal", stride=16)
+    with pytest.raises(RuntimeError, match="stride must be at most 8"):
+        psa.estimate_importance(q, q, config)

@@ -71,11 +71,12 @@ def test_hopper_attention_kernels_use_wgmma_and_tma_without_spills(sm90_instruct
         assert counts["STL"] == 0 and counts["LDL"] == 0, f"{name}: local memory (register spills)"
 
 
-def test_hopper_estimator_uses_wgmma_and_tma_without_spills(sm90_instructions):
-    hopper = kernels_named(sm90_instructions, r"estimate_sampled_sm90_kernel")
-    portable = kernels_named(sm90_instructions, r"estimate_sampled_kernel")
-    # bf16/fp16 x head_dim 64/128 x 8/16/32 key samples; the portable kernel: bf16/fp16 x 64/128.
-    assert len(hopper) == 12 and len(portable) == 4, (sorted(hopper), sorted(portable))
+@pytest.mark.parametrize("estimator,hopper_variants", [("sampled", 12), ("antidiagonal", 4)])
+def test_hopper_estimators_use_wgmma_and_tma_without_spills(sm90_instructions, estimator, hopper_variants):
+    hopper = kernels_named(sm90_instructions, rf"estimate_{estimator}_sm90_kernel")
+    portable = kernels_named(sm90_instructions, rf"estimate_{estimator}_kernel")
+    # bf16/fp16 x head_dim 64/128 (x 8/16/32 key samples for sampled); the portable kernel: bf16/fp16 x 64/128.
+    assert len(hopper) == hopper_variants and len(portable) == 4, (sorted(hopper), sorted(portable))
     for name, counts in hopper.items():
         assert counts["HGMMA"] > 0 and counts["UTMALDG"] > 0, f"{name}: no HGMMA or no TMA loads"
         assert counts["STL"] == 0 and counts["LDL"] == 0, f"{name}: local memory (register spills)"

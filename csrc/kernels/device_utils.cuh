@@ -125,6 +125,31 @@ __device__ __forceinline__ float quad_sum(float x) {
   return x + __shfl_xor_sync(0xffffffff, x, 2);
 }
 
+// kGroups values per thread (say the maxima or sums of groups of columns), combined over the 4 threads of
+// a quad and scattered: on return owned[m] is the combination over the whole quad of group 4m + t
+// (t = lane % 4). Step one exchanges the groups whose bit 1 differs from the thread's, step two those
+// whose bit 0 differs: 3 kGroups / 4 shuffles instead of 2 kGroups for a full quad reduction of each.
+template <int kGroups, typename Combine>
+__device__ __forceinline__ void quad_reduce_scatter(const float (&groups)[kGroups], float (&owned)[kGroups / 4],
+                                                    int t, Combine combine) {
+  static_assert(kGroups % 4 == 0, "a quad splits the groups four ways");
+  const bool high = t & 2, odd = t & 1;
+  float half[kGroups / 2];
+#pragma unroll
+  for (int i = 0; i < kGroups / 2; ++i) {
+    const int low_group = ((i >> 1) << 2) | (i & 1);  // bit 1 clear; low_group | 2 has it set
+    const float send = high ? groups[low_group] : groups[low_group | 2];
+    const float keep = high ? groups[low_group | 2] : groups[low_group];
+    half[i] = combine(keep, __shfl_xor_sync(0xffffffffu, send, 2));
+  }
+#pragma unroll
+  for (int m = 0; m < kGroups / 4; ++m) {
+    const float send = odd ? half[2 * m] : half[2 * m + 1];
+    const float keep = odd ? half[2 * m + 1] : half[2 * m];
+    owned[m] = combine(keep, __shfl_xor_sync(0xffffffffu, send, 1));
+  }
+}
+
 // Max (keeping NaN) and sum across a whole warp (every lane gets the result).
 __device__ __forceinline__ float warp_max(float x) {
 #pragma unroll

@@ -27,6 +27,45 @@
 
 namespace psa::kernels {
 
+// The last pass of the antidiagonal kernels (this one and sm90/estimate_antidiagonal_sm90.cuh): block
+// sums of the softmax, one warp per query block, lanes over key blocks; then each row of blocks
+// normalised. `group_sums` [n_groups][kRows] holds, per group of 8 anti-columns and anti-row, the sum of
+// exp2 relative to the running max after the group's tile, `tile_maxima` [tiles][kRows] that max,
+// `row_max` / `row_sum` each anti-row's final max and sum. Rows that saw nothing add 0.
+template <int kRows, int kGroups>
+__device__ void write_antidiagonal_scores(const AntidiagonalParams& p, const float* group_sums,
+                                          const float* tile_maxima, const float* row_max, const float* row_sum,
+                                          int bh, int first_block, int n_groups, int warp, int lane, int n_warps) {
+  const int rows_per_block = p.block_m / p.stride, groups_per_block = p.block_n / p.stride / 8;
+  const int blocks_here = kRows / rows_per_block;
+  for (int qb = warp; qb < blocks_here; qb += n_warps) {
+    const int block = first_block + qb;
+    if (block >= p.n_q) break;
+    float* out = p.scores + (static_cast<int64_t>(bh) * p.n_q + block) * p.n_k;
+    // A NaN anti-row makes its whole block row NaN, as the reference's softmax does (docs/spec.md
+    // section 5: such a row then runs dense).
+    bool nan_row = false;
+    for (int r = qb * rows_per_block; r < (qb + 1) * rows_per_block; ++r) nan_row |= isnan(row_max[r]);
+    float total = 0.f;
+    for (int j = lane; j < p.n_k; j += 32) {
+      float mass = nan_row ? NAN : 0.f;
+      for (int gi = j * groups_per_block; gi < (j + 1) * groups_per_block && gi < n_groups; ++gi) {
+        const int tile = gi / kGroups;
+        for (int r = qb * rows_per_block; r < (qb + 1) * rows_per_block; ++r) {
+          const float part = group_sums[static_cast<int64_t>(gi) * kRows + r];
+          if (part > 0.f) mass += part * exp2f(tile_maxima[tile * kRows + r] - row_max[r]) / row_sum[r];
+        }
+      }
+      out[j] = mass;
+      total += mass;
+    }
+    total = warp_sum(total);
+    const float inverse = total == 0.f ? 0.f : 1.f / total;  // NaN stays NaN: the row runs dense
+    __syncwarp();
+    for (int j = lane; j < p.n_k; j += 32) out[j] *= inverse;
+  }
+}
+
 template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(AntidiagonalShape<kHeadDim>::kThreads, AntidiagonalShape<kHeadDim>::kMinBlocks)
     estimate_antidiagonal_kernel(const AntidiagonalParams p) {
@@ -45,7 +84,7 @@ __global__ void __launch_bounds__(AntidiagonalShape<kHeadDim>::kThreads, Antidia
   const int bh = p.bh_begin + blockIdx.y, b = bh / p.q_heads, h = bh % p.q_heads;
   const int kv_head = h / (p.q_heads / p.kv_heads);
   const int S = p.stride;
-  const int rows_per_block = p.block_m / S, groups_per_block = p.block_n / S / 8;
+  const int rows_per_block = p.block_m / S;
   const int first_row = blockIdx.x * kRows;  // this CTA's first anti-row
   const int first_block = first_row / rows_per_block;
   const int causal_offset = p.k_len - p.q_len;
@@ -186,35 +225,8 @@ __global__ void __launch_bounds__(AntidiagonalShape<kHeadDim>::kThreads, Antidia
   }
   __syncthreads();  // also makes the table's global writes visible to the whole CTA
 
-  // ---- Block sums of the softmax, one warp per query block, lanes over key blocks; then each row of
-  // blocks normalised. A group sum is relative to its tile's running max; rows that saw nothing add 0.
-  const int blocks_here = kRows / rows_per_block;
-  for (int qb = warp; qb < blocks_here; qb += Shape::kWarps) {
-    const int block = first_block + qb;
-    if (block >= p.n_q) break;
-    float* out = p.scores + (static_cast<int64_t>(bh) * p.n_q + block) * p.n_k;
-    // A NaN anti-row makes its whole block row NaN, as the reference's softmax does (docs/spec.md
-    // section 5: such a row then runs dense).
-    bool nan_row = false;
-    for (int r = qb * rows_per_block; r < (qb + 1) * rows_per_block; ++r) nan_row |= isnan(s_row_max[r]);
-    float total = 0.f;
-    for (int j = lane; j < p.n_k; j += 32) {
-      float mass = nan_row ? NAN : 0.f;
-      for (int gi = j * groups_per_block; gi < (j + 1) * groups_per_block && gi < n_tiles * kGroups; ++gi) {
-        const int tile = gi / kGroups;
-        for (int r = qb * rows_per_block; r < (qb + 1) * rows_per_block; ++r) {
-          const float part = group_sums[static_cast<int64_t>(gi) * kRows + r];
-          if (part > 0.f) mass += part * exp2f(tile_maxima[tile * kRows + r] - s_row_max[r]) / s_row_sum[r];
-        }
-      }
-      out[j] = mass;
-      total += mass;
-    }
-    total = warp_sum(total);
-    const float inverse = total == 0.f ? 0.f : 1.f / total;  // NaN stays NaN: the row runs dense
-    __syncwarp();
-    for (int j = lane; j < p.n_k; j += 32) out[j] *= inverse;
-  }
+  write_antidiagonal_scores<kRows, kGroups>(p, group_sums, tile_maxima, s_row_max, s_row_sum, bh, first_block,
+                                            n_tiles * kGroups, warp, lane, Shape::kWarps);
 }
 
 template <typename T, int kHeadDim>

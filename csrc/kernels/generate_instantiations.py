@@ -33,6 +33,8 @@ KERNELS = {
     # sm_90a only, like attention_with_levels_sm90.
     "estimate_sampled_sm90": ("sm90/estimate_sampled_sm90.cuh", "sm90::launch_estimate_sampled_sm90",
                               "SampledParams", [INPUT_DTYPES, HEAD_DIMS]),
+    "estimate_antidiagonal_sm90": ("sm90/estimate_antidiagonal_sm90.cuh", "sm90::launch_estimate_antidiagonal_sm90",
+                                   "AntidiagonalParams", [INPUT_DTYPES, HEAD_DIMS]),
     "assign_levels": ("assign_levels.cuh", "launch_assign_levels", "AssignParams", [SCORE_DTYPES]),
 }
 

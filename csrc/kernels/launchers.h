@@ -42,6 +42,10 @@ namespace sm90 {
 // launch_estimate_sampled, with the table sized by SampledSm90Shape.
 template <typename T, int kHeadDim>
 cudaError_t launch_estimate_sampled_sm90(const SampledParams& params, cudaStream_t stream);
+// The Hopper antidiagonal estimator: same contract as launch_estimate_antidiagonal, with the table sized
+// by AntidiagonalSm90Shape; needs stride <= 8 and both lengths >= stride.
+template <typename T, int kHeadDim>
+cudaError_t launch_estimate_antidiagonal_sm90(const AntidiagonalParams& params, cudaStream_t stream);
 }  // namespace sm90
 
 template <typename T, int kHeadDim>

@@ -57,30 +57,6 @@ struct SampledSm90Storage {
   uint64_t empty[Shape::kStages];
 };
 
-// Maxima of kGroups groups of columns, reduced over the 4 threads of a quad and scattered: on return
-// owned[m] is the max over the whole quad of group 4m + t (t = lane % 4). Step one exchanges the
-// groups whose bit 1 differs from the thread's, step two those whose bit 0 differs.
-template <int kGroups>
-__device__ __forceinline__ void quad_reduce_scatter_max(const float (&groups)[kGroups], float (&owned)[kGroups / 4],
-                                                        int t) {
-  static_assert(kGroups % 4 == 0, "a quad splits the groups four ways");
-  const bool high = t & 2, odd = t & 1;
-  float half[kGroups / 2];
-#pragma unroll
-  for (int i = 0; i < kGroups / 2; ++i) {
-    const int low_group = ((i >> 1) << 2) | (i & 1);  // bit 1 clear; low_group | 2 has it set
-    const float send = high ? groups[low_group] : groups[low_group | 2];
-    const float keep = high ? groups[low_group | 2] : groups[low_group];
-    half[i] = max_nan(keep, __shfl_xor_sync(0xffffffffu, send, 2));
-  }
-#pragma unroll
-  for (int m = 0; m < kGroups / 4; ++m) {
-    const float send = odd ? half[2 * m] : half[2 * m + 1];
-    const float keep = odd ? half[2 * m + 1] : half[2 * m];
-    owned[m] = max_nan(keep, __shfl_xor_sync(0xffffffffu, send, 1));
-  }
-}
-
 template <typename T, int kHeadDim, int kKeySamples>
 __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
     estimate_sampled_sm90_kernel(const __grid_constant__ SampledSm90Params params) {
@@ -205,7 +181,7 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
         groups[group] = m;
       }
       float owned[kGroups / 4];
-      quad_reduce_scatter_max(groups, owned, t);
+      quad_reduce_scatter(groups, owned, t, [](float a, float b) { return max_nan(a, b); });
       const int slot = 2 * mt + r;
 #pragma unroll
       for (int m = 0; m < kGroups / 4; ++m) {

@@ -93,4 +93,34 @@ struct SampledSm90Shape {
   }
 };
 
+// The antidiagonal estimator's GEMM (estimate_antidiagonal_sm90.cuh): kRows anti-rows per CTA (64 per
+// consumer warpgroup) against kTileN anti-columns per tile; the inner dimension, S * head_dim, streams
+// through a ring of kStages (Q box, K box) pairs of 64 head_dim columns each.
+template <int kHeadDim>
+struct AntidiagonalSm90Shape {
+  static constexpr int kConsumers = 2;                     // warpgroups, one m64 tile each
+  static constexpr int kRows = 64 * kConsumers;            // 128 anti-rows
+  static constexpr int kThreads = 128 * (kConsumers + 1);  // + the producer warpgroup
+  static constexpr int kTileN = 256;                       // anti-columns per tile: m64n256 MMAs
+  static constexpr int kGroups = kTileN / 8;               // groups of 8 anti-columns: the table's unit
+  static constexpr int kPanels = kHeadDim / kPanelColumns;
+  static constexpr int kMaxStride = 8;                     // one TMA descriptor per member of Q's and K's groups
+  // A stage is 16 KiB of Q and 32 KiB of K: four fill 192 KiB.
+  static constexpr int kStages = 4;
+  // 24 + 2 x 240 = 3 x 168 (the producer is one thread issuing TMA; a consumer holds 128 accumulators).
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = 240;
+  static constexpr int kEntryRegisters = (65536 / kThreads) / 8 * 8;
+  static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= (kConsumers + 1) * kEntryRegisters,
+                "setmaxnreg budgets exceed the CTA's register pool");
+  static int64_t ctas_per_head(int n_q, int rows_per_block) {
+    return (static_cast<int64_t>(n_q) * rows_per_block + kRows - 1) / kRows;
+  }
+  // Scratch floats of one (batch, head), laid out as the sm80 kernel's (AntidiagonalShape).
+  static int64_t table_floats_per_head(int n_q, int rows_per_block, int k_tiles) {
+    const int64_t tiles = (k_tiles + kTileN - 1) / kTileN;
+    return ctas_per_head(n_q, rows_per_block) * kRows * tiles * (kGroups + 1);
+  }
+};
+
 }  // namespace psa::kernels::sm90

@@ -47,15 +47,6 @@ size_t sm90_smem_bytes(int64_t block_m, int n_k) {
 }
 #endif
 
-// TMA reads a [B, H, L, D] tensor through its strides if each stride of a dimension longer than one
-// is a positive multiple of 16 bytes (rows_16b_aligned has made the base pointer 16-byte aligned).
-bool tma_compatible(const at::Tensor& t) {
-  for (int d = 0; d < 3; ++d) {
-    if (t.size(d) > 1 && (t.stride(d) <= 0 || (t.stride(d) * t.element_size()) % 16 != 0)) return false;
-  }
-  return t.stride(3) == 1;
-}
-
 // Empty when the Hopper kernel applies, else why not.
 std::string sm90_unavailable_reason(const at::Tensor& q, const std::vector<at::Tensor>& keys_and_values,
                                     int64_t block_m, int64_t block_n, int64_t n_k) {

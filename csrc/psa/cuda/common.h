@@ -39,6 +39,15 @@ inline at::Tensor rows_16b_aligned(const at::Tensor& t) {
   return aligned ? t : t.clone(at::MemoryFormat::Contiguous);
 }
 
+// TMA reads a [B, H, L, D] tensor through its strides if each stride of a dimension longer than one
+// is a positive multiple of 16 bytes (rows_16b_aligned has made the base pointer 16-byte aligned).
+inline bool tma_compatible(const at::Tensor& t) {
+  for (int d = 0; d < 3; ++d) {
+    if (t.size(d) > 1 && (t.stride(d) <= 0 || (t.stride(d) * t.element_size()) % 16 != 0)) return false;
+  }
+  return t.stride(3) == 1;
+}
+
 // Largest dynamic shared memory a kernel may opt into on `device` (a cached attribute query).
 inline size_t max_dynamic_smem(const at::Device& device) {
   int bytes = 0;

@@ -1,8 +1,8 @@
 // CUDA host side of the estimators. Sampled: for 8, 16 or 32 offsets per block the fused kernels (on
 // sm_90 the sampled rows are gathered into compact tensors and a TMA + wgmma GEMM reduces them; else
-// the portable mma.sync kernel), the ATen path for other counts. Antidiagonal: one fused mma.sync kernel
-// (anti-logits reduced in registers to block sums of their softmax) where the block sizes allow, else
-// the ATen path. Pooled: block means, then one small kernel for the logits and the softmax.
+// the portable mma.sync kernel), the ATen path for other counts. Antidiagonal: a fused kernel (anti-logits
+// reduced in registers to block sums of their softmax; TMA + wgmma on sm_90, else mma.sync) where the
+// block sizes allow, else the ATen path. Pooled: block means, then one small kernel for the logits and the softmax.
 #include <algorithm>
 #include <string>
 
@@ -113,7 +113,7 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
 
 at::Tensor estimate_antidiagonal(const at::Tensor& q_in, const at::Tensor& k_in, int64_t block_m, int64_t block_n,
                                  double scale, bool causal, int64_t stride) {
-  // The fused kernel needs whole query blocks per CTA (block_m / S dividing its 64 anti-rows) and key
+  // The fused kernels need whole query blocks per CTA (block_m / S dividing 64 anti-rows) and key
   // blocks of whole groups of 8 anti-columns within a 64-column tile; other strides take the ATen path.
   const int64_t rows_per_block = block_m / stride, cols_per_block = block_n / stride;
   using Shape = kernels::AntidiagonalShape<64>;  // both head dims share the CTA shape and the table
@@ -127,12 +127,27 @@ at::Tensor estimate_antidiagonal(const at::Tensor& q_in, const at::Tensor& k_in,
   auto scores = at::empty({batch, q_heads, n_q, n_k}, q.options().dtype(at::kFloat));
   if (scores.numel() == 0) return scores;
 
+  // The Hopper kernel (TMA + wgmma) where it applies: its 128 anti-rows and 256-column tiles hold whole
+  // blocks whenever the sm80 kernel's 64 and 64 do; one TMA descriptor per member of a group of S.
+  using Sm90Shape = kernels::sm90::AntidiagonalSm90Shape<64>;
+  const KernelChoice choice = requested_kernel(kOp);
+  std::string sm90_reason = choice == KernelChoice::kSm80 ? "PSA_CUDA_KERNEL=sm80"
+                                                          : sm90_device_unavailable_reason(q.device());
+  if (sm90_reason.empty() && stride > Sm90Shape::kMaxStride) sm90_reason = "stride must be at most 8";
+  if (sm90_reason.empty() && std::min(q.size(2), k.size(2)) < stride) sm90_reason = "sequences shorter than stride";
+  if (sm90_reason.empty() && !(tma_compatible(q) && tma_compatible(k))) sm90_reason = "q/k strides not TMA-compatible";
+  PSA_CHECK(sm90_reason.empty() || choice != KernelChoice::kSm90, kOp,
+            ": PSA_CUDA_KERNEL=sm90 but the Hopper antidiagonal estimator cannot run: ", sm90_reason);
+  const bool hopper = sm90_reason.empty();
+
   kernels::AntidiagonalParams params{};
   fill_common_params(params, q, k, scores, block_m, block_n, scale / static_cast<double>(stride), causal);
   params.stride = static_cast<int>(stride);
   params.q_tiles = static_cast<int>(ceil_div(q.size(2), stride));
   params.k_tiles = static_cast<int>(ceil_div(k.size(2), stride));
-  const int64_t per_head = Shape::table_floats_per_head(params.n_q, static_cast<int>(rows_per_block), params.k_tiles);
+  const int64_t per_head =
+      hopper ? Sm90Shape::table_floats_per_head(params.n_q, static_cast<int>(rows_per_block), params.k_tiles)
+             : Shape::table_floats_per_head(params.n_q, static_cast<int>(rows_per_block), params.k_tiles);
   const int64_t heads = batch * q_heads;
   const int64_t chunk = std::clamp<int64_t>(kMaxTableBytes / (per_head * 4), 1, std::min<int64_t>(heads, 65535));
   auto table = at::empty({chunk * per_head}, q.options().dtype(at::kFloat));
@@ -143,6 +158,12 @@ at::Tensor estimate_antidiagonal(const at::Tensor& q_in, const at::Tensor& k_in,
     params.bh_count = static_cast<int>(std::min(chunk, heads - begin));
     check_launch(kOp, dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
+#ifdef PSA_WITH_SM90  // else sm90_device_unavailable_reason is never empty
+      if (hopper) {
+        return dim == 128 ? kernels::sm90::launch_estimate_antidiagonal_sm90<T, 128>(params, stream)
+                          : kernels::sm90::launch_estimate_antidiagonal_sm90<T, 64>(params, stream);
+      }
+#endif
       return dim == 128 ? kernels::launch_estimate_antidiagonal<T, 128>(params, stream)
                         : kernels::launch_estimate_antidiagonal<T, 64>(params, stream);
     }));

@@ -1,0 +1,259 @@
+// The "antidiagonal" block-importance estimator (docs/spec.md section 4) on Hopper (sm_90a): a TMA +
+// wgmma GEMM of anti-rows against anti-columns whose epilogue keeps an online softmax per anti-row and
+// the sums of its exponentials per group of 8 anti-columns. Same results as the portable kernel
+// (../estimate_antidiagonal.cuh); see there for the algorithm and the table of group sums.
+//
+// Why it is shaped this way: the anti-logits are a GEMM of [Lq/S, S*D] by [S*D, Lk/S], 1/16 of dense
+// attention's FLOPs at S = 8, with a long inner dimension and a cheap epilogue (one exp2 per anti-logit
+// against S*D multiply-adds), so it runs at the rate the tensor cores are fed.
+//   - Inner-dimension step t multiplies Q rows S i + S-1-t by K rows S j + t. Each member t of the
+//     groups of S tokens has its own TMA descriptor: the tensor seen from token t with a token stride
+//     of S rows and ceil((L - t) / S) rows, so a box is one step's rows, and the rows past the sequence
+//     (the last, partial group) are out of bounds and arrive as zeros, as the reference pads them. No
+//     copy of Q or K is made.
+//   - Warpgroup 0 is the producer: one thread issues per step a 128 x 64 box of Q and a 256 x 64 box of
+//     K into a ring of kStages stages. Warpgroups 1 and 2 each own 64 anti-rows and issue m64n256k16
+//     MMAs; a stage is released when the MMAs of the next one have been issued and it is done.
+//   - After a tile's S * D / 64 steps a consumer turns its 64 x 256 accumulator into the tile's row maxima
+//     and group sums (a quad reduce-scatter leaves each thread 8 of the 32 groups of a row), writes
+//     them to its CTA's table and moves on; the last pass (write_antidiagonal_scores) is the sm80 one.
+#pragma once
+
+#include <cfloat>
+#include <type_traits>
+
+#include <cutlass/arch/barrier.h>
+#include <cutlass/arch/reg_reconfig.h>
+#include <cute/arch/copy_sm90_tma.hpp>
+
+#include "../device_utils.cuh"
+#include "../estimate_antidiagonal.cuh"
+#include "../params.h"
+#include "shapes_sm90.h"
+#include "tensor_map.h"
+#include "wgmma.cuh"
+
+namespace psa::kernels::sm90 {
+
+// AntidiagonalParams plus one descriptor per member t of the groups of S tokens: q_maps[t] reads Q
+// rows S i + t as its row i, k_maps[t] K rows S j + t (box 128 x 64 and 256 x 64).
+struct AntidiagonalSm90Params {
+  AntidiagonalParams base;
+  CUtensorMap q_maps[AntidiagonalSm90Shape<64>::kMaxStride];
+  CUtensorMap k_maps[AntidiagonalSm90Shape<64>::kMaxStride];
+};
+
+template <typename T, int kHeadDim>
+struct AntidiagonalSm90Storage {
+  using Shape = AntidiagonalSm90Shape<kHeadDim>;
+  alignas(kSwizzleAtomBytes) T q[Shape::kStages][Shape::kRows][kPanelColumns];
+  alignas(kSwizzleAtomBytes) T k[Shape::kStages][Shape::kTileN][kPanelColumns];
+  float row_max[Shape::kRows];
+  float row_sum[Shape::kRows];
+  uint64_t full[Shape::kStages];
+  uint64_t empty[Shape::kStages];
+};
+
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
+    estimate_antidiagonal_sm90_kernel(const __grid_constant__ AntidiagonalSm90Params params) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  using Shape = AntidiagonalSm90Shape<kHeadDim>;
+  using Storage = AntidiagonalSm90Storage<T, kHeadDim>;
+  using Barrier = cutlass::arch::ClusterBarrier;
+  using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
+  constexpr int kRows = Shape::kRows, kTileN = Shape::kTileN, kStages = Shape::kStages;
+  constexpr int kPanels = Shape::kPanels, kGroups = Shape::kGroups;
+  const AntidiagonalParams& p = params.base;
+
+  extern __shared__ unsigned char smem_unaligned[];
+  Storage& smem = aligned_shared<Storage, kSwizzleAtomBytes>(smem_unaligned);
+
+  const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
+  const int bh = p.bh_begin + blockIdx.y, b = bh / p.q_heads, h = bh % p.q_heads;
+  const int kv_head = h / (p.q_heads / p.kv_heads);
+  const int S = p.stride;
+  const int rows_per_block = p.block_m / S;
+  const int first_row = blockIdx.x * kRows;  // this CTA's first anti-row
+  const int first_block = first_row / rows_per_block;
+  const int causal_offset = p.k_len - p.q_len;
+  const auto last_key_of_row = [&](int i) {
+    return p.causal ? min((i + 1) * S, p.q_len) - 1 + causal_offset : p.k_len - 1;
+  };
+  const int last_row = min(first_row + kRows, p.q_tiles) - 1;
+  const int limit = last_row >= first_row ? last_key_of_row(last_row) : -1;
+  const int columns = limit < 0 ? 0 : min(p.k_tiles, limit / S + 1);  // anti-columns any row here sees
+  const int n_tiles = (columns + kTileN - 1) / kTileN;
+  const int tiles_total = (p.k_tiles + kTileN - 1) / kTileN;
+  const int steps_per_tile = S * kPanels;
+  const int steps = n_tiles * steps_per_tile;
+  float* group_sums = p.table + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) *
+                                    static_cast<int64_t>(kRows) * tiles_total * (kGroups + 1);
+  float* tile_maxima = group_sums + static_cast<int64_t>(tiles_total) * kGroups * kRows;
+
+  if (tid == 0) {
+#pragma unroll
+    for (int s = 0; s < kStages; ++s) {
+      Barrier::init(&smem.full[s], 1);                       // the producer's arrive (+ TMA bytes)
+      Barrier::init(&smem.empty[s], Shape::kConsumers * 4);  // one arrive per consumer warp
+    }
+    cutlass::arch::fence_barrier_init();
+  }
+  __syncthreads();
+
+  if (warp < 4) {
+    // ================= Producer warpgroup =================
+    cutlass::arch::warpgroup_reg_dealloc<Shape::kProducerRegisters>();
+    if (tid != 0) return;
+    constexpr uint32_t kStageBytes = sizeof(smem.q[0]) + sizeof(smem.k[0]);
+    for (int step = 0; step < steps; ++step) {
+      const int stage = step % kStages;
+      const int tile = step / steps_per_tile, member = (step % steps_per_tile) / kPanels, panel = step % kPanels;
+      Barrier::wait(&smem.empty[stage], ((step / kStages) & 1) ^ 1);
+      TxBarrier::expect_transaction(&smem.full[stage], kStageBytes);
+      cute::SM90_TMA_LOAD_4D::copy(&params.q_maps[S - 1 - member], &smem.full[stage], 0, &smem.q[stage][0][0],
+                                   panel * kPanelColumns, first_row, h, b);
+      cute::SM90_TMA_LOAD_4D::copy(&params.k_maps[member], &smem.full[stage], 0, &smem.k[stage][0][0],
+                                   panel * kPanelColumns, tile * kTileN, kv_head, b);
+      Barrier::arrive(&smem.full[stage]);
+    }
+    return;
+  }
+
+  // ================= Consumer warpgroups =================
+  cutlass::arch::warpgroup_reg_alloc<Shape::kConsumerRegisters>();
+  const int consumer = __shfl_sync(0xffffffffu, warp / 4 - 1, 0), warp_in_group = warp % 4;
+  const int g = lane >> 2, t = lane & 3;
+  // A thread holds rows g and g + 8 of its warp's 16 anti-rows.
+  int local_row[2], row_limit[2];
+  float run_max[2], run_sum[2];
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    local_row[r] = consumer * 64 + warp_in_group * 16 + g + 8 * r;
+    const int i = first_row + local_row[r];
+    row_limit[r] = i < p.q_tiles ? last_key_of_row(i) : -1;  // padded anti-rows see nothing
+    run_max[r] = -INFINITY;
+    run_sum[r] = 0.f;
+  }
+
+  float acc[kTileN / 2];  // m64n256: column of element 4j + e is 8j + 2t + (e & 1), row g + 8 (e >> 1)
+  const auto q_desc = SmemDescriptor::of(&smem.q[0][consumer * 64][0], 16, kSwizzleAtomBytes);
+  const auto k_desc = SmemDescriptor::of(&smem.k[0][0][0], 16, kSwizzleAtomBytes);
+  constexpr uint32_t kQStageBytes = sizeof(smem.q[0]), kKStageBytes = sizeof(smem.k[0]);
+
+  // The tile's anti-logits are complete in acc: mask, online softmax, group sums into the table.
+  const auto reduce_tile = [&](int tile) {
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int j = 0; j < kTileN / 8; ++j) {
+#pragma unroll
+      for (int e = 0; e < 4; ++e) {
+        const int column = tile * kTileN + 8 * j + 2 * t + (e & 1), r = e >> 1;
+        const bool visible = column < columns && column * S <= row_limit[r];
+        acc[4 * j + e] = visible ? acc[4 * j + e] * p.scale_log2 : -INFINITY;
+        tile_max[r] = max_nan(tile_max[r], acc[4 * j + e]);
+      }
+    }
+    float base[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      const float new_max = max_nan(run_max[r], quad_max(tile_max[r]));  // a NaN logit poisons its row
+      base[r] = new_max == -INFINITY ? 0.f : new_max;
+      run_sum[r] *= exp2f(run_max[r] - base[r]);
+      run_max[r] = new_max;
+    }
+#pragma unroll
+    for (int r = 0; r < 2; ++r) {
+      float groups[kGroups];
+#pragma unroll
+      for (int j = 0; j < kGroups; ++j) {
+        groups[j] = exp2f(acc[4 * j + 2 * r] - base[r]) + exp2f(acc[4 * j + 2 * r + 1] - base[r]);
+        run_sum[r] += groups[j];
+      }
+      float owned[kGroups / 4];
+      quad_reduce_scatter(groups, owned, t, [](float x, float y) { return x + y; });
+#pragma unroll
+      for (int m = 0; m < kGroups / 4; ++m) {
+        group_sums[static_cast<int64_t>(tile * kGroups + 4 * m + t) * kRows + local_row[r]] = owned[m];
+      }
+      if (t == 0) tile_maxima[tile * kRows + local_row[r]] = run_max[r];
+    }
+  };
+
+  for (int step = 0; step < steps; ++step) {
+    const int stage = step % kStages, in_tile = step % steps_per_tile;
+    Barrier::wait(&smem.full[stage], (step / kStages) & 1);
+    cute::warpgroup_arrive();
+#pragma unroll
+    for (int kk = 0; kk < kPanelColumns / 16; ++kk) {
+      mma_ss<T, kTileN>(q_desc.at(stage * kQStageBytes + kk * 32), k_desc.at(stage * kKStageBytes + kk * 32), acc,
+                        in_tile > 0 || kk > 0);
+    }
+    cute::warpgroup_commit_batch();
+    if (in_tile == steps_per_tile - 1) {
+      cute::warpgroup_wait<0>();
+      fence_registers(acc);
+      if (lane == 0) {  // this step's stage and, within the tile, the previous step's
+        if (in_tile > 0) Barrier::arrive(&smem.empty[(step - 1) % kStages]);
+        Barrier::arrive(&smem.empty[stage]);
+      }
+      reduce_tile(step / steps_per_tile);
+    } else {
+      cute::warpgroup_wait<1>();  // the previous step's MMAs are done: its stage may be refilled
+      if (lane == 0 && in_tile > 0) Barrier::arrive(&smem.empty[(step - 1) % kStages]);
+    }
+  }
+  // Nothing is in flight (a tile's last step waited for all), but ptxas cannot see that across the
+  // loop's branches and would insert this wait itself (warning C7517).
+  cute::warpgroup_wait<0>();
+
+#pragma unroll
+  for (int r = 0; r < 2; ++r) {
+    const float row_sum = quad_sum(run_sum[r]);
+    if (t == 0) {
+      smem.row_max[local_row[r]] = run_max[r];
+      smem.row_sum[local_row[r]] = row_sum;
+    }
+  }
+  // A barrier over the consumer warpgroups only (the producer has exited); it also orders the table's
+  // global writes before other threads read them.
+  cutlass::arch::NamedBarrier::sync(Shape::kConsumers * 128, 0);
+  write_antidiagonal_scores<kRows, kGroups>(p, group_sums, tile_maxima, smem.row_max, smem.row_sum, bh, first_block,
+                                            n_tiles * kGroups, warp - 4, lane, Shape::kConsumers * 4);
+#endif  // __CUDA_ARCH_FEAT_SM90_ALL
+}
+
+template <typename T, int kHeadDim>
+cudaError_t launch_estimate_antidiagonal_sm90(const AntidiagonalParams& p, cudaStream_t stream) {
+  using Shape = AntidiagonalSm90Shape<kHeadDim>;
+  constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
+  const int S = p.stride;
+  if (S > Shape::kMaxStride || p.q_len < S || p.k_len < S) return cudaErrorInvalidValue;  // the host checks
+  AntidiagonalSm90Params params{};
+  params.base = p;
+  for (int member = 0; member < S; ++member) {
+    // Rows member, member + S, ...: the view from token `member` with S times the token stride.
+    const int64_t q_strides[3] = {p.q_stride[0], p.q_stride[1], S * p.q_stride[2]};
+    const int64_t k_strides[3] = {p.k_stride[0], p.k_stride[1], S * p.k_stride[2]};
+    const auto* q = static_cast<const T*>(p.q) + member * p.q_stride[2];
+    const auto* k = static_cast<const T*>(p.k) + member * p.k_stride[2];
+    cudaError_t status = encode_bhld_map(&params.q_maps[member], q, kBf16, p.batch, p.q_heads,
+                                         (p.q_len - member + S - 1) / S, kHeadDim, q_strides, Shape::kRows);
+    if (status == cudaSuccess) {
+      status = encode_bhld_map(&params.k_maps[member], k, kBf16, p.batch, p.kv_heads,
+                               (p.k_len - member + S - 1) / S, kHeadDim, k_strides, Shape::kTileN);
+    }
+    if (status != cudaSuccess) return status;
+  }
+  auto kernel = estimate_antidiagonal_sm90_kernel<T, kHeadDim>;
+  constexpr size_t smem = sizeof(AntidiagonalSm90Storage<T, kHeadDim>) + kSwizzleAtomBytes;  // + alignment slack
+  cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            static_cast<int>(smem));
+  if (status != cudaSuccess) return status;
+  const dim3 grid(static_cast<unsigned>(Shape::ctas_per_head(p.n_q, p.block_m / S)),
+                  static_cast<unsigned>(p.bh_count));
+  kernel<<<grid, Shape::kThreads, smem, stream>>>(params);
+  return cudaGetLastError();
+}
+
+}  // namespace psa::kernels::sm90

@@ -142,6 +142,18 @@ def test_estimators_carry_nan_as_the_cpu_does(rng, monkeypatch, method, family, 
     torch.testing.assert_close(scores[finite], expected[finite], atol=2e-5, rtol=1e-3)
 
 
+@pytest.mark.parametrize("method", ["sampled", "pooled", "antidiagonal"])
+@pytest.mark.parametrize("family", ["auto", "sm80"])
+def test_estimators_take_a_negative_scale(rng, monkeypatch, method, family):
+    # SDPA takes any finite scale; a kernel that scales maxima of raw products would get a negative one wrong.
+    monkeypatch.setenv("PSA_CUDA_KERNEL", family)
+    q = randn(rng, 1, 2, 700, 128, dtype=torch.bfloat16, device="cuda")
+    k = randn(rng, 1, 2, 650, 128, dtype=torch.bfloat16, device="cuda")
+    config = PSAConfig(block_m=128, block_n=128, estimator=method)
+    scores = psa.estimate_importance(q, k, config, scale=-0.2)
+    check_scores(scores, q, k, False, method=method, block_m=128, block_n=128, scale=-0.2)
+
+
 def use_kernel_family(monkeypatch, family):
     if family == "sm90" and torch.cuda.get_device_capability() != (9, 0):
         pytest.skip("the Hopper kernels need an sm_90 GPU")

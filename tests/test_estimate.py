@@ -129,6 +129,16 @@ def test_non_finite_inputs_give_nan_where_sdpa_does(rng, method):
 
 
 @pytest.mark.parametrize("method", METHODS)
+def test_estimators_take_a_negative_scale(rng, method):
+    q = randn(rng, 1, 2, 300, 32, dtype=torch.float64)
+    k = randn(rng, 1, 2, 270, 32, dtype=torch.float64)
+    config = PSAConfig(block_m=64, block_n=64, estimator=method)
+    expected = reference.estimate_importance(q, k, method=method, block_m=64, block_n=64, scale=-0.3)
+    torch.testing.assert_close(psa.estimate_importance(q, k, config, scale=-0.3).double(), expected.double(),
+                               atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("method", METHODS)
 def test_estimators_are_deterministic(rng, method):
     q = randn(rng, 1, 2, 500, 32)
     k = randn(rng, 1, 2, 500, 32)

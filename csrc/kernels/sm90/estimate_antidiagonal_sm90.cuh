@@ -125,13 +125,14 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
   const int consumer = __shfl_sync(0xffffffffu, warp / 4 - 1, 0), warp_in_group = warp % 4;
   const int g = lane >> 2, t = lane & 3;
   // A thread holds rows g and g + 8 of its warp's 16 anti-rows.
-  int local_row[2], row_limit[2];
+  int local_row[2], visible_end[2];  // anti-columns [0, visible_end) are visible to the row
   float run_max[2], run_sum[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     local_row[r] = consumer * 64 + warp_in_group * 16 + g + 8 * r;
     const int i = first_row + local_row[r];
-    row_limit[r] = i < p.q_tiles ? last_key_of_row(i) : -1;  // padded anti-rows see nothing
+    const int last_key = i < p.q_tiles ? last_key_of_row(i) : -1;  // padded anti-rows see nothing
+    visible_end[r] = last_key < 0 ? 0 : min(columns, last_key / S + 1);
     run_max[r] = -INFINITY;
     run_sum[r] = 0.f;
   }
@@ -143,14 +144,18 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
 
   // The tile's anti-logits are complete in acc: mask, online softmax, group sums into the table.
   const auto reduce_tile = [&](int tile) {
+    // Column 8j + 2t + (e & 1) of the tile is visible to row r if it is below visible_end[r]: one
+    // compare of a constant against a per-row bound per element.
+    int bound[2];
+#pragma unroll
+    for (int r = 0; r < 2; ++r) bound[r] = visible_end[r] - tile * kTileN - 2 * t;
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < kTileN / 8; ++j) {
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
-        const int column = tile * kTileN + 8 * j + 2 * t + (e & 1), r = e >> 1;
-        const bool visible = column < columns && column * S <= row_limit[r];
-        acc[4 * j + e] = visible ? acc[4 * j + e] * p.scale_log2 : -INFINITY;
+        const int r = e >> 1;
+        acc[4 * j + e] = 8 * j + (e & 1) < bound[r] ? acc[4 * j + e] * p.scale_log2 : -INFINITY;
         tile_max[r] = max_nan(tile_max[r], acc[4 * j + e]);
       }
     }

@@ -49,6 +49,11 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
   if (!fused_sample_count(q_offsets.numel()) || !fused_sample_count(k_offsets.numel())) {
     return aten::estimate_sampled(q_in, k_in, block_m, block_n, scale, causal, q_offsets, k_offsets);
   }
+  if (scale < 0) {
+    // The fused kernels scale block maxima of raw products, which only a positive factor commutes
+    // with: a negative scale is its magnitude applied to -q (a copy, for this rare case only).
+    return estimate_sampled(q_in.neg(), k_in, block_m, block_n, -scale, causal, q_offsets, k_offsets);
+  }
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const auto q = rows_16b_aligned(q_in), k = rows_16b_aligned(k_in);
   const auto q_off = q_offsets.contiguous(), k_off = k_offsets.contiguous();

@@ -10,7 +10,8 @@
 #   prefill [args...]       benchmarks/bench_prefill.py (causal VLM prefill attention)
 #   ulysses [args...]       benchmarks/bench_ulysses.py (needs as many GPUs as --world, default 2)
 #   rowcost [args...]       benchmarks/bench_row_cost.py (the attention kernel's fixed cost per row)
-#   ncu [args...]           Nsight Compute on one attention launch (benchmarks/profile_attention.py args):
+#   ncu [args...]           Nsight Compute on one attention launch (benchmarks/profile_attention.py args;
+#                           with --estimator X and NCU_KERNEL=estimate_, on one estimator launch):
 #                           the report, its per-SASS-instruction source page as CSV and the details
 #                           page into $OUT; the headline metrics printed
 #   train [args...]         benchmarks/train_with_psa.py (fine-tuning through psa vs dense); needs .whl_demo/
@@ -60,7 +61,7 @@ run_step() {
       # One report per argument list (attention_map_psa, ...); --clock-control none: the lent machine's
       # clocks stay as they are (device METHOD.md).
       name=$(echo "attention ${args[*]:-}" | tr -cs 'A-Za-z0-9.' '_' | sed 's/_*$//')
-      $limit ncu --clock-control none --set full --import-source no -k regex:attention_with_levels \
+      $limit ncu --clock-control none --set full --import-source no -k "regex:${NCU_KERNEL:-attention_with_levels}" \
         --launch-skip 1 --launch-count 1 -f -o "$log_dir/$name" \
         python3 benchmarks/profile_attention.py "${args[@]}" 2>&1 | tail -3
       ncu -i "$log_dir/$name.ncu-rep" --page source --print-source sass --csv >"$log_dir/${name}_sass.csv" 2>&1

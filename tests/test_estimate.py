@@ -5,7 +5,7 @@ import torch
 
 import psa
 from psa import PSAConfig, reference
-from conftest import DEVICES, randn
+from conftest import BACKENDS, DEVICES, randn
 
 METHODS = ["sampled", "antidiagonal", "pooled"]
 
@@ -116,11 +116,10 @@ def test_non_finite_inputs_reach_the_scores(rng, method, causal):
     torch.testing.assert_close(scores[finite], expected[finite], atol=1e-6, rtol=1e-6)
 
 
+@pytest.mark.parametrize("device,dtype", BACKENDS)
 @pytest.mark.parametrize("method", METHODS)
-def test_non_finite_inputs_give_nan_where_sdpa_does(rng, method):
-    q = randn(rng, 1, 2, 300, 32)
-    k = randn(rng, 1, 2, 300, 32)
-    v = randn(rng, 1, 2, 300, 32)
+def test_non_finite_inputs_give_nan_where_sdpa_does(rng, device, dtype, method):
+    q, k, v = (randn(rng, 1, 2, 300, 64, dtype=dtype, device=device) for _ in range(3))
     q[0, 0, 70] = float("nan")
     k[0, 1, 202] = float("inf")  # a row the sampled estimator reads
     out = psa.sparse_attention(q, k, v, PSAConfig(block_m=64, block_n=64, estimator=method))

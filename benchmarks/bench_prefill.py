@@ -8,20 +8,35 @@ flash backends, and FlexAttention with a causal block mask keeping the same frac
 blocks per query block (psa's top-ranked ones; diagonal blocks masked by `mask_mod`). `triton.testing.
 do_bench` medians; speedups over causal cuDNN.
 
+Then the level statistics per decoder layer of a real prefill: a small random-weight Qwen2.5-VL (4
+layers of 8 query / 2 key-value heads of 64; transformers' model code, no download) reads a video of
+cockatoo.mp4 frames (random frames when PyAV or the clip is missing) between two text spans, through
+`psa.integrations.transformers` with its defaults (antidiagonal, causal, text forced, sink kept). The
+weights are random, so the numbers describe the mechanics (the mrope positions, forced text, the sink,
+the estimator on vision-tower features), not a trained model's attention.
+
 Usage: python benchmarks/bench_prefill.py [--lengths 32768,65536] [--estimators antidiagonal,sampled]
+                                          [--frames 128] [--skip-model]
        python benchmarks/bench_prefill.py --tiny   # small shapes on the CPU: checks the script only
 """
 
 import argparse
 import datetime
+import os
+import sys
 import time
 
 import torch
 import torch.nn.functional as F
 
-import psa
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import psa  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128
+# Token ids of the small model's vocabulary: text below 290, then the vision placeholders.
+VIDEO_TOKEN, VISION_START, VISION_END = 301, 302, 303
+PATCH, TEMPORAL_PATCH, MERGE = 14, 2, 2
 
 
 def timer(device):
@@ -69,10 +84,73 @@ def flex_causal_block_mask(scores, density, length, block):
                                     mask_mod=causal, seq_lengths=(length, length))
 
 
+def small_qwen(device, dtype):
+    """A random-weight Qwen2.5-VL: a one-block vision tower and 4 decoder layers (8 query / 2 kv heads of 64)."""
+    import transformers
+    torch.manual_seed(0)
+    text = dict(hidden_size=512, intermediate_size=1024, num_hidden_layers=4, num_attention_heads=8,
+                num_key_value_heads=2, vocab_size=320, max_position_embeddings=32768, bos_token_id=None,
+                eos_token_id=None,
+                rope_parameters={"rope_type": "default", "mrope_section": [8, 12, 12], "rope_theta": 1e6})
+    vision = dict(depth=1, hidden_size=64, intermediate_size=128, num_heads=2, out_hidden_size=512, patch_size=PATCH,
+                  temporal_patch_size=TEMPORAL_PATCH, spatial_merge_size=MERGE, window_size=112,
+                  fullatt_block_indexes=[0])
+    config = transformers.Qwen2_5_VLConfig(text_config=text, vision_config=vision, bos_token_id=None, eos_token_id=None,
+                                           pad_token_id=None, image_token_id=300, video_token_id=VIDEO_TOKEN,
+                                           vision_start_token_id=VISION_START, vision_end_token_id=VISION_END)
+    config._attn_implementation = "sdpa"
+    return transformers.Qwen2_5_VLForConditionalGeneration(config).to(device=device, dtype=dtype).eval()
+
+
+def video_frames(count, size):
+    """[count, 3, H, W] in [-1, 1]: cockatoo.mp4's first frames, or random ones (and why) without it."""
+    try:
+        from fidelity_model import CLIP_CACHE, fetch_clip, load_frames
+        frames = load_frames(fetch_clip(CLIP_CACHE))[:count]
+        return F.interpolate(frames, size=size, mode="area"), "cockatoo.mp4"
+    except Exception as error:  # PyAV or the clip unavailable: the statistics still run
+        return torch.rand(count, 3, *size) * 2 - 1, f"random frames ({type(error).__name__}: {error})"
+
+
+def video_patches(frames):
+    """Qwen2-VL's video input: pixel rows [t * h * w, 3 * 2 * 14 * 14] ordered so that each 2 x 2 merge
+    group is contiguous, and the grid (t, h, w) in patches."""
+    t, h, w = frames.shape[0] // TEMPORAL_PATCH, frames.shape[2] // PATCH, frames.shape[3] // PATCH
+    x = frames.reshape(t, TEMPORAL_PATCH, 3, h // MERGE, MERGE, PATCH, w // MERGE, MERGE, PATCH)
+    x = x.permute(0, 3, 6, 4, 7, 2, 1, 5, 8)  # t, h/2, w/2, 2, 2 | channel, time, row, column
+    return x.reshape(t * h * w, 3 * TEMPORAL_PATCH * PATCH * PATCH), torch.tensor([[t, h, w]])
+
+
+def model_level_stats(device, dtype, frame_count, size):
+    import psa.integrations.transformers as psa_transformers
+    model = small_qwen(device, dtype)
+    frames, source = video_frames(frame_count, size)
+    pixels, grid = video_patches(frames)
+    video_tokens = int(grid.prod()) // (MERGE * MERGE)
+    generator = torch.Generator().manual_seed(0)
+    before, after = (torch.randint(0, 290, (n,), generator=generator) for n in (96, 64))
+    ids = torch.cat([before, torch.tensor([VISION_START]), torch.full((video_tokens,), VIDEO_TOKEN),
+                     torch.tensor([VISION_END]), after]).unsqueeze(0)
+    psa_transformers.apply(model, min_tokens=256)
+    with torch.no_grad():
+        model(input_ids=ids.to(device), pixel_values_videos=pixels.to(device, dtype), video_grid_thw=grid.to(device))
+    print(f"\n# level statistics per decoder layer: random-weight Qwen2.5-VL (4 layers, 8 / 2 heads of 64), "
+          f"{source}, {frame_count} frames at {size[0]}x{size[1]} -> {video_tokens} video tokens, "
+          f"{ids.shape[1]} tokens in all; default config (antidiagonal, causal)")
+    print("|layer|density|coverage|level 1|level 2|level 4|level 8|skipped|")
+    print("|---|---|---|---|---|---|---|---|")
+    for row in psa_transformers.stats(model):
+        histogram = row["histogram"]
+        print(f"|{row['layer']}|{row['density']:.3f}|{row['coverage']:.3f}|" +
+              "|".join(f"{histogram[level]:.3f}" for level in (1, 2, 4, 8, 0)) + "|")
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--lengths", default="32768,65536")
     parser.add_argument("--estimators", default="antidiagonal,sampled")
+    parser.add_argument("--frames", type=int, default=128, help="video frames of the model statistics")
+    parser.add_argument("--skip-model", action="store_true", help="without the per-layer model statistics")
     parser.add_argument("--tiny", action="store_true", help="small shapes on the CPU (checks the script only)")
     args = parser.parse_args()
     if args.tiny:
@@ -130,6 +208,9 @@ def main():
         q = k = v = None
         if device.type == "cuda":
             torch.cuda.empty_cache()
+    if not args.skip_model:
+        frame_count, size = (16, (112, 224)) if args.tiny else (args.frames, (168, 308))
+        model_level_stats(device, dtype, frame_count, size)
 
 
 if __name__ == "__main__":

@@ -7,7 +7,8 @@
 #                           when benchmarks/fa4_wheels.sh has installed it into /tmp/fa4site)
 #   fa4                     benchmarks/fa4_wheels.sh collect: gather the carried FA4 wheel parts
 #   e2e [args...]           benchmarks/bench_e2e.py (a Wan-sized denoising step, dense vs psa)
-#   prefill [args...]       benchmarks/bench_prefill.py (causal VLM prefill attention)
+#   prefill [args...]       benchmarks/bench_prefill.py (causal VLM prefill attention, then a small model's
+#                           per-layer level statistics on cockatoo.mp4 when .whl_demo/ is carried)
 #   ulysses [args...]       benchmarks/bench_ulysses.py (needs as many GPUs as --world, default 2)
 #   rowcost [args...]       benchmarks/bench_row_cost.py (the attention kernel's fixed cost per row)
 #   ncu [args...]           Nsight Compute on one attention launch (benchmarks/profile_attention.py args;
@@ -41,6 +42,12 @@ build
 nvidia-smi --query-gpu=name,clocks.sm,power.draw --format=csv,noheader
 
 limit="timeout ${STEP_TIMEOUT:-400}"
+# PyAV and cockatoo.mp4 from the carried .whl_demo/ (the machine has no registry and no apt).
+demo_data() {
+  [ -d .whl_demo ] || { echo "no .whl_demo/ carried: PyAV and the clip are missing"; return 1; }
+  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl_demo/av-*.whl \
+    && mkdir -p ~/.cache/psa && cp .whl_demo/clip/cockatoo.mp4 ~/.cache/psa/
+}
 step=""; args=()
 run_step() {
   case "$step" in
@@ -54,7 +61,7 @@ run_step() {
       $limit python3 benchmarks/bench_attention.py "${site[@]}" "${args[@]}" 2>&1 | tee "$log_dir/bench.log" ;;
     fa4) bash benchmarks/fa4_wheels.sh collect ;;
     e2e) $limit python3 benchmarks/bench_e2e.py "${args[@]}" 2>&1 | tee "$log_dir/e2e.log" ;;
-    prefill) $limit python3 benchmarks/bench_prefill.py "${args[@]}" 2>&1 | tee "$log_dir/prefill.log" ;;
+    prefill) demo_data; $limit python3 benchmarks/bench_prefill.py "${args[@]}" 2>&1 | tee "$log_dir/prefill.log" ;;
     ulysses) $limit python3 benchmarks/bench_ulysses.py "${args[@]}" 2>&1 | tee "$log_dir/ulysses.log" ;;
     rowcost) $limit python3 benchmarks/bench_row_cost.py "${args[@]}" 2>&1 | tee "$log_dir/rowcost.log" ;;
     ncu)
@@ -68,10 +75,7 @@ run_step() {
       ncu -i "$log_dir/$name.ncu-rep" --page details >"$log_dir/${name}_details.txt" 2>&1
       grep -E "Duration|Issue Slots Busy|Issued Ipc Active|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|Compute \(SM\) Throughput|L2 Hit Rate|Executed Ipc" \
         "$log_dir/${name}_details.txt" | head -20 ;;
-    train)
-      python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl_demo/av-*.whl \
-        && mkdir -p ~/.cache/psa && cp .whl_demo/clip/cockatoo.mp4 ~/.cache/psa/ \
-        && $limit python3 benchmarks/train_with_psa.py "${args[@]}" 2>&1 | tee "$log_dir/train.log" ;;
+    train) demo_data && $limit python3 benchmarks/train_with_psa.py "${args[@]}" 2>&1 | tee "$log_dir/train.log" ;;
     patch) echo "== patch ${args[0]}"; patch -p1 --forward < "${args[0]}" | tail -3 && build ;;
     unpatch) echo "== unpatch ${args[0]}"; patch -p1 -R < "${args[0]}" | tail -3 && build ;;
     "") ;;

@@ -86,16 +86,11 @@ std::tuple<at::Tensor, at::Tensor> attention_over_pyramid(const at::Tensor& q_in
             ": Lq and Lk must be below 2^31, got ", q_len, " and ", k.size(2));
   std::vector<at::Tensor> pooled;  // {k2, v2, k4, v4, k8, v8}
   for (const auto& t : pooled_in) pooled.push_back(rows_16b_aligned(t));
-  const KernelChoice choice = requested_kernel(kOp);
-  std::string sm90_reason = "PSA_CUDA_KERNEL=sm80";
-  if (choice != KernelChoice::kSm80) {
+  const bool use_sm90 = use_hopper_kernel(kOp, [&] {
     std::vector<at::Tensor> keys_and_values = {k, v};
     keys_and_values.insert(keys_and_values.end(), pooled.begin(), pooled.end());
-    sm90_reason = sm90_unavailable_reason(q, keys_and_values, block_m, block_n, n_k);
-  }
-  const bool use_sm90 = sm90_reason.empty();
-  PSA_CHECK(use_sm90 || choice != KernelChoice::kSm90, kOp, ": PSA_CUDA_KERNEL=sm90 but the Hopper kernel cannot run: ",
-            sm90_reason);
+    return sm90_unavailable_reason(q, keys_and_values, block_m, block_n, n_k);
+  });
   if (!use_sm90) {
     const size_t smem = dim == 128 ? smem_bytes<128>(block_m, static_cast<int>(n_k))
                                    : smem_bytes<64>(block_m, static_cast<int>(n_k));

@@ -70,6 +70,20 @@ inline KernelChoice requested_kernel(const char* op) {
   return KernelChoice::kAuto;
 }
 
+// The one place that decides whether an op runs its Hopper (sm_90a) kernel or the portable one:
+// PSA_CUDA_KERNEL=sm80 says no; otherwise `hopper_unavailable()` (the device's and the op's own
+// conditions, called only then) says why not, or "" for yes. PSA_CUDA_KERNEL=sm90 turns a "why not"
+// into an error naming it.
+template <typename Reason>
+bool use_hopper_kernel(const char* op, Reason hopper_unavailable) {
+  const KernelChoice choice = requested_kernel(op);
+  if (choice == KernelChoice::kSm80) return false;
+  const std::string reason = hopper_unavailable();
+  PSA_CHECK(reason.empty() || choice != KernelChoice::kSm90, op,
+            ": PSA_CUDA_KERNEL=sm90 but the Hopper kernel cannot run: ", reason);
+  return reason.empty();
+}
+
 // Empty when this build and `device` can run the sm_90a kernels, else why not.
 inline std::string sm90_device_unavailable_reason(const at::Device& device) {
 #ifdef PSA_WITH_SM90

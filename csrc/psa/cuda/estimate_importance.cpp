@@ -68,12 +68,7 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
   params.k_offsets = k_off.data_ptr<int64_t>();
   params.q_samples = static_cast<int>(q_off.numel());
   params.k_samples = static_cast<int>(k_off.numel());
-  const KernelChoice choice = requested_kernel(kOp);
-  const std::string sm90_reason = choice == KernelChoice::kSm80 ? "PSA_CUDA_KERNEL=sm80"
-                                                                : sm90_device_unavailable_reason(q.device());
-  PSA_CHECK(sm90_reason.empty() || choice != KernelChoice::kSm90, kOp,
-            ": PSA_CUDA_KERNEL=sm90 but the Hopper estimator cannot run: ", sm90_reason);
-  const bool hopper = sm90_reason.empty();
+  const bool hopper = use_hopper_kernel(kOp, [&] { return sm90_device_unavailable_reason(q.device()); });
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
   at::Tensor q_rows, k_rows;  // the Hopper kernel's compact sampled rows; they live until the launches are queued
@@ -135,15 +130,14 @@ at::Tensor estimate_antidiagonal(const at::Tensor& q_in, const at::Tensor& k_in,
   // The Hopper kernel (TMA + wgmma) where it applies: its 128 anti-rows and 256-column tiles hold whole
   // blocks whenever the sm80 kernel's 64 and 64 do; one TMA descriptor per member of a group of S.
   using Sm90Shape = kernels::sm90::AntidiagonalSm90Shape<64>;
-  const KernelChoice choice = requested_kernel(kOp);
-  std::string sm90_reason = choice == KernelChoice::kSm80 ? "PSA_CUDA_KERNEL=sm80"
-                                                          : sm90_device_unavailable_reason(q.device());
-  if (sm90_reason.empty() && stride > Sm90Shape::kMaxStride) sm90_reason = "stride must be at most 8";
-  if (sm90_reason.empty() && std::min(q.size(2), k.size(2)) < stride) sm90_reason = "sequences shorter than stride";
-  if (sm90_reason.empty() && !(tma_compatible(q) && tma_compatible(k))) sm90_reason = "q/k strides not TMA-compatible";
-  PSA_CHECK(sm90_reason.empty() || choice != KernelChoice::kSm90, kOp,
-            ": PSA_CUDA_KERNEL=sm90 but the Hopper antidiagonal estimator cannot run: ", sm90_reason);
-  const bool hopper = sm90_reason.empty();
+  const bool hopper = use_hopper_kernel(kOp, [&]() -> std::string {
+    const std::string device_reason = sm90_device_unavailable_reason(q.device());
+    if (!device_reason.empty()) return device_reason;
+    if (stride > Sm90Shape::kMaxStride) return "stride must be at most 8";
+    if (std::min(q.size(2), k.size(2)) < stride) return "sequences shorter than stride";
+    if (!(tma_compatible(q) && tma_compatible(k))) return "q/k strides are not TMA-compatible";
+    return "";
+  });
 
   kernels::AntidiagonalParams params{};
   fill_common_params(params, q, k, scores, block_m, block_n, scale / static_cast<double>(stride), causal);

@@ -27,6 +27,42 @@
 
 namespace psa::kernels {
 
+// What one CTA of the antidiagonal kernels works on, shared by both: kRows anti-rows from blockIdx.x * kRows
+// (whole query blocks), the anti-columns any of them sees in tiles of kTileN, and its slice of the scratch
+// table (group sums [tiles_total * kGroups][kRows], then tile maxima [tiles_total][kRows]).
+template <int kRows, int kTileN, int kGroups>
+struct AntidiagonalCta {
+  const AntidiagonalParams& p;
+  int first_row, first_block;  // this CTA's first anti-row and first query block
+  int columns, n_tiles;        // anti-columns any of its rows sees, and the tiles covering them
+  float* group_sums;
+  float* tile_maxima;
+
+  __device__ explicit AntidiagonalCta(const AntidiagonalParams& params) : p(params) {
+    first_row = blockIdx.x * kRows;
+    first_block = first_row / (p.block_m / p.stride);
+    const int last_row = min(first_row + kRows, p.q_tiles) - 1;  // its last real anti-row
+    const int limit = last_row >= first_row ? last_key_of_row(last_row) : -1;
+    columns = limit < 0 ? 0 : min(p.k_tiles, limit / p.stride + 1);
+    n_tiles = (columns + kTileN - 1) / kTileN;
+    const int tiles_total = (p.k_tiles + kTileN - 1) / kTileN;
+    group_sums = p.table + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * static_cast<int64_t>(kRows) *
+                               tiles_total * (kGroups + 1);
+    tile_maxima = group_sums + static_cast<int64_t>(tiles_total) * kGroups * kRows;
+  }
+  // The last key position anti-row i sees: its last query's, shifted to the keys' end (causal), or all;
+  // -1 for the padded anti-rows past the sequence.
+  __device__ int last_key_of_row(int i) const {
+    if (i >= p.q_tiles) return -1;
+    return p.causal ? min((i + 1) * p.stride, p.q_len) - 1 + (p.k_len - p.q_len) : p.k_len - 1;
+  }
+  // Anti-columns [0, visible_end(i)) are visible to anti-row i.
+  __device__ int visible_end(int i) const {
+    const int last_key = last_key_of_row(i);
+    return last_key < 0 ? 0 : min(columns, last_key / p.stride + 1);
+  }
+};
+
 // The last pass of the antidiagonal kernels (this one and sm90/estimate_antidiagonal_sm90.cuh): block
 // sums of the softmax, one warp per query block, lanes over key blocks; then each row of blocks
 // normalised. `group_sums` [n_groups][kRows] holds, per group of 8 anti-columns and anti-row, the sum of
@@ -84,25 +120,8 @@ __global__ void __launch_bounds__(AntidiagonalShape<kHeadDim>::kThreads, Antidia
   const int bh = p.bh_begin + blockIdx.y, b = bh / p.q_heads, h = bh % p.q_heads;
   const int kv_head = h / (p.q_heads / p.kv_heads);
   const int S = p.stride;
-  const int rows_per_block = p.block_m / S;
-  const int first_row = blockIdx.x * kRows;  // this CTA's first anti-row
-  const int first_block = first_row / rows_per_block;
-  const int causal_offset = p.k_len - p.q_len;
-
-  // The last key position anti-row i sees: its last query's, shifted to the keys' end (causal), or all.
-  const auto last_key_of_row = [&](int i) {
-    return p.causal ? min((i + 1) * S, p.q_len) - 1 + causal_offset : p.k_len - 1;
-  };
-  // Anti-columns the CTA's rows may see: up to its last real anti-row's limit.
-  const int last_row = min(first_row + kRows, p.q_tiles) - 1;
-  const int limit = last_row >= first_row ? last_key_of_row(last_row) : -1;
-  const int columns = limit < 0 ? 0 : min(p.k_tiles, limit / S + 1);
-  const int n_tiles = (columns + kTileN - 1) / kTileN;
-  const int tiles_total = (p.k_tiles + kTileN - 1) / kTileN;
-  // Scratch of this CTA: group sums [tiles_total * kGroups][kRows], then tile maxima [tiles_total][kRows].
-  float* group_sums = p.table + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) *
-                                    static_cast<int64_t>(kRows) * tiles_total * (kGroups + 1);
-  float* tile_maxima = group_sums + static_cast<int64_t>(tiles_total) * kGroups * kRows;
+  const AntidiagonalCta<kRows, kTileN, kGroups> cta(p);
+  const int first_row = cta.first_row, columns = cta.columns, n_tiles = cta.n_tiles;
 
   const T* q = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1];
   const T* k = static_cast<const T*>(p.k) + b * p.k_stride[0] + kv_head * p.k_stride[1];
@@ -129,11 +148,10 @@ __global__ void __launch_bounds__(AntidiagonalShape<kHeadDim>::kThreads, Antidia
 
   // A thread holds rows g and g + 8 of its warp's 16 anti-rows: local rows r0, r0 + 8.
   const int local_row[2] = {warp * 16 + g, warp * 16 + g + 8};
-  int row_limit[2];  // last visible key position, -1 for padded rows
+  int visible_end[2];  // anti-columns [0, visible_end) are visible to the row
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
-    const int i = first_row + local_row[r];
-    row_limit[r] = i < p.q_tiles ? last_key_of_row(i) : -1;
+    visible_end[r] = cta.visible_end(first_row + local_row[r]);
   }
   float run_max[2] = {-INFINITY, -INFINITY}, run_sum[2] = {0.f, 0.f};
 
@@ -179,7 +197,7 @@ __global__ void __launch_bounds__(AntidiagonalShape<kHeadDim>::kThreads, Antidia
 #pragma unroll
         for (int e = 0; e < 4; ++e) {
           const int column = tile * kTileN + nt * 8 + 2 * t + (e & 1), r = e >> 1;
-          const bool visible = column < columns && column * S <= row_limit[r];
+          const bool visible = column < visible_end[r];
           const float x = visible ? s_acc[nt][e] * p.scale_log2 : -INFINITY;
           s_acc[nt][e] = x;
           tile_max[r] = max_nan(tile_max[r], x);
@@ -205,13 +223,13 @@ __global__ void __launch_bounds__(AntidiagonalShape<kHeadDim>::kThreads, Antidia
         if (t == 0) {
 #pragma unroll
           for (int r = 0; r < 2; ++r) {
-            group_sums[static_cast<int64_t>(tile * kGroups + nt) * kRows + local_row[r]] = group[r];
+            cta.group_sums[static_cast<int64_t>(tile * kGroups + nt) * kRows + local_row[r]] = group[r];
           }
         }
       }
       if (t == 0) {
 #pragma unroll
-        for (int r = 0; r < 2; ++r) tile_maxima[tile * kRows + local_row[r]] = run_max[r];
+        for (int r = 0; r < 2; ++r) cta.tile_maxima[tile * kRows + local_row[r]] = run_max[r];
       }
     }
   }
@@ -225,8 +243,8 @@ __global__ void __launch_bounds__(AntidiagonalShape<kHeadDim>::kThreads, Antidia
   }
   __syncthreads();  // also makes the table's global writes visible to the whole CTA
 
-  write_antidiagonal_scores<kRows, kGroups>(p, group_sums, tile_maxima, s_row_max, s_row_sum, bh, first_block,
-                                            n_tiles * kGroups, warp, lane, Shape::kWarps);
+  write_antidiagonal_scores<kRows, kGroups>(p, cta.group_sums, cta.tile_maxima, s_row_max, s_row_sum, bh,
+                                            cta.first_block, n_tiles * kGroups, warp, lane, Shape::kWarps);
 }
 
 template <typename T, int kHeadDim>

@@ -73,23 +73,10 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
   const int bh = p.bh_begin + blockIdx.y, b = bh / p.q_heads, h = bh % p.q_heads;
   const int kv_head = h / (p.q_heads / p.kv_heads);
   const int S = p.stride;
-  const int rows_per_block = p.block_m / S;
-  const int first_row = blockIdx.x * kRows;  // this CTA's first anti-row
-  const int first_block = first_row / rows_per_block;
-  const int causal_offset = p.k_len - p.q_len;
-  const auto last_key_of_row = [&](int i) {
-    return p.causal ? min((i + 1) * S, p.q_len) - 1 + causal_offset : p.k_len - 1;
-  };
-  const int last_row = min(first_row + kRows, p.q_tiles) - 1;
-  const int limit = last_row >= first_row ? last_key_of_row(last_row) : -1;
-  const int columns = limit < 0 ? 0 : min(p.k_tiles, limit / S + 1);  // anti-columns any row here sees
-  const int n_tiles = (columns + kTileN - 1) / kTileN;
-  const int tiles_total = (p.k_tiles + kTileN - 1) / kTileN;
+  const AntidiagonalCta<kRows, kTileN, kGroups> cta(p);
+  const int first_row = cta.first_row;
   const int steps_per_tile = S * kPanels;
-  const int steps = n_tiles * steps_per_tile;
-  float* group_sums = p.table + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) *
-                                    static_cast<int64_t>(kRows) * tiles_total * (kGroups + 1);
-  float* tile_maxima = group_sums + static_cast<int64_t>(tiles_total) * kGroups * kRows;
+  const int steps = cta.n_tiles * steps_per_tile;
 
   if (tid == 0) {
 #pragma unroll
@@ -130,9 +117,7 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     local_row[r] = consumer * 64 + warp_in_group * 16 + g + 8 * r;
-    const int i = first_row + local_row[r];
-    const int last_key = i < p.q_tiles ? last_key_of_row(i) : -1;  // padded anti-rows see nothing
-    visible_end[r] = last_key < 0 ? 0 : min(columns, last_key / S + 1);
+    visible_end[r] = cta.visible_end(first_row + local_row[r]);
     run_max[r] = -INFINITY;
     run_sum[r] = 0.f;
   }
@@ -179,9 +164,9 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
       quad_reduce_scatter(groups, owned, t, [](float x, float y) { return x + y; });
 #pragma unroll
       for (int m = 0; m < kGroups / 4; ++m) {
-        group_sums[static_cast<int64_t>(tile * kGroups + 4 * m + t) * kRows + local_row[r]] = owned[m];
+        cta.group_sums[static_cast<int64_t>(tile * kGroups + 4 * m + t) * kRows + local_row[r]] = owned[m];
       }
-      if (t == 0) tile_maxima[tile * kRows + local_row[r]] = run_max[r];
+      if (t == 0) cta.tile_maxima[tile * kRows + local_row[r]] = run_max[r];
     }
   };
 
@@ -223,8 +208,9 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
   // A barrier over the consumer warpgroups only (the producer has exited); it also orders the table's
   // global writes before other threads read them.
   cutlass::arch::NamedBarrier::sync(Shape::kConsumers * 128, 0);
-  write_antidiagonal_scores<kRows, kGroups>(p, group_sums, tile_maxima, smem.row_max, smem.row_sum, bh, first_block,
-                                            n_tiles * kGroups, warp - 4, lane, Shape::kConsumers * 4);
+  write_antidiagonal_scores<kRows, kGroups>(p, cta.group_sums, cta.tile_maxima, smem.row_max, smem.row_sum, bh,
+                                            cta.first_block, cta.n_tiles * kGroups, warp - 4, lane,
+                                            Shape::kConsumers * 4);
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 

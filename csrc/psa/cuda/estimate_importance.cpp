@@ -42,6 +42,22 @@ void fill_common_params(Params& params, const at::Tensor& q, const at::Tensor& k
   params.causal = causal;
 }
 
+// Runs `launch(tag)` (tag: the input element type) over the flattened batch * head range in chunks that
+// fit the scratch table (per_head floats a head, at most kMaxTableBytes), setting params.table and the
+// chunk's bh_begin / bh_count.
+template <typename Params, typename Launch>
+void launch_over_head_chunks(Params& params, const at::Tensor& q, int64_t per_head, Launch launch) {
+  const int64_t heads = q.size(0) * q.size(1);
+  const int64_t chunk = std::clamp<int64_t>(kMaxTableBytes / (per_head * 4), 1, std::min<int64_t>(heads, 65535));
+  auto table = at::empty({chunk * per_head}, q.options().dtype(at::kFloat));
+  params.table = table.data_ptr<float>();
+  for (int64_t begin = 0; begin < heads; begin += chunk) {
+    params.bh_begin = static_cast<int>(begin);
+    params.bh_count = static_cast<int>(std::min(chunk, heads - begin));
+    check_launch(kOp, dispatch_input_dtype(kOp, q.scalar_type(), launch));
+  }
+}
+
 }  // namespace
 
 at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int64_t block_m, int64_t block_n,
@@ -88,26 +104,17 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
   const int64_t per_head =
       hopper ? kernels::sm90::SampledSm90Shape<64>::table_floats_per_head(params.n_q, params.q_samples, params.n_k)
              : kernels::SampledShape<64>::table_floats_per_head(params.n_q, params.q_samples, params.n_k);
-  const int64_t heads = batch * q_heads;
-  const int64_t chunk = std::clamp<int64_t>(kMaxTableBytes / (per_head * 4), 1, std::min<int64_t>(heads, 65535));
-  auto table = at::empty({chunk * per_head}, q.options().dtype(at::kFloat));
-  params.table = table.data_ptr<float>();
-  for (int64_t begin = 0; begin < heads; begin += chunk) {
-    params.bh_begin = static_cast<int>(begin);
-    params.bh_count = static_cast<int>(std::min(chunk, heads - begin));
-    const cudaError_t status = dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
+  launch_over_head_chunks(params, q, per_head, [&](auto tag) {
+    using T = decltype(tag);
 #ifdef PSA_WITH_SM90  // else sm90_device_unavailable_reason is never empty
-      if (hopper) {
-        return dim == 128 ? kernels::sm90::launch_estimate_sampled_sm90<T, 128>(params, stream)
-                          : kernels::sm90::launch_estimate_sampled_sm90<T, 64>(params, stream);
-      }
+    if (hopper) {
+      return dim == 128 ? kernels::sm90::launch_estimate_sampled_sm90<T, 128>(params, stream)
+                        : kernels::sm90::launch_estimate_sampled_sm90<T, 64>(params, stream);
+    }
 #endif
-      return dim == 128 ? kernels::launch_estimate_sampled<T, 128>(params, stream)
-                        : kernels::launch_estimate_sampled<T, 64>(params, stream);
-    });
-    check_launch(kOp, status);
-  }
+    return dim == 128 ? kernels::launch_estimate_sampled<T, 128>(params, stream)
+                      : kernels::launch_estimate_sampled<T, 64>(params, stream);
+  });
   return scores;
 }
 
@@ -147,26 +154,18 @@ at::Tensor estimate_antidiagonal(const at::Tensor& q_in, const at::Tensor& k_in,
   const int64_t per_head =
       hopper ? Sm90Shape::table_floats_per_head(params.n_q, static_cast<int>(rows_per_block), params.k_tiles)
              : Shape::table_floats_per_head(params.n_q, static_cast<int>(rows_per_block), params.k_tiles);
-  const int64_t heads = batch * q_heads;
-  const int64_t chunk = std::clamp<int64_t>(kMaxTableBytes / (per_head * 4), 1, std::min<int64_t>(heads, 65535));
-  auto table = at::empty({chunk * per_head}, q.options().dtype(at::kFloat));
-  params.table = table.data_ptr<float>();
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  for (int64_t begin = 0; begin < heads; begin += chunk) {
-    params.bh_begin = static_cast<int>(begin);
-    params.bh_count = static_cast<int>(std::min(chunk, heads - begin));
-    check_launch(kOp, dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {
-      using T = decltype(tag);
+  launch_over_head_chunks(params, q, per_head, [&](auto tag) {
+    using T = decltype(tag);
 #ifdef PSA_WITH_SM90  // else sm90_device_unavailable_reason is never empty
-      if (hopper) {
-        return dim == 128 ? kernels::sm90::launch_estimate_antidiagonal_sm90<T, 128>(params, stream)
-                          : kernels::sm90::launch_estimate_antidiagonal_sm90<T, 64>(params, stream);
-      }
+    if (hopper) {
+      return dim == 128 ? kernels::sm90::launch_estimate_antidiagonal_sm90<T, 128>(params, stream)
+                        : kernels::sm90::launch_estimate_antidiagonal_sm90<T, 64>(params, stream);
+    }
 #endif
-      return dim == 128 ? kernels::launch_estimate_antidiagonal<T, 128>(params, stream)
-                        : kernels::launch_estimate_antidiagonal<T, 64>(params, stream);
-    }));
-  }
+    return dim == 128 ? kernels::launch_estimate_antidiagonal<T, 128>(params, stream)
+                      : kernels::launch_estimate_antidiagonal<T, 64>(params, stream);
+  });
   return scores;
 }
 

@@ -63,33 +63,57 @@ struct AntidiagonalCta {
   }
 };
 
-// The last pass of the antidiagonal kernels (this one and sm90/estimate_antidiagonal_sm90.cuh): block
-// sums of the softmax, one warp per query block, lanes over key blocks; then each row of blocks
-// normalised. `group_sums` [n_groups][kRows] holds, per group of 8 anti-columns and anti-row, the sum of
-// exp2 relative to the running max after the group's tile, `tile_maxima` [tiles][kRows] that max,
-// `row_max` / `row_sum` each anti-row's final max and sum. Rows that saw nothing add 0.
-template <int kRows, int kGroups>
-__device__ void write_antidiagonal_scores(const AntidiagonalParams& p, const float* group_sums,
-                                          const float* tile_maxima, const float* row_max, const float* row_sum,
-                                          int bh, int first_block, int n_groups, int warp, int lane, int n_warps) {
+// The last pass of the antidiagonal kernels (this one and sm90/estimate_antidiagonal_sm90.cuh), run by
+// `n_threads` threads of the CTA (`sync` is their barrier): block sums of the softmax, then each row of
+// blocks normalised. `group_sums` [n_groups][kRows] holds, per group of 8 anti-columns and anti-row, the
+// sum of exp2 relative to the running max after the group's tile, `tile_maxima` [tiles][kRows] that max,
+// `row_max` / `row_sum` each anti-row's final max and sum.
+//   First each (tile, anti-row) max becomes, in place, the factor that turns that tile's group sums into
+// softmax mass (exp2(tile max - row max) / row sum; 0 for rows that saw nothing), so the block sums are
+// plain dot products: one warp per query block, lanes over key blocks, each reading its groups' sums
+// and factors as float4 over the block's anti-rows (consecutive in both tables). Computing the factor
+// inside that loop cost an exp2, a division and dependent scalar loads per (group, row): a quarter of
+// the Hopper kernel's time (ncu, NOTES.md).
+template <int kRows, int kGroups, typename Sync>
+__device__ void write_antidiagonal_scores(const AntidiagonalParams& p, const float* group_sums, float* tile_maxima,
+                                          const float* row_max, const float* row_sum, int bh, int first_block,
+                                          int n_tiles, int thread, int n_threads, Sync sync) {
   const int rows_per_block = p.block_m / p.stride, groups_per_block = p.block_n / p.stride / 8;
+  for (int i = thread; i < n_tiles * kRows; i += n_threads) {
+    const int r = i % kRows;
+    const float tile_max = tile_maxima[i];
+    tile_maxima[i] = row_sum[r] > 0.f && tile_max > -INFINITY ? exp2f(tile_max - row_max[r]) / row_sum[r] : 0.f;
+  }
+  sync();  // also orders the factors' global writes before other warps read them
+  const float* factors = tile_maxima;
+  const int n_groups = n_tiles * kGroups;
+  const int warp = thread / 32, lane = thread % 32;
   const int blocks_here = kRows / rows_per_block;
-  for (int qb = warp; qb < blocks_here; qb += n_warps) {
-    const int block = first_block + qb;
+  const bool vector_rows = rows_per_block % 4 == 0;  // then every float4 below is 16-byte aligned
+  for (int qb = warp; qb < blocks_here; qb += n_threads / 32) {
+    const int block = first_block + qb, first = qb * rows_per_block;
     if (block >= p.n_q) break;
     float* out = p.scores + (static_cast<int64_t>(bh) * p.n_q + block) * p.n_k;
     // A NaN anti-row makes its whole block row NaN, as the reference's softmax does (docs/spec.md
     // section 5: such a row then runs dense).
     bool nan_row = false;
-    for (int r = qb * rows_per_block; r < (qb + 1) * rows_per_block; ++r) nan_row |= isnan(row_max[r]);
+    for (int r = first; r < first + rows_per_block; ++r) nan_row |= isnan(row_max[r]);
     float total = 0.f;
     for (int j = lane; j < p.n_k; j += 32) {
       float mass = nan_row ? NAN : 0.f;
-      for (int gi = j * groups_per_block; gi < (j + 1) * groups_per_block && gi < n_groups; ++gi) {
-        const int tile = gi / kGroups;
-        for (int r = qb * rows_per_block; r < (qb + 1) * rows_per_block; ++r) {
-          const float part = group_sums[static_cast<int64_t>(gi) * kRows + r];
-          if (part > 0.f) mass += part * exp2f(tile_maxima[tile * kRows + r] - row_max[r]) / row_sum[r];
+      const int group_end = min((j + 1) * groups_per_block, n_groups);
+      for (int gi = j * groups_per_block; gi < group_end; ++gi) {
+        const float* sums = group_sums + static_cast<int64_t>(gi) * kRows + first;
+        const float* factor = factors + (gi / kGroups) * kRows + first;
+        if (vector_rows) {
+#pragma unroll 4
+          for (int r = 0; r < rows_per_block; r += 4) {
+            const float4 a = *reinterpret_cast<const float4*>(sums + r);
+            const float4 f = *reinterpret_cast<const float4*>(factor + r);
+            mass += a.x * f.x + a.y * f.y + a.z * f.z + a.w * f.w;
+          }
+        } else {
+          for (int r = 0; r < rows_per_block; ++r) mass += sums[r] * factor[r];
         }
       }
       out[j] = mass;
@@ -244,7 +268,7 @@ __global__ void __launch_bounds__(AntidiagonalShape<kHeadDim>::kThreads, Antidia
   __syncthreads();  // also makes the table's global writes visible to the whole CTA
 
   write_antidiagonal_scores<kRows, kGroups>(p, cta.group_sums, cta.tile_maxima, s_row_max, s_row_sum, bh,
-                                            cta.first_block, n_tiles * kGroups, warp, lane, Shape::kWarps);
+                                            cta.first_block, n_tiles, tid, Shape::kThreads, [] { __syncthreads(); });
 }
 
 template <typename T, int kHeadDim>

@@ -207,10 +207,11 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
   }
   // A barrier over the consumer warpgroups only (the producer has exited); it also orders the table's
   // global writes before other threads read them.
-  cutlass::arch::NamedBarrier::sync(Shape::kConsumers * 128, 0);
+  const auto consumers_sync = [] { cutlass::arch::NamedBarrier::sync(Shape::kConsumers * 128, 0); };
+  consumers_sync();
   write_antidiagonal_scores<kRows, kGroups>(p, cta.group_sums, cta.tile_maxima, smem.row_max, smem.row_sum, bh,
-                                            cta.first_block, cta.n_tiles * kGroups, warp - 4, lane,
-                                            Shape::kConsumers * 4);
+                                            cta.first_block, cta.n_tiles, tid - 128, Shape::kConsumers * 128,
+                                            consumers_sync);
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 

@@ -7,7 +7,10 @@
 // the sort's own tie order. The sort only passes over those bits (ceil(log2(n_k)) index bits, not
 // 32): 11 radix passes instead of 16 for up to 1024 blocks. Non-candidates get the largest keys and sort last. (Scores are ranked at float32
 // precision; the estimators produce float32. The mass sums below use the double values.) A block scan gives the
-// mass ranked ahead of each block (threshold mode); quotas come from m (topk mode). Then the fix-ups
+// mass ranked ahead of each block (threshold mode); quotas come from m (topk mode). Rows of at most 256
+// key blocks rank by counting instead (kCountingRank): each candidate's rank is the number of keys
+// below its own, read from shared memory, m compares per item and no radix passes; the keys and hence
+// the order are the sort's. Then the fix-ups
 // (floor, causal diagonal and sink, forced blocks, similarity cap) apply per block and every level of
 // the row is written once.
 #pragma once
@@ -21,7 +24,7 @@
 
 namespace psa::kernels {
 
-template <typename Score, int kThreads, int kItems>
+template <typename Score, int kThreads, int kItems, bool kCountingRank>
 __global__ void __launch_bounds__(kThreads) assign_levels_kernel(const AssignParams p) {
   using Sort = cub::BlockRadixSort<unsigned long long, kThreads, kItems>;
   using Reduce = cub::BlockReduce<double, kThreads>;
@@ -58,11 +61,38 @@ __global__ void __launch_bounds__(kThreads) assign_levels_kernel(const AssignPar
     const unsigned high = j < m ? ~__float_as_uint(static_cast<float>(scores[j])) : 0xffffffffu;
     key[item] = (static_cast<unsigned long long>(high) << index_bits) | static_cast<unsigned>(j);
   }
-  Sort(temp.sort).Sort(key, 0, 32 + index_bits);
-  __syncthreads();
-  int block[kItems];
+  int block[kItems];  // the block ranked threadIdx.x * kItems + item
+  if constexpr (kCountingRank) {
+    // Keys are unique (they carry the index), so a candidate's rank is the number of keys below its
+    // own; keys past m are non-candidates, above every candidate, so counting stops at m. The loop
+    // reads two keys per shared load (every thread the same address: a broadcast) and compares each
+    // with all of this thread's items. m may be odd: slot m then holds a non-candidate (or m == the
+    // even slot count), which adds nothing.
+    __shared__ __align__(16) unsigned long long s_key[kThreads * kItems];
+    __shared__ int s_ranked[kThreads * kItems];
 #pragma unroll
-  for (int item = 0; item < kItems; ++item) block[item] = static_cast<int>(key[item] & ((1ull << index_bits) - 1));
+    for (int item = 0; item < kItems; ++item) s_key[threadIdx.x * kItems + item] = key[item];
+    __syncthreads();
+    int rank[kItems] = {};
+    for (int k = 0; k < m; k += 2) {
+      const ulonglong2 pair = *reinterpret_cast<const ulonglong2*>(&s_key[k]);
+#pragma unroll
+      for (int item = 0; item < kItems; ++item) rank[item] += (pair.x < key[item]) + (pair.y < key[item]);
+    }
+#pragma unroll
+    for (int item = 0; item < kItems; ++item) {
+      const int j = threadIdx.x * kItems + item;
+      s_ranked[j < m ? rank[item] : j] = j;  // non-candidates follow in index order, as their keys sort
+    }
+    __syncthreads();
+#pragma unroll
+    for (int item = 0; item < kItems; ++item) block[item] = s_ranked[threadIdx.x * kItems + item];
+  } else {
+    Sort(temp.sort).Sort(key, 0, 32 + index_bits);
+    __syncthreads();
+#pragma unroll
+    for (int item = 0; item < kItems; ++item) block[item] = static_cast<int>(key[item] & ((1ull << index_bits) - 1));
+  }
 
   // The ranks of this thread's items are threadIdx.x * kItems + item.
   double mass[kItems];
@@ -116,20 +146,22 @@ cudaError_t launch_assign_levels(const AssignParams& p, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.q_heads * p.n_q));
   // Slots sized to the row (every slot is a key through all radix passes): wan14b's 591 blocks per
   // row take 640 slots, not 2048.
-  if (p.n_k <= 256) {
-    assign_levels_kernel<Score, 128, 2><<<grid, 128, 0, stream>>>(p);
+  if (p.n_k <= 128) {
+    assign_levels_kernel<Score, 128, 1, true><<<grid, 128, 0, stream>>>(p);
+  } else if (p.n_k <= 256) {
+    assign_levels_kernel<Score, 128, 2, true><<<grid, 128, 0, stream>>>(p);
   } else if (p.n_k <= 384) {
-    assign_levels_kernel<Score, 128, 3><<<grid, 128, 0, stream>>>(p);
+    assign_levels_kernel<Score, 128, 3, false><<<grid, 128, 0, stream>>>(p);
   } else if (p.n_k <= 512) {
-    assign_levels_kernel<Score, 128, 4><<<grid, 128, 0, stream>>>(p);
+    assign_levels_kernel<Score, 128, 4, false><<<grid, 128, 0, stream>>>(p);
   } else if (p.n_k <= 640) {
-    assign_levels_kernel<Score, 128, 5><<<grid, 128, 0, stream>>>(p);
+    assign_levels_kernel<Score, 128, 5, false><<<grid, 128, 0, stream>>>(p);
   } else if (p.n_k <= 1024) {
-    assign_levels_kernel<Score, 256, 4><<<grid, 256, 0, stream>>>(p);
+    assign_levels_kernel<Score, 256, 4, false><<<grid, 256, 0, stream>>>(p);
   } else if (p.n_k <= 2048) {
-    assign_levels_kernel<Score, 128, 16><<<grid, 128, 0, stream>>>(p);
+    assign_levels_kernel<Score, 128, 16, false><<<grid, 128, 0, stream>>>(p);
   } else {
-    assign_levels_kernel<Score, 256, 16><<<grid, 256, 0, stream>>>(p);  // up to kAssignMaxBlocks
+    assign_levels_kernel<Score, 256, 16, false><<<grid, 256, 0, stream>>>(p);  // up to kAssignMaxBlocks
   }
   return cudaGetLastError();
 }

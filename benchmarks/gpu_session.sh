@@ -6,7 +6,9 @@
 #   bench [args...]         benchmarks/bench_attention.py with the given arguments (with FA4 beside psa
 #                           when benchmarks/fa4_wheels.sh has installed it into /tmp/fa4site)
 #   fa4                     benchmarks/fa4_wheels.sh collect: gather the carried FA4 wheel parts
-#   e2e [args...]           benchmarks/bench_e2e.py (a Wan-sized denoising step, dense vs psa)
+#   e2e [args...]           benchmarks/bench_e2e.py (a Wan-sized denoising step, dense vs psa); needs
+#                           diffusers: its wheel and its dependencies' carried in .whl_e2e/ (pip takes
+#                           only those the environment lacks)
 #   prefill [args...]       benchmarks/bench_prefill.py (causal VLM prefill attention, then a small model's
 #                           per-layer level statistics on cockatoo.mp4 when .whl_demo/ is carried)
 #   ulysses [args...]       benchmarks/bench_ulysses.py (needs as many GPUs as --world, default 2)
@@ -60,7 +62,8 @@ run_step() {
       site=(); [ -d /tmp/fa4site ] && site=(--site /tmp/fa4site)
       $limit python3 benchmarks/bench_attention.py "${site[@]}" "${args[@]}" 2>&1 | tee "$log_dir/bench.log" ;;
     fa4) bash benchmarks/fa4_wheels.sh collect ;;
-    e2e) $limit python3 benchmarks/bench_e2e.py "${args[@]}" 2>&1 | tee "$log_dir/e2e.log" ;;
+    e2e) python3 -m pip install -q --no-index --find-links .whl_e2e diffusers
+         $limit python3 benchmarks/bench_e2e.py "${args[@]}" 2>&1 | tee "$log_dir/e2e.log" ;;
     prefill) demo_data; $limit python3 benchmarks/bench_prefill.py "${args[@]}" 2>&1 | tee "$log_dir/prefill.log" ;;
     ulysses) $limit python3 benchmarks/bench_ulysses.py "${args[@]}" 2>&1 | tee "$log_dir/ulysses.log" ;;
     rowcost) $limit python3 benchmarks/bench_row_cost.py "${args[@]}" 2>&1 | tee "$log_dir/rowcost.log" ;;

@@ -8,6 +8,8 @@
 #                                             # close enough that the machine stays warm: gathers the
 #                                             # parts in /tmp/fa4-parts; once all are there, joins them
 #                                             # and installs everything into /tmp/fa4site
+# The DSL's Python package (cutlass.cute) is in nvidia-cutlass-dsl-libs-core, a dependency of libs-base:
+# without it `import flash_attn.cute` fails with "No module named 'cutlass.cute'".
 #
 # bench_attention.py --site /tmp/fa4site then times FA4 dense and block-sparse beside psa (gpu_session.sh
 # passes it when /tmp/fa4site exists). FA4's packages are installed with --target, so they only become
@@ -26,8 +28,9 @@ case "${1:-}" in
               --platform manylinux_2_24_x86_64 --platform manylinux2014_x86_64 --only-binary=:all:)
     python3 -m pip download -q --no-deps "${platform[@]}" -d .fa4/download \
       "flash-attn-4==$FA4_VERSION" "nvidia-cutlass-dsl==$DSL_VERSION" "nvidia-cutlass-dsl-libs-base==$DSL_VERSION" \
-      "nvidia-cutlass-dsl-libs-cu13==$DSL_VERSION" "quack-kernels>=0.5.3" "apache-tvm-ffi>=0.1.11,<0.2" \
-      torch-c-dlpack-ext "einops<0.9"
+      "nvidia-cutlass-dsl-libs-cu13==$DSL_VERSION" "nvidia-cutlass-dsl-libs-core==$DSL_VERSION" \
+      "cuda-bindings>=12.8,<14" cuda-pathfinder "protobuf>=4.21.12" \
+      "quack-kernels>=0.5.3" "apache-tvm-ffi>=0.1.11,<0.2" torch-c-dlpack-ext "einops<0.9"
     big=$(ls .fa4/download/nvidia_cutlass_dsl_libs_cu13-*.whl)
     (cd .fa4/download && sha256sum ./*.whl > ../SHA256SUMS)
     split -b "$PART_BYTES" -d -a 2 "$big" ".fa4/download/$(basename "$big").part-"

@@ -5,10 +5,13 @@ Builds random bf16 inputs of a model shape, the K/V pyramid and a level map (eve
 or the default config's map from `estimate_levels` with --map psa), runs `attention_over_pyramid` once
 to warm up and once more: profile with `ncu --launch-skip 1 --launch-count 1 -k regex:attention_with_levels`.
 With --estimator it runs `estimate_importance` twice instead (profile with `-k regex:estimate_`, which
-gpu_session.sh picks when NCU_KERNEL=estimate_).
+gpu_session.sh picks when NCU_KERNEL=estimate_). With --fa4 SITE it runs FlashAttention-4's dense forward
+twice on the same shape (from SITE, where benchmarks/fa4_wheels.sh installs it; NCU_KERNEL=Sm90), to
+compare its SASS and stalls with psa's kernel at --map 1.
 
 Usage: python benchmarks/profile_attention.py [--shape wan1.3b_480p] [--map 1|2|4|8|psa]
        python benchmarks/profile_attention.py --estimator antidiagonal|sampled|pooled [--causal]
+       python benchmarks/profile_attention.py --fa4 /tmp/fa4site
 """
 
 import argparse
@@ -32,10 +35,22 @@ def main():
     parser.add_argument("--map", default="1", choices=["1", "2", "4", "8", "psa"])
     parser.add_argument("--estimator", choices=["antidiagonal", "sampled", "pooled"])
     parser.add_argument("--causal", action="store_true", help="with --estimator: causal scores")
+    parser.add_argument("--fa4", metavar="SITE", help="profile FlashAttention-4's dense forward from this site dir")
     args = parser.parse_args()
     shape = SHAPES[args.shape]
     q, k, v = (torch.randn(1, shape.heads, shape.tokens, shape.head_dim, device="cuda", dtype=torch.bfloat16)
                for _ in range(3))
+    if args.fa4:
+        import site
+        site.addsitedir(args.fa4)  # the CuTe DSL needs its .pth file read
+        from flash_attn.cute.interface import flash_attn_func
+        q4, k4, v4 = (x.transpose(1, 2).contiguous() for x in (q, k, v))  # FA4 takes [B, L, H, D]
+        torch.cuda.synchronize()
+        for _ in range(2):
+            flash_attn_func(q4, k4, v4)
+        torch.cuda.synchronize()
+        print(f"profiled {args.shape}, FA4 dense")
+        return
     if args.estimator:
         config = psa.PSAConfig(estimator=args.estimator, causal=args.causal)
         for _ in range(2):

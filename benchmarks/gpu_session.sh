@@ -22,6 +22,7 @@
 #   patch FILE              apply FILE (a `git diff` of a variant, carried untracked) with patch -p1 and
 #                           rebuild (ninja recompiles what it touches): A/B of kernel variants in one call
 #   unpatch FILE            take FILE back out (patch -R) and rebuild, before the next variant's patch
+#   swap OLD NEW            take OLD out and apply NEW with one rebuild (A/B of several variants in a row)
 # Example: bash benchmarks/gpu_session.sh tests tests/test_cuda_sm90.py bench --shapes wan1.3b_480p
 # Each step is cut off after STEP_TIMEOUT seconds (default 400), so a hung kernel still leaves the
 # other steps' output. Wheels in .whl/: nvidia_cutlass-4.2.0.0 and setuptools>=77 (see the README).
@@ -81,13 +82,15 @@ run_step() {
     train) demo_data && $limit python3 benchmarks/train_with_psa.py "${args[@]}" 2>&1 | tee "$log_dir/train.log" ;;
     patch) echo "== patch ${args[0]}"; patch -p1 --forward < "${args[0]}" | tail -3 && build ;;
     unpatch) echo "== unpatch ${args[0]}"; patch -p1 -R < "${args[0]}" | tail -3 && build ;;
+    swap) echo "== swap ${args[0]} -> ${args[1]}"
+          { patch -p1 -R < "${args[0]}" && patch -p1 --forward < "${args[1]}"; } | tail -3 && build ;;
     "") ;;
     *) echo "unknown step $step"; exit 2 ;;
   esac
 }
 for word in "$@"; do
   case "$word" in
-    tests|sanitizer|bench|fa4|e2e|prefill|ulysses|rowcost|ncu|train|patch|unpatch) run_step; step=$word; args=() ;;
+    tests|sanitizer|bench|fa4|e2e|prefill|ulysses|rowcost|ncu|train|patch|unpatch|swap) run_step; step=$word; args=() ;;
     *) args+=("$word") ;;
   esac
 done

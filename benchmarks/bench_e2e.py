@@ -7,7 +7,8 @@ guidance), a random text context of 512 tokens, and the latent of 81 frames: 480
   - the step time with diffusers' cuDNN attention backend and with psa (default config, `--order`),
     both with the blocks compiled (`compile_repeated_blocks(fullgraph=True)`) unless `--no-compile`;
   - the attention share: the model's self-attention layers timed alone (SDPA cuDNN, psa's
-    `sparse_attention` including its token permutation) over the step, and the step speedup;
+    `sparse_attention`: on Wan the blocks hold psa's token order, `keep_order`, so a layer runs the op
+    without permuting) over the step, and the step speedup;
   - psa's density and coverage on this input.
 Median of `--repeats` steps after warm-up, CUDA events.
 
@@ -80,20 +81,18 @@ def step_ms(model, inputs, repeats, device):
     return statistics.median(times)
 
 
-def attention_ms(model, inputs, config, order, repeats, device, dtype):
-    """(dense, psa) ms of one self-attention layer alone on this model's shape (psa with its token
-    permutation, as the integration runs it)."""
+def attention_ms(model, inputs, config, repeats, device, dtype):
+    """(dense, psa) ms of one self-attention layer alone on this model's shape (psa on tokens already in
+    its order, as the integration runs Wan's blocks with keep_order)."""
     heads, head_dim = model.config.num_attention_heads, model.config.attention_head_dim
     p_t, p_h, p_w = model.config.patch_size
     _, _, frames, height, width = inputs[0].shape
-    grid = (frames // p_t, height // p_h, width // p_w)
-    tokens = grid[0] * grid[1] * grid[2]
+    tokens = (frames // p_t) * (height // p_h) * (width // p_w)
+    # Random tokens: psa's order would change nothing the op sees.
     q, k, v = (torch.randn(1, heads, tokens, head_dim, device=device, dtype=dtype) for _ in range(3))
-    layout = psa.layout.get_layout(grid, order, device=device)
 
     def run_psa():
-        out = psa.sparse_attention(layout.permute(q, 2), layout.permute(k, 2), layout.permute(v, 2), config)
-        return layout.unpermute(out, 2)
+        return psa.sparse_attention(q, k, v, config)
 
     def run_dense():
         if device.type == "cuda":
@@ -152,7 +151,7 @@ def main():
         stats = psa_diffusers.stats(model)
         density = statistics.mean(s["density"] for s in stats)
         coverage = statistics.mean(s["coverage"] for s in stats)
-        attn_dense, attn_psa = attention_ms(model, inputs, config, args.order, args.repeats, device, dtype)
+        attn_dense, attn_psa = attention_ms(model, inputs, config, args.repeats, device, dtype)
         p_t, p_h, p_w = model.config.patch_size
         tokens = (inputs[0].shape[2] // p_t) * (inputs[0].shape[3] // p_h) * (inputs[0].shape[4] // p_w)
         print("|" + "|".join([

@@ -330,3 +330,46 @@ def test_dynamic_compile_takes_new_grids_without_recompiling(rng, name):
             graphs = counter.frame_count
         assert counter.frame_count == graphs, f"grid {(t, h, w)} recompiled"
     assert psa_diffusers.stats(model)
+
+
+def _count_layout_gathers(monkeypatch):
+    """Counts psa.layout permutations (permute and unpermute calls that move data)."""
+    calls = {"n": 0}
+    for name in ("permute", "unpermute"):
+        original = getattr(psa.layout.TokenLayout, name)
+
+        def counted(self, x, dim=-2, _original=original):
+            calls["n"] += 0 if self.is_identity else 1
+            return _original(self, x, dim)
+
+        monkeypatch.setattr(psa.layout.TokenLayout, name, counted)
+    return calls
+
+
+@pytest.mark.parametrize("per_token_timestep", [False, True], ids=["wan2.1", "wan2.2-ti2v"])
+def test_wan_keeps_its_blocks_in_psa_order(rng, monkeypatch, per_token_timestep):
+    # keep_order (the default on Wan): the blocks run in gilbert order, permuted once per forward (patch
+    # tokens, rotary tables, per-token timestep projection; back at the output norm) instead of q, k, v
+    # and the output in every psa layer; the output is the one of per-layer permutation.
+    tiny = MODELS["wan"](rng)
+    latents, text = tiny.inputs
+    tokens = 5 * 12 * 10
+    timestep = torch.linspace(999, 500, tokens)[None] if per_token_timestep else torch.tensor([700.0])
+
+    def run(model):
+        with torch.no_grad():
+            return model(latents, timestep, text, return_dict=False)[0]
+
+    calls = _count_layout_gathers(monkeypatch)
+    per_layer = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG, keep_order=False)
+    expected = run(per_layer)
+    per_layer_gathers, calls["n"] = calls["n"], 0
+    kept = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG)
+    out = run(kept)
+    assert per_layer_gathers == 4 * len(kept.blocks)    # q, k, v and the output of every layer
+    assert calls["n"] == 4 + per_token_timestep        # tokens, cos, sin, (timestep projection,) output
+    torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
+    assert [row["density"] for row in psa_diffusers.stats(kept)] == pytest.approx(
+        [row["density"] for row in psa_diffusers.stats(per_layer)], abs=0.05)
+    psa_diffusers.remove(kept)
+    torch.testing.assert_close(run(kept), run(tiny.build()), rtol=0, atol=0)

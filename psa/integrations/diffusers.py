@@ -23,7 +23,10 @@ other call (other models, cross-attention, warm-up steps) goes to diffusers' dis
 CogVideoX's processor calls `F.scaled_dot_product_attention` itself, so its self-attention processors are
 replaced by one that projects q, k, v with the module's own layers and rotary embedding and attends with
 psa (and calls the original processor whenever psa is not to run). The latent grid comes from the
-transformer's input shape and patch size; q, k, v are permuted into `order` (psa.layout) and back.
+transformer's input shape and patch size; q, k, v are permuted into `order` (psa.layout) and back. On Wan
+the blocks' hidden states are held in that order instead while psa is active (`keep_order`, the default):
+the patch tokens, rotary tables and per-token timestep projection are permuted once per forward and the
+output norm's input put back, which saves four gathers per layer.
 
 Dense warm-up counts denoising steps from the transformer's forward calls and their timestep: a
 smaller timestep than the previous call is the next step, an equal one is the same step (classifier-free
@@ -127,6 +130,9 @@ class _State:
     history: List[tuple] = field(default_factory=list)         # (step, counts) of finished steps
     restore: List[Callable[[], None]] = field(default_factory=list)
     hook: object = None
+    # keep_order is installed: while psa is active the blocks' hidden states are held in `order`, so
+    # psa's calls need no permutation (warm-up steps run the blocks in the model's own order).
+    keep_order: bool = False
 
     def allocate_counts(self, device: torch.device) -> None:
         self.counts = torch.zeros(len(self.layers), len(LEVEL_VALUES), dtype=torch.long, device=device)
@@ -191,13 +197,17 @@ class _Route:
         """psa over `[B, H, L, D]` tensors whose first `text` tokens are text: those are forced keys and
         forced query rows (docs/spec.md section 5) and stay out of the token permutation."""
         state = self.state
-        order = _layout.get_layout(self.grid(), state.order, tile=state.tile, text_before=text, device=q.device)
-        q, k, v = (order.permute(x, dim=2) for x in (q, k, v))
+        order = None
+        if not state.keep_order:  # attend runs only while psa is active: then the blocks are in order
+            order = _layout.get_layout(self.grid(), state.order, tile=state.tile, text_before=text, device=q.device)
+            q, k, v = (order.permute(x, dim=2) for x in (q, k, v))
         forced = _layout.text_positions(q.shape[2], text_before=text, device=q.device)
         out, lse, levels = sparse_attention(q, k, v, self.config, scale=scale, force_keys=forced,
                                             force_queries=forced, return_lse=True, return_levels=True)
         if state.collect_stats:
             state.record(levels)
+        if order is None:
+            return (out, lse) if return_lse else out
         out = order.unpermute(out, dim=2)
         return (out, order.unpermute(lse, dim=2)) if return_lse else out
 
@@ -423,6 +433,60 @@ class _Adapter:
     grid: Callable                # (transformer, hidden_states) -> latent grid (T, H, W) after patching
     timestep_position: int        # positional index of `timestep` in forward()
     install: Callable             # (state, attention module, its PSAConfig) -> None
+    keep_order: Optional[Callable] = None  # (state, transformer) -> None: hooks that hold the blocks in order
+
+
+def _wan_keep_order(state: _State, transformer) -> None:
+    """Wan's blocks see only per-token operations besides attention, so their hidden states can stay in
+    psa's token order from the first block to the last: the patch embedding's tokens are permuted once
+    (its output, before the transformer flattens it), the rotary tables and Wan2.2 TI2V's per-token
+    timestep projection alike, and the output norm's input is put back. Attention is
+    permutation-equivariant when q, k and v are permuted together, so dense layers give the same result
+    up to rounding; psa's calls then skip four gathers per layer (q, k, v, out: about 0.5 ms a layer at
+    Wan2.1-1.3B's 32760 tokens on an H200, RESULTS.md). The hooks sit on modules outside the blocks, so
+    regional compilation (compile_repeated_blocks) still compiles one block graph per mode, and only
+    while psa is active: a warm-up step runs exactly as the unpatched model."""
+
+    def order_for(device):
+        return _layout.get_layout(tuple(state.grid_shape.shape[:3]), state.order, tile=state.tile, device=device)
+
+    def patches_hook(module, args, output):  # [B, C, F, H, W]: the transformer flattens (F, H, W) into tokens
+        if not state.active:
+            return None
+        order = order_for(output.device)
+        return order.permute(output.flatten(2), dim=2).view_as(output)
+
+    def rope_hook(module, args, output):  # (cos, sin), each [1, L, 1, D]
+        if not state.active:
+            return None
+        order = order_for(output[0].device)
+        return tuple(order.permute(x, dim=1) for x in output)
+
+    def condition_hook(module, args, output):  # (temb, timestep_proj, text, image)
+        temb, timestep_proj, *rest = output
+        if not state.active:
+            return None
+        if timestep_proj.ndim == 3:  # per token (Wan2.2 TI2V): [B, L, 6 C]; temb keeps its order (used after the blocks)
+            timestep_proj = order_for(timestep_proj.device).permute(timestep_proj, dim=1)
+        return (temb, timestep_proj, *rest)
+
+    def leave_blocks(module, args):  # norm_out's input: the last block's output [B, L, C]
+        if not state.active:
+            return None
+        return (order_for(args[0].device).unpermute(args[0], dim=1), *args[1:])
+
+    handles = [transformer.patch_embedding.register_forward_hook(patches_hook),
+               transformer.rope.register_forward_hook(rope_hook),
+               transformer.condition_embedder.register_forward_hook(condition_hook),
+               transformer.norm_out.register_forward_pre_hook(leave_blocks)]
+    state.keep_order = True
+
+    def restore():
+        for handle in handles:
+            handle.remove()
+        state.keep_order = False
+
+    state.restore.append(restore)
 
 
 def _wan_grid(transformer, hidden):
@@ -450,7 +514,7 @@ def _cogvideox_grid(transformer, hidden):
 
 _ADAPTERS = {
     "WanTransformer3DModel": _Adapter(lambda t: [block.attn1 for block in t.blocks], _wan_grid, 1,
-                                      _route_through_dispatch),
+                                      _route_through_dispatch, _wan_keep_order),
     "CogVideoXTransformer3DModel": _Adapter(lambda t: [block.attn1 for block in t.transformer_blocks],
                                             _cogvideox_grid, 2, _replace_processor),
     "HunyuanVideoTransformer3DModel": _Adapter(_hunyuan_attentions, _hunyuan_grid, 1, _route_through_dispatch),
@@ -483,7 +547,7 @@ def _before_forward(state: _State):
 
 def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] = None, *, warmup_steps: int = 0,
           order: str = "gilbert", tile: Sequence[int] = _layout.DEFAULT_TILE, layers: Optional[Iterable[int]] = None,
-          collect_stats: bool = True, share_steps_with=None):
+          collect_stats: bool = True, share_steps_with=None, keep_order: bool = True):
     """Route `transformer`'s video self-attention through psa. Returns the transformer.
 
     `config`: one PSAConfig for every patched block, or `{block index: PSAConfig}` (as
@@ -494,6 +558,11 @@ def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] =
     `share_steps_with`: another transformer psa is applied to whose denoising steps this one continues:
     Wan2.2's second expert (`apply(pipe.transformer_2, ..., share_steps_with=pipe.transformer)`), so
     that warm-up counts the pipeline's steps, not each expert's.
+    `keep_order`: hold the blocks' hidden states in `order` from the first block to the last (Wan, without
+    context parallelism) instead of permuting q, k, v and the output in every psa layer; the result is
+    the same. Other models, and Wan under context parallelism, permute per layer. Warm-up steps run in
+    the model's own order: pass False when something caches block or attention outputs across steps
+    (diffusers' cache hooks), so that no cached tensor changes order between steps.
     """
     config = PSAConfig() if config is None else config
     per_layer = dict(config) if isinstance(config, Mapping) else None
@@ -536,8 +605,15 @@ def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] =
     if shared is not None:
         state.steps = shared.steps
         state.shares_steps = shared.shares_steps = True
+    if not isinstance(keep_order, bool):
+        raise ValueError(f"keep_order must be a bool, got {keep_order!r}")
     for i in chosen:
         adapter.install(state, attentions[i], configs[i])
+    # Under context parallelism diffusers splits the blocks' input across ranks by its own hooks: the
+    # sequence a rank holds there is a slice, not the grid.
+    if (keep_order and adapter.keep_order is not None and len(attentions) > 0
+            and getattr(transformer, "_parallel_config", None) is None):
+        adapter.keep_order(state, transformer)
     state.hook = transformer.register_forward_pre_hook(_before_forward(state), with_kwargs=True)
     setattr(transformer, _ATTRIBUTE, state)
     return transformer

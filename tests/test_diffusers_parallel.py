@@ -1,6 +1,6 @@
 """psa under diffusers' context parallelism, two processes on the CPU (gloo): Ulysses gives every rank the
-whole sequence for half of the heads, so the patched model's output must equal the one-process output; ring
-mode must raise naming Ulysses."""
+whole sequence for half of the heads, so the patched model's output and its gradient must equal the
+one-process ones; ring mode must raise naming Ulysses."""
 
 import logging
 import os
@@ -31,12 +31,23 @@ def _run_rank(rank, seed, init_file, out_dir, parallel):
         model = tiny.build()
         model.enable_parallelism(config=diffusers.ContextParallelConfig(**parallel))
         psa_diffusers.apply(model, SPARSE_CONFIG)
-        result = {"out": tiny.run(model), "stats": psa_diffusers.stats(model)}
+        result = {"out": tiny.run(model), "stats": psa_diffusers.stats(model), "grad": _latent_gradient(tiny, model, seed)}
     except Exception as error:  # reported to the test through the file
         result = {"error": f"{type(error).__name__}: {error}"}
     finally:
         dist.destroy_process_group()
     torch.save(result, os.path.join(out_dir, f"rank{rank}.pt"))
+
+
+def _latent_gradient(tiny, model, seed):
+    """The gradient of a fixed random projection of the output in the latents (psa's backward under
+    diffusers' all-to-all when the model runs in parallel)."""
+    latents, text = (x.clone() for x in tiny.inputs)
+    latents.requires_grad_(True)
+    out = model(latents, torch.tensor([500.0]), text, return_dict=False)[0]
+    weights = torch.randn(out.shape, generator=torch.Generator().manual_seed(seed + 1))
+    (out * weights).sum().backward()
+    return latents.grad
 
 
 def _run_parallel(tmp_path, seed, **parallel):
@@ -51,6 +62,7 @@ def test_ulysses_runs_psa_per_rank_and_matches_one_process(tmp_path):
     model = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG)
     expected = tiny.run(model)
     one_process_stats = psa_diffusers.stats(model)
+    expected_grad = _latent_gradient(tiny, model, seed)
     results = _run_parallel(tmp_path, seed, ulysses_degree=WORLD)
     for rank, result in enumerate(results):
         assert "error" not in result, f"rank {rank}: {result.get('error')}"
@@ -58,6 +70,9 @@ def test_ulysses_runs_psa_per_rank_and_matches_one_process(tmp_path):
         # psa ran on every layer of every rank (a dense fallback would record nothing), on half the heads.
         assert [s["layer"] for s in result["stats"]] == [s["layer"] for s in one_process_stats]
         assert all(0 < s["density"] < 1 for s in result["stats"])
+    # psa's backward per rank: a rank's latent gradient covers its slice of the sequence (the output gather
+    # hands each rank its slice of the output's gradient), so the ranks' gradients sum to one process's.
+    torch.testing.assert_close(sum(result["grad"] for result in results), expected_grad, rtol=1e-4, atol=1e-5)
     # The two ranks' heads together make the one-process level maps: their densities average to its density.
     for layer, whole in enumerate(one_process_stats):
         halves = [result["stats"][layer]["density"] for result in results]

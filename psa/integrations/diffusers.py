@@ -193,9 +193,10 @@ class _Route:
             return False
         return length == grid[0] * grid[1] * grid[2] + text
 
-    def attend(self, q, k, v, scale=None, text: int = 0, return_lse: bool = False):
+    def attend(self, q, k, v, scale=None, text: int = 0, return_lse: bool = False, record: bool = True):
         """psa over `[B, H, L, D]` tensors whose first `text` tokens are text: those are forced keys and
-        forced query rows (docs/spec.md section 5) and stay out of the token permutation."""
+        forced query rows (docs/spec.md section 5) and stay out of the token permutation. `record`:
+        count the level map in stats() (not for a backward's recomputation)."""
         state = self.state
         order = None
         if not state.keep_order:  # attend runs only while psa is active: then the blocks are in order
@@ -204,7 +205,7 @@ class _Route:
         forced = _layout.text_positions(q.shape[2], text_before=text, device=q.device)
         out, lse, levels = sparse_attention(q, k, v, self.config, scale=scale, force_keys=forced,
                                             force_queries=forced, return_lse=True, return_levels=True)
-        if state.collect_stats:
+        if state.collect_stats and record:
             state.record(levels)
         if order is None:
             return (out, lse) if return_lse else out
@@ -341,13 +342,21 @@ def _ulysses_attention(route: _Route, query, key, value, scale, parallel_config)
 
     def forward_op(ctx, q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa, return_lse, _save_ctx=True,
                    _parallel_config=None):
+        if _save_ctx:
+            ctx.save_for_backward(q, k, v)
+            ctx.psa_scale = scale
         out = route.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), scale, return_lse=return_lse)
         if return_lse:
             return out[0].transpose(1, 2), out[1].transpose(1, 2)
         return out.transpose(1, 2)
 
-    def backward_op(*args, **kwargs):
-        raise NotImplementedError("psa has no backward pass yet: train with the model's own attention backend")
+    def backward_op(ctx, grad_out, *args, **kwargs):
+        # diffusers' own recipe for its native op: recompute the attention under autograd and differentiate
+        # it (psa's estimate reads the same q and k, so the level map is the forward's).
+        q, k, v = (x.detach().requires_grad_(True) for x in ctx.saved_tensors)
+        with torch.enable_grad():
+            out = route.attend(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), ctx.psa_scale, record=False)
+            return torch.autograd.grad(out.transpose(1, 2), (q, k, v), grad_out)
 
     return _templated_context_parallel_attention(query, key, value, None, 0.0, False, scale, False, False,
                                                  forward_op=forward_op, backward_op=backward_op,

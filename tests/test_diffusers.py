@@ -346,19 +346,27 @@ def _count_layout_gathers(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("per_token_timestep", [False, True], ids=["wan2.1", "wan2.2-ti2v"])
-def test_wan_keeps_its_blocks_in_psa_order(rng, monkeypatch, per_token_timestep):
-    # keep_order (the default on Wan): the blocks run in gilbert order, permuted once per forward (patch
-    # tokens, rotary tables, per-token timestep projection; back at the output norm) instead of q, k, v
-    # and the output in every psa layer; the output is the one of per-layer permutation.
-    tiny = MODELS["wan"](rng)
-    latents, text = tiny.inputs
-    tokens = 5 * 12 * 10
-    timestep = torch.linspace(999, 500, tokens)[None] if per_token_timestep else torch.tensor([700.0])
+@pytest.mark.parametrize("name,per_token_timestep,kept_gathers", [
+    ("wan", False, 4),                # patch tokens, rotary cos and sin, the output norm's input
+    ("wan", True, 5),                 # + Wan2.2 TI2V's per-token timestep projection
+    ("cogvideox", False, 2),          # the patch embedding's video part, the final norm's input
+    ("cogvideox_rotary", False, 4),   # + the rotary tables
+], ids=["wan2.1", "wan2.2-ti2v", "cogvideox", "cogvideox-rotary"])
+def test_blocks_keep_psa_order(rng, monkeypatch, name, per_token_timestep, kept_gathers):
+    # keep_order (the default on Wan and CogVideoX): the blocks run in gilbert order, permuted once per
+    # forward instead of q, k, v and the output in every psa layer; the output is the one of per-layer
+    # permutation.
+    tiny = MODELS[name](rng)
+    if name == "wan":
+        latents, text = tiny.inputs
+        tokens = 5 * 12 * 10
+        timestep = torch.linspace(999, 500, tokens)[None] if per_token_timestep else torch.tensor([700.0])
 
-    def run(model):
-        with torch.no_grad():
-            return model(latents, timestep, text, return_dict=False)[0]
+        def run(model):
+            with torch.no_grad():
+                return model(latents, timestep, text, return_dict=False)[0]
+    else:
+        run = tiny.run
 
     calls = _count_layout_gathers(monkeypatch)
     per_layer = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG, keep_order=False)
@@ -366,8 +374,8 @@ def test_wan_keeps_its_blocks_in_psa_order(rng, monkeypatch, per_token_timestep)
     per_layer_gathers, calls["n"] = calls["n"], 0
     kept = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG)
     out = run(kept)
-    assert per_layer_gathers == 4 * len(kept.blocks)    # q, k, v and the output of every layer
-    assert calls["n"] == 4 + per_token_timestep        # tokens, cos, sin, (timestep projection,) output
+    assert per_layer_gathers == 4 * len(tiny.attentions(kept))  # q, k, v and the output of every layer
+    assert calls["n"] == kept_gathers
     torch.testing.assert_close(out, expected, rtol=1e-4, atol=1e-4)
     assert [row["density"] for row in psa_diffusers.stats(kept)] == pytest.approx(
         [row["density"] for row in psa_diffusers.stats(per_layer)], abs=0.05)

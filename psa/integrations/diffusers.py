@@ -26,7 +26,7 @@ psa (and calls the original processor whenever psa is not to run). The latent gr
 transformer's input shape and patch size; q, k, v are permuted into `order` (psa.layout) and back. On Wan
 the blocks' hidden states are held in that order instead while psa is active (`keep_order`, the default):
 the patch tokens, rotary tables and per-token timestep projection are permuted once per forward and the
-output norm's input put back, which saves four gathers per layer.
+output norm's input put back, which saves four gathers per layer; CogVideoX alike.
 
 Dense warm-up counts denoising steps from the transformer's forward calls and their timestep: a
 smaller timestep than the previous call is the next step, an equal one is the same step (classifier-free
@@ -484,10 +484,50 @@ def _wan_keep_order(state: _State, transformer) -> None:
             return None
         return (order_for(args[0].device).unpermute(args[0], dim=1), *args[1:])
 
-    handles = [transformer.patch_embedding.register_forward_hook(patches_hook),
-               transformer.rope.register_forward_hook(rope_hook),
-               transformer.condition_embedder.register_forward_hook(condition_hook),
-               transformer.norm_out.register_forward_pre_hook(leave_blocks)]
+    _install_keep_order(state, [transformer.patch_embedding.register_forward_hook(patches_hook),
+                                transformer.rope.register_forward_hook(rope_hook),
+                                transformer.condition_embedder.register_forward_hook(condition_hook),
+                                transformer.norm_out.register_forward_pre_hook(leave_blocks)])
+
+
+def _cogvideox_keep_order(state: _State, transformer) -> None:
+    """CogVideoX's blocks take the video tokens and the text separately and join them only inside
+    attention, so the video tokens can stay in psa's order as Wan's do (_wan_keep_order): the patch
+    embedding's video part is permuted once, the rotary tables (a forward argument) alike, and the
+    final norm's input (the video tokens) put back. Only while psa is active."""
+
+    def order_for(device):
+        return _layout.get_layout(tuple(state.grid_shape.shape[:3]), state.order, tile=state.tile, device=device)
+
+    def rotary_hook(module, args, kwargs):  # the transformer's forward; runs after psa's own pre-hook
+        if not state.active:
+            return None
+        by_name = "image_rotary_emb" in kwargs
+        rotary = kwargs["image_rotary_emb"] if by_name else (args[5] if len(args) > 5 else None)
+        if rotary is None:
+            return None
+        permuted = tuple(order_for(x.device).permute(x, dim=0) for x in rotary)  # (cos, sin), each [L, D]
+        if by_name:
+            return args, {**kwargs, "image_rotary_emb": permuted}
+        return (*args[:5], permuted, *args[6:]), kwargs
+
+    def patches_hook(module, args, output):  # patch_embed(text, video) -> [B, text + video, C]
+        if not state.active:
+            return None
+        text = args[0].shape[1]
+        return torch.cat([output[:, :text], order_for(output.device).permute(output[:, text:], dim=1)], dim=1)
+
+    def leave_blocks(module, args):  # norm_final's input: the video tokens [B, L, C]
+        if not state.active:
+            return None
+        return (order_for(args[0].device).unpermute(args[0], dim=1), *args[1:])
+
+    _install_keep_order(state, [transformer.register_forward_pre_hook(rotary_hook, with_kwargs=True),
+                                transformer.patch_embed.register_forward_hook(patches_hook),
+                                transformer.norm_final.register_forward_pre_hook(leave_blocks)])
+
+
+def _install_keep_order(state: _State, handles) -> None:
     state.keep_order = True
 
     def restore():
@@ -525,7 +565,7 @@ _ADAPTERS = {
     "WanTransformer3DModel": _Adapter(lambda t: [block.attn1 for block in t.blocks], _wan_grid, 1,
                                       _route_through_dispatch, _wan_keep_order),
     "CogVideoXTransformer3DModel": _Adapter(lambda t: [block.attn1 for block in t.transformer_blocks],
-                                            _cogvideox_grid, 2, _replace_processor),
+                                            _cogvideox_grid, 2, _replace_processor, _cogvideox_keep_order),
     "HunyuanVideoTransformer3DModel": _Adapter(_hunyuan_attentions, _hunyuan_grid, 1, _route_through_dispatch),
 }
 
@@ -567,9 +607,10 @@ def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] =
     `share_steps_with`: another transformer psa is applied to whose denoising steps this one continues:
     Wan2.2's second expert (`apply(pipe.transformer_2, ..., share_steps_with=pipe.transformer)`), so
     that warm-up counts the pipeline's steps, not each expert's.
-    `keep_order`: hold the blocks' hidden states in `order` from the first block to the last (Wan, without
-    context parallelism) instead of permuting q, k, v and the output in every psa layer; the result is
-    the same. Other models, and Wan under context parallelism, permute per layer. Warm-up steps run in
+    `keep_order`: hold the blocks' video tokens in `order` from the first block to the last (Wan and
+    CogVideoX, without context parallelism) instead of permuting q, k, v and the output in every psa
+    layer; the result is the same. HunyuanVideo, and any model under context parallelism, permute per
+    layer. Warm-up steps run in
     the model's own order: pass False when something caches block or attention outputs across steps
     (diffusers' cache hooks), so that no cached tensor changes order between steps.
     """
@@ -618,12 +659,12 @@ def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] =
         raise ValueError(f"keep_order must be a bool, got {keep_order!r}")
     for i in chosen:
         adapter.install(state, attentions[i], configs[i])
-    # Under context parallelism diffusers splits the blocks' input across ranks by its own hooks: the
-    # sequence a rank holds there is a slice, not the grid.
+    state.hook = transformer.register_forward_pre_hook(_before_forward(state), with_kwargs=True)
+    # After psa's own pre-hook, whose grid and step the keep_order hooks read. Under context parallelism
+    # diffusers splits the blocks' input across ranks by its own hooks: a rank holds a slice, not the grid.
     if (keep_order and adapter.keep_order is not None and len(attentions) > 0
             and getattr(transformer, "_parallel_config", None) is None):
         adapter.keep_order(state, transformer)
-    state.hook = transformer.register_forward_pre_hook(_before_forward(state), with_kwargs=True)
     setattr(transformer, _ATTRIBUTE, state)
     return transformer
 

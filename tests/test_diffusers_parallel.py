@@ -31,7 +31,8 @@ def _run_rank(rank, seed, init_file, out_dir, parallel):
         model = tiny.build()
         model.enable_parallelism(config=diffusers.ContextParallelConfig(**parallel))
         psa_diffusers.apply(model, SPARSE_CONFIG)
-        result = {"out": tiny.run(model), "stats": psa_diffusers.stats(model), "grad": _latent_gradient(tiny, model, seed)}
+        result = {"out": tiny.run(model), "stats": psa_diffusers.stats(model),
+                  "grad": _latent_gradient(tiny, model, seed)}
     except Exception as error:  # reported to the test through the file
         result = {"error": f"{type(error).__name__}: {error}"}
     finally:

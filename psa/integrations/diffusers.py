@@ -171,6 +171,12 @@ class _State:
         self.call.add_(1)
 
 
+def _token_order(state: "_State", device: torch.device, text: int = 0) -> _layout.TokenLayout:
+    """psa's token order (`state.order`) over this forward's latent grid, after `text` leading text tokens."""
+    return _layout.get_layout(tuple(state.grid_shape.shape[:3]), state.order, tile=state.tile, text_before=text,
+                              device=device)
+
+
 class _Route:
     """Decides when psa runs and runs it; shared by the patched layers of one model that have the
     same config and fallback backend."""
@@ -200,7 +206,7 @@ class _Route:
         state = self.state
         order = None
         if not state.keep_order:  # attend runs only while psa is active: then the blocks are in order
-            order = _layout.get_layout(self.grid(), state.order, tile=state.tile, text_before=text, device=q.device)
+            order = _token_order(state, q.device, text)
             q, k, v = (order.permute(x, dim=2) for x in (q, k, v))
         forced = _layout.text_positions(q.shape[2], text_before=text, device=q.device)
         out, lse, levels = sparse_attention(q, k, v, self.config, scale=scale, force_keys=forced,
@@ -456,38 +462,31 @@ def _wan_keep_order(state: _State, transformer) -> None:
     regional compilation (compile_repeated_blocks) still compiles one block graph per mode, and only
     while psa is active: a warm-up step runs exactly as the unpatched model."""
 
-    def order_for(device):
-        return _layout.get_layout(tuple(state.grid_shape.shape[:3]), state.order, tile=state.tile, device=device)
-
     def patches_hook(module, args, output):  # [B, C, F, H, W]: the transformer flattens (F, H, W) into tokens
         if not state.active:
             return None
-        order = order_for(output.device)
+        order = _token_order(state, output.device)
         return order.permute(output.flatten(2), dim=2).view_as(output)
 
     def rope_hook(module, args, output):  # (cos, sin), each [1, L, 1, D]
         if not state.active:
             return None
-        order = order_for(output[0].device)
+        order = _token_order(state, output[0].device)
         return tuple(order.permute(x, dim=1) for x in output)
 
     def condition_hook(module, args, output):  # (temb, timestep_proj, text, image)
         temb, timestep_proj, *rest = output
         if not state.active:
             return None
-        if timestep_proj.ndim == 3:  # per token (Wan2.2 TI2V): [B, L, 6 C]; temb keeps its order (used after the blocks)
-            timestep_proj = order_for(timestep_proj.device).permute(timestep_proj, dim=1)
+        # Per token (Wan2.2 TI2V): [B, L, 6 C]. temb keeps the model's order: it is used after the blocks.
+        if timestep_proj.ndim == 3:
+            timestep_proj = _token_order(state, timestep_proj.device).permute(timestep_proj, dim=1)
         return (temb, timestep_proj, *rest)
-
-    def leave_blocks(module, args):  # norm_out's input: the last block's output [B, L, C]
-        if not state.active:
-            return None
-        return (order_for(args[0].device).unpermute(args[0], dim=1), *args[1:])
 
     _install_keep_order(state, [transformer.patch_embedding.register_forward_hook(patches_hook),
                                 transformer.rope.register_forward_hook(rope_hook),
                                 transformer.condition_embedder.register_forward_hook(condition_hook),
-                                transformer.norm_out.register_forward_pre_hook(leave_blocks)])
+                                transformer.norm_out.register_forward_pre_hook(_leave_blocks(state))])
 
 
 def _cogvideox_keep_order(state: _State, transformer) -> None:
@@ -496,9 +495,6 @@ def _cogvideox_keep_order(state: _State, transformer) -> None:
     embedding's video part is permuted once, the rotary tables (a forward argument) alike, and the
     final norm's input (the video tokens) put back. Only while psa is active."""
 
-    def order_for(device):
-        return _layout.get_layout(tuple(state.grid_shape.shape[:3]), state.order, tile=state.tile, device=device)
-
     def rotary_hook(module, args, kwargs):  # the transformer's forward; runs after psa's own pre-hook
         if not state.active:
             return None
@@ -506,7 +502,7 @@ def _cogvideox_keep_order(state: _State, transformer) -> None:
         rotary = kwargs["image_rotary_emb"] if by_name else (args[5] if len(args) > 5 else None)
         if rotary is None:
             return None
-        permuted = tuple(order_for(x.device).permute(x, dim=0) for x in rotary)  # (cos, sin), each [L, D]
+        permuted = tuple(_token_order(state, x.device).permute(x, dim=0) for x in rotary)  # (cos, sin), each [L, D]
         if by_name:
             return args, {**kwargs, "image_rotary_emb": permuted}
         return (*args[:5], permuted, *args[6:]), kwargs
@@ -515,16 +511,21 @@ def _cogvideox_keep_order(state: _State, transformer) -> None:
         if not state.active:
             return None
         text = args[0].shape[1]
-        return torch.cat([output[:, :text], order_for(output.device).permute(output[:, text:], dim=1)], dim=1)
-
-    def leave_blocks(module, args):  # norm_final's input: the video tokens [B, L, C]
-        if not state.active:
-            return None
-        return (order_for(args[0].device).unpermute(args[0], dim=1), *args[1:])
+        return torch.cat([output[:, :text], _token_order(state, output.device).permute(output[:, text:], dim=1)], dim=1)
 
     _install_keep_order(state, [transformer.register_forward_pre_hook(rotary_hook, with_kwargs=True),
                                 transformer.patch_embed.register_forward_hook(patches_hook),
-                                transformer.norm_final.register_forward_pre_hook(leave_blocks)])
+                                transformer.norm_final.register_forward_pre_hook(_leave_blocks(state))])
+
+
+def _leave_blocks(state: _State):
+    """A forward pre-hook for the norm after the blocks: its input, the video tokens [B, L, C], back in
+    the model's order."""
+    def hook(module, args):
+        if not state.active:
+            return None
+        return (_token_order(state, args[0].device).unpermute(args[0], dim=1), *args[1:])
+    return hook
 
 
 def _install_keep_order(state: _State, handles) -> None:
@@ -610,9 +611,9 @@ def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] =
     `keep_order`: hold the blocks' video tokens in `order` from the first block to the last (Wan and
     CogVideoX, without context parallelism) instead of permuting q, k, v and the output in every psa
     layer; the result is the same. HunyuanVideo, and any model under context parallelism, permute per
-    layer. Warm-up steps run in
-    the model's own order: pass False when something caches block or attention outputs across steps
-    (diffusers' cache hooks), so that no cached tensor changes order between steps.
+    layer. Warm-up steps run in the model's own order: pass False when something caches block or
+    attention outputs across steps (diffusers' cache hooks), so that no cached tensor changes order
+    between steps.
     """
     config = PSAConfig() if config is None else config
     per_layer = dict(config) if isinstance(config, Mapping) else None

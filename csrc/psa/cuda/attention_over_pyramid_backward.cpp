@@ -64,7 +64,8 @@ std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_o
             static_cast<int64_t>(max_dynamic_smem(q.device())));
 
   // dS = P (dO V^T - delta) with delta = rowsum(dO * O) - dlse is the gradient of both outputs.
-  const auto d_out = grad_out.defined() ? grad_out.to(q.scalar_type()).contiguous() : at::zeros_like(q);
+  // Contiguous: the kernels address dO as [B, Hq, Lq, D] rows (zeros_like would keep q's strides).
+  const auto d_out = grad_out.defined() ? grad_out.to(q.scalar_type()).contiguous() : at::zeros(q.sizes(), q.options());
   auto delta = grad_out.defined() ? (d_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1)
                                   : at::zeros({batch, q_heads, q_len}, q.options().dtype(at::kFloat));
   if (grad_lse.defined()) delta = delta - grad_lse.to(at::kFloat);

@@ -16,7 +16,7 @@
 Plain tensor operations, so they run on any device and `torch.compile` traces them; memory is bounded by
 the chunk (rows x pyramid tokens), time is that of dense attention over the ~1.9 L pyramid tokens. The
 first is the oracle the tests hold `torch.ops.psa.attention_over_pyramid_backward` to (whose CPU kernel
-is C++) and, until a fused kernel exists, that op's CUDA kernel (psa/ops.py); the second is the
+is C++, the CUDA one fused: kernels/attention_backward.cuh); the second is the
 pyramid's autograd formula. The level map gets no gradient.
 """
 

@@ -299,26 +299,6 @@ def _attention_over_pyramid_backward(ctx, grad_out, grad_lse):
     return (*grads, None)
 
 
-@torch.library.register_kernel("psa::attention_over_pyramid_backward", "cuda")
-def _attention_over_pyramid_backward_cuda(grad_out, grad_lse, q, k, v, k2, v2, k4, v4, k8, v8, levels, out, lse, *,
-                                          block_m, block_n, scale=None, causal=False):
-    """The CUDA backward until its fused kernel exists: the device-generic reference (psa/backward.py),
-    which recomputes the softmax instead of reading out and lse. Correct, not fast."""
-    from .backward import attention_over_pyramid_backward
-
-    op = "psa.attention_over_pyramid_backward"
-    if grad_out is None and grad_lse is None:
-        raise ValueError(f"{op}: grad_out and grad_lse are both None")
-    for name, tensor, shape in (("out", out, q.shape), ("lse", lse, q.shape[:3]),
-                                ("grad_out", grad_out, q.shape), ("grad_lse", grad_lse, q.shape[:3])):
-        if tensor is not None and tensor.shape != shape:
-            raise ValueError(f"{op}: {name} must have shape {list(shape)}, got {list(tensor.shape)}")
-    dq, dk, dv, d_pooled = attention_over_pyramid_backward(grad_out, grad_lse, q, k, v, (k2, v2, k4, v4, k8, v8),
-                                                           levels, block_m=block_m, block_n=block_n, scale=scale,
-                                                           causal=causal)
-    return (dq, dk, dv, *d_pooled)
-
-
 torch.library.register_autograd("psa::kv_pyramid", _kv_pyramid_backward, setup_context=_kv_pyramid_setup)
 torch.library.register_autograd("psa::attention_over_pyramid", _attention_over_pyramid_backward,
                                 setup_context=_attention_over_pyramid_setup)

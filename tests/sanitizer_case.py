@@ -4,7 +4,8 @@
     compute-sanitizer --tool racecheck python tests/sanitizer_case.py
 
 Covers bf16 and fp16, head_dim 64 and 128, GQA, Lq != Lk with lengths that are not block multiples,
-causal and not, block_m 64/128, block_n 32/64/128, every estimator and both assignment modes. On an
+causal and not, block_m 64/128, block_n 32/64/128, every estimator and both assignment modes, and the
+backward through autograd. On an
 H100/H200 the default kernel choice runs the Hopper (sm_90a) kernels wherever they apply (block_n 32
 falls back to sm80); PSA_CUDA_KERNEL=sm80 checks the portable ones.
 """
@@ -30,6 +31,11 @@ def main():
                                        sim_thresholds=(0.0, -0.1, -0.2))
                 out, levels = psa.sparse_attention(q, k, v, config, force_keys=range(290, 301), return_levels=True)
                 assert torch.isfinite(out).all()
+            # The backward kernels (dq query-major, dK / dV key-major per level) through autograd.
+            leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
+            out = psa.attention_with_levels(*leaves, levels, block_m=block_m, block_n=block_n, causal=causal)
+            grads = torch.autograd.grad(out, leaves, torch.ones_like(out))
+            assert all(torch.isfinite(g).all() for g in grads)
     # The antidiagonal kernels over several CTAs and column tiles (Hopper: 256 anti-columns = 2048 keys).
     for causal in (False, True):
         config = psa.PSAConfig(estimator="antidiagonal", causal=causal)

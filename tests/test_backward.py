@@ -224,3 +224,48 @@ def test_backward_op_names_bad_arguments(rng):
         op(out, None, q, k, v, *pooled, levels, out[..., :4], lse, **kwargs)
     with pytest.raises(RuntimeError, match="levels"):
         op(out, None, q, k, v, *pooled, levels[:, :, :1], out, lse, **kwargs)
+
+
+CUDA_CASES = [
+    # batch, q_heads, kv_heads, q_len, k_len, dim, block_m, block_n, causal
+    pytest.param(1, 4, 2, 200, 200, 64, 64, 64, False, id="gqa-64"),
+    pytest.param(2, 2, 1, 333, 290, 128, 128, 128, True, id="causal-lq>lk-odd-128"),
+    pytest.param(1, 3, 3, 97, 150, 64, 32, 32, False, id="lq<lk-blocks32"),
+    pytest.param(1, 4, 1, 300, 300, 128, 64, 128, True, id="causal-gqa4"),
+    pytest.param(1, 2, 2, 130, 260, 64, 128, 64, True, id="causal-lq<lk"),
+]
+
+
+@pytest.mark.cuda
+@requires_cuda
+@pytest.mark.parametrize("batch,q_heads,kv_heads,q_len,k_len,dim,block_m,block_n,causal", CUDA_CASES)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("outputs", ["out", "lse", "both"])
+def test_cuda_backward_op_matches_float64(rng, batch, q_heads, kv_heads, q_len, k_len, dim, block_m, block_n, causal,
+                                          dtype, outputs):
+    # The fused CUDA kernels (the forward's out and lse, every level's gradients) against psa/backward.py
+    # in float64 on the CPU, an empty query block included; FlashAttention's tolerance rule.
+    from psa.backward import attention_over_pyramid_backward
+
+    q, k, v = (x.detach() for x in inputs(rng, batch, q_heads, kv_heads, q_len, k_len, dim))
+    levels = level_map(rng, batch, q_heads, q_len, k_len, block_m, block_n, empty_row=True)
+    kwargs = dict(block_m=block_m, block_n=block_n, causal=causal)
+    grad_out = torch.randn(q.shape, generator=rng, dtype=torch.float64) if outputs != "lse" else None
+    grad_lse = torch.randn(q.shape[:3], generator=rng, dtype=torch.float64) if outputs != "out" else None
+    dq, dk, dv, d_pooled = attention_over_pyramid_backward(grad_out, grad_lse, q, k, v, torch.ops.psa.kv_pyramid(k, v),
+                                                           levels, scale=None, **kwargs)
+    expected = (dq, dk, dv, *d_pooled)
+
+    qc, kc, vc = (x.to(device="cuda", dtype=dtype) for x in (q, k, v))
+    pooled = torch.ops.psa.kv_pyramid(kc, vc)
+    out, lse = torch.ops.psa.attention_over_pyramid(qc, kc, vc, *pooled, levels.cuda(), **kwargs)
+    grads = torch.ops.psa.attention_over_pyramid_backward(
+        None if grad_out is None else grad_out.to(device="cuda", dtype=dtype),
+        None if grad_lse is None else grad_lse.to(device="cuda", dtype=torch.float32),
+        qc, kc, vc, *pooled, levels.cuda(), out, lse, **kwargs)
+    assert len(grads) == 9
+    for grad, reference, like in zip(grads, expected, (qc, kc, vc, *pooled)):
+        assert grad.shape == like.shape and grad.dtype == like.dtype and grad.device == like.device
+        scale = reference.abs().max().item()
+        assert (grad.double().cpu() - reference).abs().max().item() <= 3e-2 * scale + 1e-3
+    assert grads[0][:, :, :block_m].abs().max() == 0  # the rows of the empty first query block

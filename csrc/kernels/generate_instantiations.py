@@ -19,6 +19,11 @@ KERNELS = {
     "kv_pyramid": ("kv_pyramid.cuh", "launch_kv_pyramid", "PyramidParams", [INPUT_DTYPES]),
     "attention_with_levels": ("attention_with_levels.cuh", "launch_attention_with_levels", "AttentionParams",
                               [INPUT_DTYPES, HEAD_DIMS, {"m32": "32", "m64": "64", "m128": "128"}]),
+    "attention_backward_dq": ("attention_backward.cuh", "launch_attention_backward_dq", "AttentionBackwardParams",
+                              [INPUT_DTYPES, HEAD_DIMS, {"m32": "32", "m64": "64", "m128": "128"}]),
+    "attention_backward_dkdv": ("attention_backward.cuh", "launch_attention_backward_dkdv",
+                                "AttentionBackwardParams",
+                                [INPUT_DTYPES, HEAD_DIMS, {"r16": "16", "r32": "32", "r64": "64", "r128": "128"}]),
     # sm_90a only (TMA + wgmma); its device code compiles to nothing for other targets.
     "attention_with_levels_sm90": ("sm90/attention_with_levels_sm90.cuh", "sm90::launch_attention_with_levels_sm90",
                                    "AttentionParams", [INPUT_DTYPES, HEAD_DIMS, {"m64": "64", "m128": "128"}]),

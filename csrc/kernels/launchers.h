@@ -17,6 +17,13 @@ cudaError_t launch_kv_pyramid(const PyramidParams& params, cudaStream_t stream);
 template <typename T, int kHeadDim, int kBlockM>
 cudaError_t launch_attention_with_levels(const AttentionParams& params, cudaStream_t stream);
 
+// The backward (attention_backward.cuh): dq for kBlockM 32, 64 or 128; dK / dV of level params.level for
+// kRows = max(16, block_n >> level) (16, 32, 64 or 128) pooled rows per key block.
+template <typename T, int kHeadDim, int kBlockM>
+cudaError_t launch_attention_backward_dq(const AttentionBackwardParams& params, cudaStream_t stream);
+template <typename T, int kHeadDim, int kRows>
+cudaError_t launch_attention_backward_dkdv(const AttentionBackwardParams& params, cudaStream_t stream);
+
 namespace sm90 {
 // The Hopper kernel (TMA + wgmma, sm_90a): same contract as launch_attention_with_levels, for
 // kBlockM 64 or 128 and block_n >= 64; host code checks `tma_compatible` strides first.

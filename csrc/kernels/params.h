@@ -39,6 +39,21 @@ struct AttentionParams {
   bool causal;
 };
 
+// The backward of attention over a level map (docs/spec.md section 7): `base` as the forward got it
+// (its out and lse fields unused), plus the forward's lse, the output gradient and the gradients.
+struct AttentionBackwardParams {
+  AttentionParams base;
+  const void* grad_out;               // [B, Hq, Lq, D], contiguous
+  const float* lse;                   // [B, Hq, Lq], the forward's (natural log; -inf for rows that saw nothing)
+  const float* delta;                 // [B, Hq, Lq]: rowsum(dO * O) - dlse
+  void* dq;                           // [B, Hq, Lq, D], contiguous
+  void* dk[kNumLevels];               // level L: [B, Hkv, ceil(Lk / 2^L), D], contiguous
+  void* dv[kNumLevels];
+  float scale;                        // the softmax scale (natural units)
+  int block_m;
+  int level;                          // the key-major kernel's launch: which level's gradients (0..3)
+};
+
 // The fused sampled estimator (docs/spec.md section 4, "sampled").
 struct SampledParams {
   const void* q;                      // [B, Hq, Lq, D]

@@ -26,6 +26,38 @@ struct AttentionShape {
   static size_t smem_bytes(int n_k) { return kFixedBytes + sizeof(uint16_t) * static_cast<size_t>(n_k); }
 };
 
+// The backward (attention_backward.cuh). Query-major dq: as the forward, one warp per 16 query rows,
+// K/V tiles of 64 tokens at both head dims (dq, S and dP accumulators live at once), Q and dO resident.
+template <int kHeadDim, int kBlockM>
+struct AttentionBackwardShape {
+  static constexpr int kWarps = kBlockM / 16;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kTileN = 64;
+  static constexpr int kStages = 2;
+  static constexpr int kChunks = kHeadDim / 8;
+  static constexpr int kRowElements = kBlockM * kHeadDim;
+  static constexpr int kTileElements = kTileN * kHeadDim;
+  // Q, dO, then K and V stages, then per stage and column: bias (float) and last covered key (int), then ids.
+  static constexpr size_t kFixedBytes =
+      2 * (2 * kRowElements + 2 * kStages * kTileElements) + kStages * kTileN * (sizeof(float) + sizeof(int));
+  static size_t smem_bytes(int n_k) { return kFixedBytes + sizeof(uint16_t) * static_cast<size_t>(n_k); }
+};
+
+// Key-major dK / dV: one CTA per (batch, key head, key block) at one level, kRows pooled rows (the key
+// block's block_n >> L tokens, at least 16: one warp per 16 rows) resident with their K and V, query
+// rows streamed kQTile at a time.
+template <int kHeadDim, int kRows>
+struct KeyBackwardShape {
+  static constexpr int kWarps = kRows / 16;
+  static constexpr int kThreads = kWarps * 32;
+  static constexpr int kQTile = kHeadDim == 128 ? 32 : 64;  // dK, dV, S and dP accumulators live at once
+  static constexpr int kChunks = kHeadDim / 8;
+  // K and V rows, then the query tile's Q and dO, then per query column lse (log2) and delta, then per
+  // key row bias and last covered key.
+  static constexpr size_t kSmemBytes = 2 * (2 * kRows * kHeadDim + 2 * kQTile * kHeadDim) +
+                                       2 * kQTile * sizeof(float) + kRows * (sizeof(float) + sizeof(int));
+};
+
 // The fused antidiagonal estimator: kRows anti-rows per CTA (whole query blocks: block_m / S must divide
 // it), anti-columns streamed kTileN at a time, each tile the sum of S gathered [rows x D] x [D x kTileN]
 // products through a two-stage ring.

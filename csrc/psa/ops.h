@@ -144,6 +144,13 @@ std::tuple<at::Tensor, at::Tensor> attention_over_pyramid(const at::Tensor& q, c
                                                           const at::Tensor& v, const std::vector<at::Tensor>& pooled,
                                                           const at::Tensor& levels, int64_t block_m,
                                                           int64_t block_n, double scale, bool causal);
+// As cpu::attention_over_pyramid_backward: the fused kernels (kernels/attention_backward.cuh).
+std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_out, const at::Tensor& grad_lse,
+                                                        const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
+                                                        const std::vector<at::Tensor>& pooled,
+                                                        const at::Tensor& levels, const at::Tensor& out,
+                                                        const at::Tensor& lse, int64_t block_m, int64_t block_n,
+                                                        double scale, bool causal);
 }  // namespace cuda
 #endif
 

@@ -13,6 +13,7 @@ struct CudaBackend {
   static constexpr auto estimate_pooled = &cuda::estimate_pooled;
   static constexpr auto assign_levels = &cuda::assign_levels;
   static constexpr auto attention_over_pyramid = &cuda::attention_over_pyramid;
+  static constexpr auto attention_over_pyramid_backward = &cuda::attention_over_pyramid_backward;
   static void check_offsets(const EstimateArgs&, int64_t, int64_t) {}
   static void check_scores(const at::Tensor&) {}
   static void check_levels(const at::Tensor&) {}
@@ -21,4 +22,7 @@ struct CudaBackend {
 }  // namespace
 }  // namespace psa::cuda
 
-TORCH_LIBRARY_IMPL(psa, CUDA, m) { psa::BackendOps<psa::cuda::CudaBackend>::register_kernels(m); }
+TORCH_LIBRARY_IMPL(psa, CUDA, m) {
+  psa::BackendOps<psa::cuda::CudaBackend>::register_kernels(m);
+  psa::BackendOps<psa::cuda::CudaBackend>::register_backward_kernel(m);
+}

@@ -1,0 +1,146 @@
+// CUDA host side of attention_over_pyramid_backward: delta = rowsum(dO * O) - dlse by one ATen
+// reduction, then the query-major dq kernel and one key-major dK / dV launch per level
+// (kernels/attention_backward.cuh), all on the current stream, no host synchronisation.
+#include "../ops.h"
+#include "common.h"
+#include "kernels/launchers.h"
+
+namespace psa::cuda {
+namespace {
+
+constexpr const char* kOp = "psa.attention_over_pyramid_backward";
+
+template <typename T, int kHeadDim>
+cudaError_t launch_dq(int64_t block_m, const kernels::AttentionBackwardParams& params, cudaStream_t stream) {
+  switch (block_m) {
+    case 32: return kernels::launch_attention_backward_dq<T, kHeadDim, 32>(params, stream);
+    case 64: return kernels::launch_attention_backward_dq<T, kHeadDim, 64>(params, stream);
+    default: return kernels::launch_attention_backward_dq<T, kHeadDim, 128>(params, stream);
+  }
+}
+
+// A level's pooled rows per key block, block_n >> level, at least 16 (one warp's MMA rows).
+template <typename T, int kHeadDim>
+cudaError_t launch_dkdv(int rows, const kernels::AttentionBackwardParams& params, cudaStream_t stream) {
+  switch (rows) {
+    case 128: return kernels::launch_attention_backward_dkdv<T, kHeadDim, 128>(params, stream);
+    case 64: return kernels::launch_attention_backward_dkdv<T, kHeadDim, 64>(params, stream);
+    case 32: return kernels::launch_attention_backward_dkdv<T, kHeadDim, 32>(params, stream);
+    default: return kernels::launch_attention_backward_dkdv<T, kHeadDim, 16>(params, stream);
+  }
+}
+
+template <int kHeadDim>
+size_t dq_smem_bytes(int64_t block_m, int n_k) {
+  switch (block_m) {
+    case 32: return kernels::AttentionBackwardShape<kHeadDim, 32>::smem_bytes(n_k);
+    case 64: return kernels::AttentionBackwardShape<kHeadDim, 64>::smem_bytes(n_k);
+    default: return kernels::AttentionBackwardShape<kHeadDim, 128>::smem_bytes(n_k);
+  }
+}
+
+}  // namespace
+
+std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_out, const at::Tensor& grad_lse,
+                                                        const at::Tensor& q_in, const at::Tensor& k_in,
+                                                        const at::Tensor& v_in,
+                                                        const std::vector<at::Tensor>& pooled_in,
+                                                        const at::Tensor& levels, const at::Tensor& out,
+                                                        const at::Tensor& lse, int64_t block_m, int64_t block_n,
+                                                        double scale, bool causal) {
+  const c10::cuda::CUDAGuard device_guard(q_in.device());
+  const auto q = rows_16b_aligned(q_in), k = rows_16b_aligned(k_in), v = rows_16b_aligned(v_in);
+  std::vector<at::Tensor> pooled;  // {k2, v2, k4, v4, k8, v8}
+  for (const auto& t : pooled_in) pooled.push_back(rows_16b_aligned(t));
+  const int64_t batch = q.size(0), q_heads = q.size(1), q_len = q.size(2), dim = q.size(3);
+  const int64_t kv_heads = k.size(1), k_len = k.size(2);
+  const int64_t n_q = ceil_div(q_len, block_m), n_k = ceil_div(k_len, block_n);
+  PSA_CHECK(batch * q_heads <= 65535, kOp, ": B * Hq must be at most 65535 on CUDA, got ", batch * q_heads);
+  PSA_CHECK(n_k <= 65535, kOp, ": ceil(Lk / block_n) must be at most 65535 on CUDA, got ", n_k);
+  const size_t smem = dim == 128 ? dq_smem_bytes<128>(block_m, static_cast<int>(n_k))
+                                 : dq_smem_bytes<64>(block_m, static_cast<int>(n_k));
+  PSA_CHECK(smem <= max_dynamic_smem(q.device()), kOp, ": needs ", static_cast<int64_t>(smem),
+            " bytes of shared memory for n_k = ", n_k, ", the device allows ",
+            static_cast<int64_t>(max_dynamic_smem(q.device())));
+
+  // dS = P (dO V^T - delta) with delta = rowsum(dO * O) - dlse is the gradient of both outputs.
+  // Contiguous: the kernels address dO as [B, Hq, Lq, D] rows (zeros_like would keep q's strides).
+  const auto d_out = grad_out.defined() ? grad_out.to(q.scalar_type()).contiguous() : at::zeros(q.sizes(), q.options());
+  auto delta = grad_out.defined() ? (d_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1)
+                                  : at::zeros({batch, q_heads, q_len}, q.options().dtype(at::kFloat));
+  if (grad_lse.defined()) delta = delta - grad_lse.to(at::kFloat);
+  delta = delta.contiguous();
+  const auto lse_rows = lse.to(at::kFloat).contiguous();
+  const auto level_map = levels.contiguous();
+
+  auto dq = at::empty({batch, q_heads, q_len, dim}, q.options());
+  std::vector<at::Tensor> d_keys, d_values;  // level L: [B, Hkv, ceil(Lk / 2^L), D]
+  for (int level = 0; level < kernels::kNumLevels; ++level) {
+    const at::Tensor& level_k = level == 0 ? k : pooled[2 * (level - 1)];
+    d_keys.push_back(at::empty({batch, kv_heads, level_k.size(2), dim}, level_k.options()));
+    d_values.push_back(at::empty({batch, kv_heads, level_k.size(2), dim}, level_k.options()));
+  }
+  const auto gradients = [&] {
+    std::vector<at::Tensor> grads = {dq.to(q_in.scalar_type()), d_keys[0].to(k_in.scalar_type()),
+                                     d_values[0].to(v_in.scalar_type())};
+    for (int level = 1; level < kernels::kNumLevels; ++level) {
+      grads.push_back(d_keys[level].to(pooled_in[2 * (level - 1)].scalar_type()));
+      grads.push_back(d_values[level].to(pooled_in[2 * (level - 1) + 1].scalar_type()));
+    }
+    return grads;
+  };
+  if (batch * q_heads == 0 || q_len == 0 || k_len == 0) {
+    dq.zero_();
+    for (auto& t : d_keys) t.zero_();
+    for (auto& t : d_values) t.zero_();
+    return gradients();
+  }
+
+  kernels::AttentionBackwardParams params{};
+  kernels::AttentionParams& base = params.base;
+  base.q = q.data_ptr();
+  set_strides(base.q_stride, q);
+  for (int level = 0; level < kernels::kNumLevels; ++level) {
+    const at::Tensor& level_k = level == 0 ? k : pooled[2 * (level - 1)];
+    const at::Tensor& level_v = level == 0 ? v : pooled[2 * (level - 1) + 1];
+    base.k[level] = level_k.data_ptr();
+    base.v[level] = level_v.data_ptr();
+    set_strides(base.k_stride[level], level_k);
+    set_strides(base.v_stride[level], level_v);
+    params.dk[level] = d_keys[level].data_ptr();
+    params.dv[level] = d_values[level].data_ptr();
+  }
+  base.levels = level_map.data_ptr<int8_t>();
+  base.batch = static_cast<int>(batch);
+  base.q_heads = static_cast<int>(q_heads);
+  base.kv_heads = static_cast<int>(kv_heads);
+  base.q_len = static_cast<int>(q_len);
+  base.k_len = static_cast<int>(k_len);
+  base.block_n = static_cast<int>(block_n);
+  base.n_q = static_cast<int>(n_q);
+  base.n_k = static_cast<int>(n_k);
+  base.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
+  base.causal = causal;
+  params.grad_out = d_out.data_ptr();
+  params.lse = lse_rows.data_ptr<float>();
+  params.delta = delta.data_ptr<float>();
+  params.dq = dq.data_ptr();
+  params.scale = static_cast<float>(scale);
+  params.block_m = static_cast<int>(block_m);
+
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  const cudaError_t status = dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    cudaError_t result = dim == 128 ? launch_dq<T, 128>(block_m, params, stream) : launch_dq<T, 64>(block_m, params, stream);
+    for (int level = 0; level < kernels::kNumLevels && result == cudaSuccess; ++level) {
+      params.level = level;
+      const int rows = std::max(16, static_cast<int>(block_n >> level));
+      result = dim == 128 ? launch_dkdv<T, 128>(rows, params, stream) : launch_dkdv<T, 64>(rows, params, stream);
+    }
+    return result;
+  });
+  check_launch(kOp, status);
+  return gradients();
+}
+
+}  // namespace psa::cuda

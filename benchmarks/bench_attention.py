@@ -26,7 +26,7 @@ Usage: python benchmarks/bench_attention.py [--shapes wan1.3b_480p,...] [--densi
 machine without a registry).
 
 --kernels also lists the device time of every kernel each stage launches (torch.profiler), to see
-where a stage's time goes.
+where a stage's time goes (with --backward, of one psa forward + backward too).
 
 --backward adds forward + backward times at the default config (density ~0.15): psa (`sparse_attention`,
 gradients through attention_over_pyramid and the pyramid) against cuDNN's dense forward + backward and
@@ -198,8 +198,9 @@ def forward_backward_ms(forward, inputs) -> float:
     return bench(step)
 
 
-def print_backward_table(shapes, flex):
-    """Per shape: forward + backward of psa at the default config, cuDNN dense, Flex block-sparse."""
+def print_backward_table(shapes, flex, kernels=False):
+    """Per shape: forward + backward of psa at the default config, cuDNN dense, Flex block-sparse; with
+    `kernels`, the device time of every kernel one psa forward + backward launches."""
     header = ["shape", "density", "psa fwd+bwd ms", "cudnn fwd+bwd ms", "flex fwd+bwd ms", "psa x cudnn",
               "psa x flex"]
     print_row(header)
@@ -219,6 +220,10 @@ def print_backward_table(shapes, flex):
         flex_ms = forward_backward_ms(lambda q, k, v: flex(q, k, v, block_mask=mask), (q, k, v))
         print_row([name, f"{density:.3f}", f"{psa_ms:.2f}", f"{cudnn_ms:.2f}", f"{flex_ms:.2f}",
                    f"{cudnn_ms / psa_ms:.2f}", f"{flex_ms / psa_ms:.2f}"])
+        if kernels:
+            grad_out = torch.randn_like(q)
+            print_kernel_times(f"{name} fwd+bwd", lambda: torch.autograd.grad(
+                psa.sparse_attention(q, k, v, config), (q, k, v), grad_out), repeats=5)
         q = k = v = scores = mask = None
         torch.cuda.empty_cache()
 
@@ -230,7 +235,7 @@ def main():
     parser.add_argument("--estimators", default="sampled,pooled,antidiagonal")
     parser.add_argument("--no-stages", action="store_true", help="skip the per-stage table")
     parser.add_argument("--no-densities", action="store_true", help="skip the per-density table")
-    parser.add_argument("--kernels", action="store_true", help="per-kernel device times of each stage")
+    parser.add_argument("--kernels", action="store_true", help="per-kernel device times of each stage (and of psa's backward)")
     parser.add_argument("--site", action="append", default=[], help="extra site directory (for FA4)")
     parser.add_argument("--backward", action="store_true", help="forward + backward table at the default config")
     args = parser.parse_args()
@@ -246,7 +251,7 @@ def main():
     if not args.no_stages:
         print_stage_table(shapes, args.estimators.split(","), args.kernels)
     if args.backward:
-        print_backward_table(shapes, flex)
+        print_backward_table(shapes, flex, args.kernels)
     if not densities:
         return
     header = ("shape", "dens", "psa ms", "pyr", "est", "asg", "attend", "kernel", "sm80 kernel", "cudnn", "flash",

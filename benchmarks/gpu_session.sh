@@ -51,23 +51,26 @@ demo_data() {
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl_demo/av-*.whl \
     && mkdir -p ~/.cache/psa && cp .whl_demo/clip/cockatoo.mp4 ~/.cache/psa/
 }
-step=""; args=()
+step=""; args=(); step_number=0
+# Each step logs to its own numbered file, so an A/B call keeps every variant's table.
+step_log() { printf '%s/%02d_%s.log' "$log_dir" "$step_number" "$1"; }
 run_step() {
+  step_number=$((step_number + 1))
   case "$step" in
-    tests) $limit python3 -m pytest -q -x -p no:cacheprovider "${args[@]:-tests}" 2>&1 | tee "$log_dir/tests.log" \
+    tests) $limit python3 -m pytest -q -x -p no:cacheprovider "${args[@]:-tests}" 2>&1 | tee "$(step_log tests)" \
              | tail -25 ;;
     sanitizer)
       $limit compute-sanitizer --tool memcheck python3 tests/sanitizer_case.py 2>&1 | tail -4
       $limit compute-sanitizer --tool racecheck python3 tests/sanitizer_case.py 2>&1 | tail -4 ;;
     bench)
       site=(); [ -d /tmp/fa4site ] && site=(--site /tmp/fa4site)
-      $limit python3 benchmarks/bench_attention.py "${site[@]}" "${args[@]}" 2>&1 | tee "$log_dir/bench.log" ;;
+      $limit python3 benchmarks/bench_attention.py "${site[@]}" "${args[@]}" 2>&1 | tee "$(step_log bench)" ;;
     fa4) bash benchmarks/fa4_wheels.sh collect ;;
     e2e) python3 -m pip install -q --no-index --find-links .whl_e2e diffusers
-         $limit python3 benchmarks/bench_e2e.py "${args[@]}" 2>&1 | tee "$log_dir/e2e.log" ;;
-    prefill) demo_data; $limit python3 benchmarks/bench_prefill.py "${args[@]}" 2>&1 | tee "$log_dir/prefill.log" ;;
-    ulysses) $limit python3 benchmarks/bench_ulysses.py "${args[@]}" 2>&1 | tee "$log_dir/ulysses.log" ;;
-    rowcost) $limit python3 benchmarks/bench_row_cost.py "${args[@]}" 2>&1 | tee "$log_dir/rowcost.log" ;;
+         $limit python3 benchmarks/bench_e2e.py "${args[@]}" 2>&1 | tee "$(step_log e2e)" ;;
+    prefill) demo_data; $limit python3 benchmarks/bench_prefill.py "${args[@]}" 2>&1 | tee "$(step_log prefill)" ;;
+    ulysses) $limit python3 benchmarks/bench_ulysses.py "${args[@]}" 2>&1 | tee "$(step_log ulysses)" ;;
+    rowcost) $limit python3 benchmarks/bench_row_cost.py "${args[@]}" 2>&1 | tee "$(step_log rowcost)" ;;
     ncu)
       # One report per argument list (attention_map_psa, ...); --clock-control none: the lent machine's
       # clocks stay as they are (device METHOD.md).
@@ -79,7 +82,7 @@ run_step() {
       ncu -i "$log_dir/$name.ncu-rep" --page details >"$log_dir/${name}_details.txt" 2>&1
       grep -E "Duration|Issue Slots Busy|Issued Ipc Active|No Eligible|Active Warps Per|Eligible Warps|Warp Cycles Per Issued|Compute \(SM\) Throughput|L2 Hit Rate|Executed Ipc" \
         "$log_dir/${name}_details.txt" | head -20 ;;
-    train) demo_data && $limit python3 benchmarks/train_with_psa.py "${args[@]}" 2>&1 | tee "$log_dir/train.log" ;;
+    train) demo_data && $limit python3 benchmarks/train_with_psa.py "${args[@]}" 2>&1 | tee "$(step_log train)" ;;
     patch) echo "== patch ${args[0]}"; patch -p1 --forward < "${args[0]}" | tail -3 && build ;;
     unpatch) echo "== unpatch ${args[0]}"; patch -p1 -R < "${args[0]}" | tail -3 && build ;;
     swap) echo "== swap ${args[0]} -> ${args[1]}"

@@ -14,10 +14,10 @@
   their count, goes to each of them.
 
 Plain tensor operations, so they run on any device and `torch.compile` traces them; memory is bounded by
-the chunk (rows x pyramid tokens), time is that of dense attention over the ~1.9 L pyramid tokens. The
-first is the oracle the tests hold `torch.ops.psa.attention_over_pyramid_backward` to (whose CPU kernel
-is C++, the CUDA one fused: kernels/attention_backward.cuh); the second is the
-pyramid's autograd formula. The level map gets no gradient.
+the chunk (rows x pyramid tokens), time is that of dense attention over the ~1.9 L pyramid tokens. They
+are the oracles the tests hold `torch.ops.psa.attention_over_pyramid_backward` (whose CPU kernel is C++,
+the CUDA one fused: kernels/attention_backward.cuh) and `torch.ops.psa.kv_pyramid_backward` (CPU: ATen,
+CUDA: kernels/kv_pyramid_backward.cuh) to. The level map gets no gradient.
 """
 
 from typing import List, Optional, Sequence, Tuple

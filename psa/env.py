@@ -65,16 +65,20 @@ def report() -> str:
     hopper = family == "sm90"
     lines += [
         f"ops on CUDA tensors (GPU 0, {family}: {reason}):",
-        "  kv_pyramid: CUDA pooling kernel",
+        "  kv_pyramid: CUDA pooling kernel (its backward, kv_pyramid_backward: the mirror kernel)",
         "  estimate_importance sampled: " + (
             "row gather + TMA/wgmma GEMM (sm90) for 8, 16 or 32 offsets per block" if hopper
             else "mma.sync kernel (sm80) for 8, 16 or 32 offsets per block") + "; other counts: ATen (cuBLAS)",
         "  estimate_importance pooled: CUDA block means + scores kernels",
-        "  estimate_importance antidiagonal: ATen (cuBLAS, chunked)",
+        "  estimate_importance antidiagonal: " + (
+            "TMA/wgmma kernel (sm90)" if hopper else "mma.sync kernel (sm80)") +
+        " where block_m / stride divides 64 and block_n / stride is 8 to 64; otherwise ATen (cuBLAS, chunked)",
         "  assign_levels: CUDA, one CTA per row (n_k <= 4096)",
         "  attention_over_pyramid (attention_with_levels = kv_pyramid + it): " + (
             "TMA/wgmma kernel (sm90) for block_m 64/128 and block_n 64/128 with TMA-compatible strides, "
             "mma.sync (sm80) otherwise" if hopper else "mma.sync kernel (sm80)"),
+        "  attention_over_pyramid_backward: mma.sync kernels (sm80): delta, dq query-major, dK / dV key-major "
+        "per level; no atomics",
     ]
     return "\n".join(lines)
 

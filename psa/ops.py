@@ -223,6 +223,12 @@ def _kv_pyramid_fake(k, v):
                  for level in (2, 4, 8) for x in (k, v))
 
 
+@torch.library.register_fake("psa::kv_pyramid_backward")
+def _kv_pyramid_backward_fake(dk2, dv2, dk4, dv4, dk8, dv8, *, k_len):
+    batch, heads, _, dim = dk2.shape
+    return dk2.new_empty(batch, heads, k_len, dim), dv2.new_empty(batch, heads, k_len, dim)
+
+
 @torch.library.register_fake("psa::estimate_importance")
 def _estimate_importance_fake(q, k, q_offsets=None, k_offsets=None, *, block_m, block_n, method, scale=None,
                               causal=False, stride=8):
@@ -253,9 +259,9 @@ def _attention_over_pyramid_backward_fake(grad_out, grad_lse, q, k, v, k2, v2, k
 
 
 # --------------------------------------------------------------------------------------------------
-# Autograd: the two stages of attention differentiate (attention_over_pyramid through its backward op,
-# kv_pyramid through psa/backward.py), so attention_with_levels and
-# sparse_attention do through them; the stages that decide the level map give outputs without gradient
+# Autograd: the two stages of attention differentiate through their backward ops
+# (attention_over_pyramid_backward, kv_pyramid_backward), so attention_with_levels and sparse_attention
+# do through them; the stages that decide the level map give outputs without gradient
 # --------------------------------------------------------------------------------------------------
 
 def _register_not_differentiable(name: str) -> None:
@@ -276,15 +282,31 @@ for _name in ("estimate_importance", "assign_levels"):
 
 
 def _kv_pyramid_setup(ctx, inputs, output, keyword_only_inputs=None):
-    # The backward needs k's length and the dtypes only: saving k and v would keep them alive.
+    # The backward needs k's shape only: saving k and v would keep them alive.
     k, v = inputs
-    ctx.k_len, ctx.dtypes = k.shape[-2], (k.dtype, v.dtype)
+    ctx.k_shape = k.shape
 
 
 def _kv_pyramid_backward(ctx, *grads):
-    from .backward import kv_pyramid_backward
+    # The backward op (kv_pyramid_backward: each pooled token's gradient over its count, spread back), with
+    # zeros for a level no gradient reached.
+    if all(grad is None for grad in grads):
+        return None, None
+    batch, heads, k_len, dim = ctx.k_shape
+    like = next(grad for grad in grads if grad is not None)
+    grads = [grad if grad is not None else like.new_zeros(batch, heads, _ceil_div(k_len, 2 << (index // 2)), dim)
+             for index, grad in enumerate(grads)]
+    return _ops.kv_pyramid_backward(*grads, k_len=k_len)
 
-    return kv_pyramid_backward(grads, ctx.k_len, *ctx.dtypes)
+
+def _kv_pyramid_backward_backward(ctx, grad_dk, grad_dv):
+    # kv_pyramid_backward is linear and spreads each pooled gradient evenly over the keys it covers, so its
+    # transpose averages over those keys: kv_pyramid itself (double backward through the pyramid).
+    if grad_dk is None and grad_dv is None:
+        return (None,) * 6
+    grad_dk = grad_dk if grad_dk is not None else torch.zeros_like(grad_dv)
+    grad_dv = grad_dv if grad_dv is not None else torch.zeros_like(grad_dk)
+    return tuple(_ops.kv_pyramid(grad_dk, grad_dv))
 
 
 def _attention_over_pyramid_setup(ctx, inputs, output, keyword_only_inputs=None):
@@ -300,5 +322,6 @@ def _attention_over_pyramid_backward(ctx, grad_out, grad_lse):
 
 
 torch.library.register_autograd("psa::kv_pyramid", _kv_pyramid_backward, setup_context=_kv_pyramid_setup)
+torch.library.register_autograd("psa::kv_pyramid_backward", _kv_pyramid_backward_backward)
 torch.library.register_autograd("psa::attention_over_pyramid", _attention_over_pyramid_backward,
                                 setup_context=_attention_over_pyramid_setup)

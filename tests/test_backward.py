@@ -65,6 +65,79 @@ def test_kv_pyramid_gradcheck(rng):
     assert torch.autograd.gradcheck(lambda k, v: torch.ops.psa.kv_pyramid(k, v), (k, v), eps=1e-6, atol=1e-6)
 
 
+def spread_pooled_gradients(d_pooled, k_len):
+    """(dk, dv) in float64, token by token: token t of a level-l pooled tensor averages keys [l t, l t + l)
+    clipped to k_len, so each of them gets its gradient over that count."""
+    totals = []
+    for slot in (0, 1):
+        total = torch.zeros(*d_pooled[slot].shape[:2], k_len, d_pooled[slot].shape[3], dtype=torch.float64)
+        for index, level in enumerate((2, 4, 8)):
+            grad = d_pooled[2 * index + slot].double().cpu()
+            for token in range(grad.shape[2]):
+                first, last = level * token, min(level * token + level, k_len)
+                total[:, :, first:last] += grad[:, :, token:token + 1] / (last - first)
+        totals.append(total)
+    return totals
+
+
+PYRAMID_BACKENDS = [pytest.param("cpu", dtype, id=f"cpu-{str(dtype)[6:]}")
+                    for dtype in (torch.float64, torch.float32, torch.bfloat16)]
+PYRAMID_BACKENDS += [pytest.param("cuda", dtype, id=f"cuda-{str(dtype)[6:]}", marks=[pytest.mark.cuda, requires_cuda])
+                     for dtype in (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("device,dtype", PYRAMID_BACKENDS)
+@pytest.mark.parametrize("k_len,dim", [(1, 64), (7, 64), (61, 128), (200, 64), (1027, 128)])
+def test_kv_pyramid_backward_op_matches_float64(rng, device, dtype, k_len, dim):
+    # Lengths that leave every level's last pooled token partial (61, 1027) or whole (200), and shorter
+    # than one group of 8 (1, 7); fp32 accumulation, one rounding to the output dtype.
+    d_pooled = [torch.randn(2, 3, -(-k_len // level), dim, generator=rng, dtype=torch.float64)
+                for level in (2, 4, 8) for _ in (0, 1)]
+    expected = spread_pooled_gradients(d_pooled, k_len)
+    grads = torch.ops.psa.kv_pyramid_backward(*(g.to(device=device, dtype=dtype) for g in d_pooled), k_len=k_len)
+    for grad, reference in zip(grads, expected):
+        assert grad.shape == reference.shape and grad.dtype == dtype and grad.device.type == device
+        # Inputs of magnitude ~1: a few units of the accumulation's last place, one rounding of the result.
+        tolerance = 1e-12 if dtype == torch.float64 else 4 * torch.finfo(dtype).eps
+        torch.testing.assert_close(grad.double().cpu(), reference, rtol=tolerance, atol=2 * tolerance)
+
+
+def test_kv_pyramid_backward_gradcheck(rng):
+    # Its own gradient is the pyramid (the mean over the keys a pooled gradient was spread to), so double
+    # backward through kv_pyramid works; gradgradcheck checks that too.
+    d_pooled = [torch.randn(2, 1, -(-29 // level), 4, generator=rng, dtype=torch.float64, requires_grad=True)
+                for level in (2, 4, 8) for _ in (0, 1)]
+    assert torch.autograd.gradcheck(lambda *g: torch.ops.psa.kv_pyramid_backward(*g, k_len=29), d_pooled,
+                                    eps=1e-6, atol=1e-6)
+    _, k, v = inputs(rng, 1, 1, 1, 8, 29, 4)
+    assert torch.autograd.gradgradcheck(lambda k, v: torch.ops.psa.kv_pyramid(k, v), (k, v), eps=1e-6, atol=1e-6)
+
+
+def test_kv_pyramid_backward_takes_levels_without_gradient(rng):
+    # Autograd hands None for the pooled outputs a loss does not use: those levels contribute nothing.
+    _, k, v = inputs(rng, 1, 2, 2, 8, 37, 4)
+    pooled = torch.ops.psa.kv_pyramid(k, v)
+    (pooled[2].sum() * 3).backward()  # k4 only: each key gets 3 / (the keys its level-4 token averages)
+    assert v.grad.abs().max() == 0
+    counts = torch.tensor([min(4, 37 - 4 * (t // 4)) for t in range(37)], dtype=torch.float64)
+    torch.testing.assert_close(k.grad, (3.0 / counts)[None, None, :, None].expand_as(k))
+
+
+def test_kv_pyramid_backward_names_bad_arguments(rng):
+    d_pooled = [torch.randn(1, 2, -(-10 // level), 8, generator=rng) for level in (2, 4, 8) for _ in (0, 1)]
+    op = torch.ops.psa.kv_pyramid_backward
+    with pytest.raises(RuntimeError, match=r"dk4 must have shape \[B, H, ceil\(k_len/4\), D\] = \[1, 2, 3, 8\]"):
+        op(*d_pooled[:2], d_pooled[2][:, :, :2], *d_pooled[3:], k_len=10)
+    with pytest.raises(RuntimeError, match=r"dk2 must have shape .* for k_len = 12"):
+        op(*d_pooled, k_len=12)
+    with pytest.raises(RuntimeError, match="dv8 must have the same dtype as dk2"):
+        op(*d_pooled[:5], d_pooled[5].double(), k_len=10)
+    with pytest.raises(RuntimeError, match="k_len must be at least 1, got 0"):
+        op(*d_pooled, k_len=0)
+    with pytest.raises(RuntimeError, match="dk2 must be float32, float64, bfloat16 or float16"):
+        op(*(g.to(torch.int32) for g in d_pooled), k_len=10)
+
+
 def test_full_gradcheck_on_a_small_causal_gqa_case(rng):
     # Column by column (not fast mode) once: every entry of the Jacobian.
     q, k, v = inputs(rng, 1, 2, 1, 40, 72, 8)

@@ -23,6 +23,7 @@ def samples(device, dtype=torch.float32):
     keys[80:] = True
     return {
         "kv_pyramid": [((k, v), {})],
+        "kv_pyramid_backward": [(tuple(torch.ops.psa.kv_pyramid(k, v)), dict(k_len=90))],
         "estimate_importance": [
             ((q, k), dict(block_m=64, block_n=32, method=method, causal=causal))
             for method in ("sampled", "antidiagonal", "pooled") for causal in (False, True)],

@@ -17,8 +17,12 @@ HEAD_DIMS = {"d64": "64", "d128": "128"}
 # kernel -> (header, launcher, params struct, [axes]); each axis maps a file-name part to a template argument.
 KERNELS = {
     "kv_pyramid": ("kv_pyramid.cuh", "launch_kv_pyramid", "PyramidParams", [INPUT_DTYPES]),
+    "kv_pyramid_backward": ("kv_pyramid_backward.cuh", "launch_kv_pyramid_backward", "PyramidBackwardParams",
+                            [INPUT_DTYPES]),
     "attention_with_levels": ("attention_with_levels.cuh", "launch_attention_with_levels", "AttentionParams",
                               [INPUT_DTYPES, HEAD_DIMS, {"m32": "32", "m64": "64", "m128": "128"}]),
+    "attention_backward_delta": ("attention_backward_delta.cuh", "launch_attention_backward_delta",
+                                 "AttentionBackwardDeltaParams", [INPUT_DTYPES]),
     "attention_backward_dq": ("attention_backward.cuh", "launch_attention_backward_dq", "AttentionBackwardParams",
                               [INPUT_DTYPES, HEAD_DIMS, {"m32": "32", "m64": "64", "m128": "128"}]),
     "attention_backward_dkdv": ("attention_backward.cuh", "launch_attention_backward_dkdv",

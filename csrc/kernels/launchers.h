@@ -13,12 +13,19 @@ namespace psa::kernels {
 template <typename T>
 cudaError_t launch_kv_pyramid(const PyramidParams& params, cudaStream_t stream);
 
+// kv_pyramid's backward (kv_pyramid_backward.cuh): dk and dv from the gradients of the pooled levels.
+template <typename T>
+cudaError_t launch_kv_pyramid_backward(const PyramidBackwardParams& params, cudaStream_t stream);
+
 // kHeadDim 64 or 128; kBlockM 32, 64 or 128 (one warp per 16 query rows).
 template <typename T, int kHeadDim, int kBlockM>
 cudaError_t launch_attention_with_levels(const AttentionParams& params, cudaStream_t stream);
 
-// The backward (attention_backward.cuh): dq for kBlockM 32, 64 or 128; dK / dV of level params.level for
+// The backward: delta = rowsum(dO * O) - dlse per row (attention_backward_delta.cuh), then
+// (attention_backward.cuh) dq for kBlockM 32, 64 or 128; dK / dV of level params.level for
 // kRows = max(16, block_n >> level) (16, 32, 64 or 128) pooled rows per key block.
+template <typename T>
+cudaError_t launch_attention_backward_delta(const AttentionBackwardDeltaParams& params, cudaStream_t stream);
 template <typename T, int kHeadDim, int kBlockM>
 cudaError_t launch_attention_backward_dq(const AttentionBackwardParams& params, cudaStream_t stream);
 template <typename T, int kHeadDim, int kRows>

@@ -16,6 +16,15 @@ struct PyramidParams {
   int batch, heads, length, head_dim;
 };
 
+// The backward of kv_pyramid: each pooled token's gradient, divided by the tokens it averages, spread back.
+struct PyramidBackwardParams {
+  const void* d_keys[3];    // gradients of k2, k4, k8: contiguous [B, H, ceil(L/l), D]
+  const void* d_values[3];  // of v2, v4, v8
+  void* dk;                 // [B, H, L, D], contiguous
+  void* dv;
+  int batch, heads, length, head_dim;
+};
+
 }  // namespace psa::kernels
 
 namespace psa::kernels {
@@ -52,6 +61,16 @@ struct AttentionBackwardParams {
   float scale;                        // the softmax scale (natural units)
   int block_m;
   int level;                          // the key-major kernel's launch: which level's gradients (0..3)
+};
+
+// delta = rowsum(dO * O) - dlse, the per-row term of dS = P (dP - delta), before the backward kernels.
+struct AttentionBackwardDeltaParams {
+  const void* grad_out;               // [rows, D] contiguous, or null (no gradient reached out)
+  const void* out;                    // [rows, D] contiguous, the forward's out
+  const float* grad_lse;              // [rows], or null (no gradient reached lse)
+  float* delta;                       // [rows]
+  int64_t rows;                       // B * Hq * Lq
+  int head_dim;                       // 64 or 128
 };
 
 // The fused sampled estimator (docs/spec.md section 4, "sampled").

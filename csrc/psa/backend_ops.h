@@ -2,8 +2,8 @@
 // cuda/registration.cpp): each op's shared preparation (ops.h), the checks of tensor contents that
 // only some backends can make without a host synchronisation, then the backend's kernels.
 //
-// A Backend is a struct of static functions: the kernels (kv_pyramid, estimate_sampled,
-// estimate_antidiagonal, estimate_pooled, assign_levels, attention_over_pyramid, and
+// A Backend is a struct of static functions: the kernels (kv_pyramid, kv_pyramid_backward,
+// estimate_sampled, estimate_antidiagonal, estimate_pooled, assign_levels, attention_over_pyramid, and
 // attention_over_pyramid_backward where the backend has one, with the backend namespaces' signatures)
 // and the content checks (check_offsets, check_scores, check_levels: empty where they would cost a sync).
 #pragma once
@@ -20,6 +20,16 @@ struct BackendOps {
   static PyramidTensors kv_pyramid(const at::Tensor& k, const at::Tensor& v) {
     prepare_kv_pyramid(k, v);
     return pyramid_tuple(Backend::kv_pyramid(k, v));
+  }
+
+  static std::tuple<at::Tensor, at::Tensor> kv_pyramid_backward(const at::Tensor& dk2, const at::Tensor& dv2,
+                                                                const at::Tensor& dk4, const at::Tensor& dv4,
+                                                                const at::Tensor& dk8, const at::Tensor& dv8,
+                                                                int64_t k_len) {
+    const std::vector<at::Tensor> d_pooled = {dk2, dv2, dk4, dv4, dk8, dv8};
+    prepare_kv_pyramid_backward(d_pooled, k_len);
+    const auto grads = Backend::kv_pyramid_backward(d_pooled, k_len);
+    return {grads[0], grads[1]};
   }
 
   static at::Tensor estimate_importance(const at::Tensor& q, const at::Tensor& k,
@@ -89,6 +99,7 @@ struct BackendOps {
 
   static void register_kernels(torch::Library& m) {
     m.impl("kv_pyramid", &kv_pyramid);
+    m.impl("kv_pyramid_backward", &kv_pyramid_backward);
     m.impl("estimate_importance", &estimate_importance);
     m.impl("assign_levels", &assign_levels);
     m.impl("attention_over_pyramid", &attention_over_pyramid);

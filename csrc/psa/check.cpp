@@ -147,6 +147,27 @@ void check_pyramid(const char* op, const at::Tensor& k, const std::vector<at::Te
   }
 }
 
+void check_pyramid_gradients(const char* op, const std::vector<at::Tensor>& d_pooled, int64_t k_len) {
+  static const char* const kNames[] = {"dk2", "dv2", "dk4", "dv4", "dk8", "dv8"};
+  // Any strides: autograd hands expanded or transposed gradients, and both backends read a contiguous copy.
+  const at::Tensor& first = d_pooled[0];
+  PSA_CHECK(k_len >= 1, op, ": k_len must be at least 1, got ", k_len);
+  PSA_CHECK(first.dim() == 4, op, ": dk2 must have 4 dims [B, H, L, D], got shape ", first.sizes());
+  check_dtype_and_head_dim(op, kNames[0], first);
+  for (size_t i = 0; i < d_pooled.size(); ++i) {
+    const at::Tensor& t = d_pooled[i];
+    const int64_t level = int64_t{2} << (i / 2);
+    PSA_CHECK(t.device() == first.device(), op, ": ", kNames[i], " must be on the same device as dk2 (",
+              first.device(), "), got ", t.device());
+    PSA_CHECK(t.scalar_type() == first.scalar_type(), op, ": ", kNames[i], " must have the same dtype as dk2 (",
+              first.scalar_type(), "), got ", t.scalar_type());
+    const std::vector<int64_t> expected = {first.size(0), first.size(1), ceil_div(k_len, level), first.size(3)};
+    PSA_CHECK(t.sizes() == at::IntArrayRef(expected), op, ": ", kNames[i], " must have shape [B, H, ceil(k_len/",
+              level, "), D] = ", expected, " (the shape of kv_pyramid's output for k_len = ", k_len, "), got ",
+              t.sizes());
+  }
+}
+
 bool any_symbolic(std::initializer_list<at::Tensor> tensors) {
   for (const auto& t : tensors) {
     if (t.defined() && t.unsafeGetTensorImpl()->has_symbolic_sizes_strides()) return true;

@@ -50,6 +50,9 @@ void check_qkv(const char* op, const at::Tensor& q, const at::Tensor& k, const a
 void check_qk(const char* op, const at::Tensor& q, const at::Tensor& k);
 // k and v [B, H, L, D] of one shape, dtype and device, as kv_pyramid takes them.
 void check_pyramid_inputs(const char* op, const at::Tensor& k, const at::Tensor& v);
+// The gradients {dk2, dv2, dk4, dv4, dk8, dv8} of kv_pyramid's outputs for keys of length k_len: dtype
+// (one for all six), device and the pyramid's shapes; any strides.
+void check_pyramid_gradients(const char* op, const std::vector<at::Tensor>& d_pooled, int64_t k_len);
 void check_block_sizes(const char* op, int64_t block_m, int64_t block_n);
 // levels int8 [B, Hq, ceil(Lq/block_m), ceil(Lk/block_n)] on q's device (dtype, device and shape only).
 void check_levels(const char* op, const at::Tensor& levels, const at::Tensor& q, const at::Tensor& k,

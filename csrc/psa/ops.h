@@ -19,6 +19,8 @@ namespace psa {
 
 // k and v for kv_pyramid.
 void prepare_kv_pyramid(const at::Tensor& k, const at::Tensor& v);
+// The gradients {dk2, dv2, dk4, dv4, dk8, dv8} of kv_pyramid's outputs, for keys of length k_len.
+void prepare_kv_pyramid_backward(const std::vector<at::Tensor>& d_pooled, int64_t k_len);
 
 enum class EstimateMethod { kSampled, kAntidiagonal, kPooled };
 struct EstimateArgs {
@@ -100,6 +102,8 @@ at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, int64_t blo
 namespace cpu {
 // {k2, v2, k4, v4, k8, v8}
 std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v);
+// {dk, dv} [B, H, k_len, D] from d_pooled = {dk2, dv2, dk4, dv4, dk8, dv8}, in their dtype.
+std::vector<at::Tensor> kv_pyramid_backward(const std::vector<at::Tensor>& d_pooled, int64_t k_len);
 // force_key_blocks [B, n_k] and force_query_blocks [B, n_q] are bool; cap [B, Hkv, n_k] int64 or undefined.
 at::Tensor assign_levels(const at::Tensor& scores, bool threshold_mode, at::ArrayRef<double> bounds,
                          int64_t block_m, int64_t block_n, int64_t q_len, int64_t k_len, double min_full,
@@ -125,6 +129,8 @@ std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_o
 namespace cuda {
 // {k2, v2, k4, v4, k8, v8}
 std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v);
+// {dk, dv} [B, H, k_len, D] from d_pooled = {dk2, dv2, dk4, dv4, dk8, dv8}, in their dtype.
+std::vector<at::Tensor> kv_pyramid_backward(const std::vector<at::Tensor>& d_pooled, int64_t k_len);
 // The fused kernel for 8, 16 or 32 offsets per block, else aten::estimate_sampled.
 at::Tensor estimate_sampled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
                             double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets);

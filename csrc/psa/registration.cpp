@@ -1,12 +1,15 @@
 // The psa operator family: every schema, once, and the composite ops. Each backend registers its kernels
 // under its own dispatch key (cpu/registration.cpp, cuda/registration.cpp); fake (meta) kernels and
-// autograd live in psa/ops.py (with the CUDA backward's stand-in until its fused kernel exists).
+// autograd live in psa/ops.py.
 #include <torch/library.h>
 
 #include "ops.h"
 
 TORCH_LIBRARY(psa, m) {
   m.def("kv_pyramid(Tensor k, Tensor v) -> (Tensor k2, Tensor v2, Tensor k4, Tensor v4, Tensor k8, Tensor v8)");
+  m.def(
+      "kv_pyramid_backward(Tensor dk2, Tensor dv2, Tensor dk4, Tensor dv4, Tensor dk8, Tensor dv8, *, SymInt k_len) "
+      "-> (Tensor dk, Tensor dv)");
   m.def(
       "estimate_importance(Tensor q, Tensor k, Tensor? q_offsets=None, Tensor? k_offsets=None, *, int block_m, "
       "int block_n, str method, float? scale=None, bool causal=False, int stride=8) -> Tensor");

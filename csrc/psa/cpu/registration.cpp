@@ -8,6 +8,7 @@ namespace {
 
 struct CpuBackend {
   static std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v) { return cpu::kv_pyramid(k, v); }
+  static constexpr auto kv_pyramid_backward = &cpu::kv_pyramid_backward;
   static constexpr auto estimate_sampled = &aten::estimate_sampled;
   static constexpr auto estimate_antidiagonal = &aten::estimate_antidiagonal;
   static constexpr auto estimate_pooled = &aten::estimate_pooled;

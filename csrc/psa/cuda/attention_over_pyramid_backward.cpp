@@ -1,5 +1,5 @@
-// CUDA host side of attention_over_pyramid_backward: delta = rowsum(dO * O) - dlse by one ATen
-// reduction, then the query-major dq kernel and one key-major dK / dV launch per level
+// CUDA host side of attention_over_pyramid_backward: delta = rowsum(dO * O) - dlse by one kernel,
+// then the query-major dq kernel and one key-major dK / dV launch per level
 // (kernels/attention_backward.cuh), all on the current stream, no host synchronisation.
 #include "../ops.h"
 #include "common.h"
@@ -64,12 +64,13 @@ std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_o
             static_cast<int64_t>(max_dynamic_smem(q.device())));
 
   // dS = P (dO V^T - delta) with delta = rowsum(dO * O) - dlse is the gradient of both outputs.
-  // Contiguous: the kernels address dO as [B, Hq, Lq, D] rows (zeros_like would keep q's strides).
-  const auto d_out = grad_out.defined() ? grad_out.to(q.scalar_type()).contiguous() : at::zeros(q.sizes(), q.options());
-  auto delta = grad_out.defined() ? (d_out.to(at::kFloat) * out.to(at::kFloat)).sum(-1)
-                                  : at::zeros({batch, q_heads, q_len}, q.options().dtype(at::kFloat));
-  if (grad_lse.defined()) delta = delta - grad_lse.to(at::kFloat);
-  delta = delta.contiguous();
+  // The kernels address dO and O as contiguous [B, Hq, Lq, D] rows of 16-byte vectors; dO is zeros where no
+  // gradient reached out (the dq / dK / dV kernels read it all the same).
+  const auto d_out = grad_out.defined() ? rows_16b_aligned(grad_out.to(q.scalar_type()).contiguous())
+                                        : at::zeros(q.sizes(), q.options());
+  const auto out_rows = rows_16b_aligned(out.to(q.scalar_type()).contiguous());
+  const auto d_lse = grad_lse.defined() ? grad_lse.to(at::kFloat).contiguous() : at::Tensor();
+  auto delta = at::empty({batch, q_heads, q_len}, q.options().dtype(at::kFloat));
   const auto lse_rows = lse.to(at::kFloat).contiguous();
   const auto level_map = levels.contiguous();
 
@@ -131,7 +132,16 @@ std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_o
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cudaError_t status = dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
-    cudaError_t result = dim == 128 ? launch_dq<T, 128>(block_m, params, stream) : launch_dq<T, 64>(block_m, params, stream);
+    kernels::AttentionBackwardDeltaParams delta_params{};
+    delta_params.grad_out = grad_out.defined() ? d_out.data_ptr() : nullptr;
+    delta_params.out = out_rows.data_ptr();
+    delta_params.grad_lse = d_lse.defined() ? d_lse.data_ptr<float>() : nullptr;
+    delta_params.delta = delta.data_ptr<float>();
+    delta_params.rows = batch * q_heads * q_len;
+    delta_params.head_dim = static_cast<int>(dim);
+    cudaError_t result = kernels::launch_attention_backward_delta<T>(delta_params, stream);
+    if (result != cudaSuccess) return result;
+    result = dim == 128 ? launch_dq<T, 128>(block_m, params, stream) : launch_dq<T, 64>(block_m, params, stream);
     for (int level = 0; level < kernels::kNumLevels && result == cudaSuccess; ++level) {
       params.level = level;
       const int rows = std::max(16, static_cast<int>(block_n >> level));

@@ -1,4 +1,4 @@
-// CUDA host side of kv_pyramid: allocate, fill params, launch on the current stream.
+// CUDA host side of kv_pyramid and its backward: allocate, fill params, launch on the current stream.
 #include <c10/cuda/CUDAStream.h>
 #include <c10/cuda/CUDAGuard.h>
 #include <cuda_bf16.h>
@@ -42,6 +42,39 @@ std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v) {
     default: PSA_CHECK(false, "psa.kv_pyramid: no CUDA kernel for dtype ", k.scalar_type());
   }
   PSA_CHECK(status == cudaSuccess, "psa.kv_pyramid: kernel launch failed: ", cudaGetErrorString(status));
+  return outputs;
+}
+
+std::vector<at::Tensor> kv_pyramid_backward(const std::vector<at::Tensor>& d_pooled_in, int64_t k_len) {
+  const c10::cuda::CUDAGuard device_guard(d_pooled_in[0].device());
+  std::vector<at::Tensor> d_pooled;  // the kernel indexes contiguous [B, H, ceil(L/l), D] rows
+  for (const auto& t : d_pooled_in) d_pooled.push_back(t.contiguous());
+  const at::Tensor& first = d_pooled[0];
+  const int64_t batch = first.size(0), heads = first.size(1), dim = first.size(3);
+  PSA_CHECK(batch * heads <= 65535, "psa.kv_pyramid_backward: B * H must be at most 65535 on CUDA, got ",
+            batch * heads);
+  std::vector<at::Tensor> outputs = {at::empty({batch, heads, k_len, dim}, first.options()),
+                                     at::empty({batch, heads, k_len, dim}, d_pooled[1].options())};
+  if (outputs[0].numel() == 0) return outputs;
+  kernels::PyramidBackwardParams params{};
+  for (int i = 0; i < 3; ++i) {
+    params.d_keys[i] = d_pooled[2 * i].data_ptr();
+    params.d_values[i] = d_pooled[2 * i + 1].data_ptr();
+  }
+  params.dk = outputs[0].data_ptr();
+  params.dv = outputs[1].data_ptr();
+  params.batch = static_cast<int>(batch);
+  params.heads = static_cast<int>(heads);
+  params.length = static_cast<int>(k_len);
+  params.head_dim = static_cast<int>(dim);
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  cudaError_t status;
+  switch (first.scalar_type()) {
+    case at::kBFloat16: status = kernels::launch_kv_pyramid_backward<__nv_bfloat16>(params, stream); break;
+    case at::kHalf: status = kernels::launch_kv_pyramid_backward<__half>(params, stream); break;
+    default: PSA_CHECK(false, "psa.kv_pyramid_backward: no CUDA kernel for dtype ", first.scalar_type());
+  }
+  PSA_CHECK(status == cudaSuccess, "psa.kv_pyramid_backward: kernel launch failed: ", cudaGetErrorString(status));
   return outputs;
 }
 

@@ -8,6 +8,7 @@ namespace {
 
 struct CudaBackend {
   static std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v) { return cuda::kv_pyramid(k, v); }
+  static constexpr auto kv_pyramid_backward = &cuda::kv_pyramid_backward;
   static constexpr auto estimate_sampled = &cuda::estimate_sampled;
   static constexpr auto estimate_antidiagonal = &cuda::estimate_antidiagonal;
   static constexpr auto estimate_pooled = &cuda::estimate_pooled;

@@ -1,23 +1,21 @@
-"""The backward of psa's two differentiable stages (docs/spec.md section 7), device-generic.
+"""The backward of attention over a pyramid (docs/spec.md section 7), device-generic: the oracle.
 
-`attention_with_levels` is `kv_pyramid` followed by `attention_over_pyramid`, so its gradient is theirs:
+`attention_with_levels` is `kv_pyramid` followed by `attention_over_pyramid`, so its gradient is theirs.
+`attention_over_pyramid_backward` here, for each chunk of query rows, rebuilds the columns those rows see
+(every level's visible tokens, `reference.pyramid_columns`) and applies
 
-- `attention_over_pyramid_backward`: for each chunk of query rows it rebuilds the columns those rows see
-  (every level's visible tokens, `reference.pyramid_columns`) and applies
+    P = softmax(S),  dP = dO V^T,  dS = P * (dP - delta + dlse),  delta = rowsum(dO * O),
+    dq = scale dS K,  dK_cols += scale dS^T q,  dV_cols += P^T dO
 
-      P = softmax(S),  dP = dO V^T,  dS = P * (dP - delta + dlse),  delta = rowsum(dO * O),
-      dq = scale dS K,  dK_cols += scale dS^T q,  dV_cols += P^T dO
+then sums the query heads of each key head (GQA) and splits the columns' gradients by level: dK, dV of
+the keys themselves and dK_l, dV_l of each pooled level. (The pyramid's own gradient, a pooled token's
+gradient over its count spread back to the keys it covers, is the op `kv_pyramid_backward`; the tests
+check it token by token.)
 
-  then sums the query heads of each key head (GQA) and splits the columns' gradients by level: dK, dV
-  of the keys themselves and dK_l, dV_l of each pooled level.
-- `kv_pyramid_backward`: a pooled token is the mean of the keys it covers, so its gradient, divided by
-  their count, goes to each of them.
-
-Plain tensor operations, so they run on any device and `torch.compile` traces them; memory is bounded by
-the chunk (rows x pyramid tokens), time is that of dense attention over the ~1.9 L pyramid tokens. They
-are the oracles the tests hold `torch.ops.psa.attention_over_pyramid_backward` (whose CPU kernel is C++,
-the CUDA one fused: kernels/attention_backward.cuh) and `torch.ops.psa.kv_pyramid_backward` (CPU: ATen,
-CUDA: kernels/kv_pyramid_backward.cuh) to. The level map gets no gradient.
+Plain tensor operations, so it runs on any device and `torch.compile` traces it; memory is bounded by the
+chunk (rows x pyramid tokens), time is that of dense attention over the ~1.9 L pyramid tokens. It is the
+oracle the tests hold `torch.ops.psa.attention_over_pyramid_backward` to (whose CPU kernel is C++, the
+CUDA one fused: kernels/attention_backward.cuh). The level map gets no gradient.
 """
 
 from typing import List, Optional, Sequence, Tuple
@@ -83,22 +81,3 @@ def attention_over_pyramid_backward(grad_out: Optional[torch.Tensor], grad_lse: 
         d_pooled.append(d_values_by_level[index + 1].to(pooled[2 * index + 1].dtype))
     return (dq.to(q.dtype), d_keys_by_level[0].to(k.dtype), d_values_by_level[0].to(v.dtype), d_pooled)
 
-
-def kv_pyramid_backward(d_pooled: Sequence[Optional[torch.Tensor]], k_len: int, k_dtype: torch.dtype,
-                        v_dtype: torch.dtype) -> Tuple[Optional[torch.Tensor], Optional[torch.Tensor]]:
-    """`(dk, dv)` of `kv_pyramid(k, v)` for keys of length `k_len`, given the gradients of `(k2, v2, k4,
-    v4, k8, v8)` (None where a level got none): each pooled token's gradient, divided by the keys it
-    covers, goes to each of them. It needs only k's length and the dtypes, not k and v."""
-    totals = [None, None]
-    for index, grad in enumerate(d_pooled):
-        if grad is None:
-            continue
-        level = reference.POOLED_LEVELS[index // 2]
-        part = grad.to(_compute_dtype(grad.dtype))
-        counts = reference.pool_counts(k_len, level, grad.device).to(part.dtype)
-        spread = (part / counts[:, None]).repeat_interleave(level, dim=2)[:, :, :k_len]
-        slot = index % 2
-        totals[slot] = spread if totals[slot] is None else totals[slot] + spread
-    dk = None if totals[0] is None else totals[0].to(k_dtype)
-    dv = None if totals[1] is None else totals[1].to(v_dtype)
-    return dk, dv

@@ -1,6 +1,7 @@
 // CUDA host side of attention_over_pyramid: fills AttentionParams and launches the block-tile kernel
 // for the (dtype, head_dim, block_m) variant on the current stream.
 #include "../ops.h"
+#include "attention_params.h"
 #include "common.h"
 #include "kernels/launchers.h"
 
@@ -79,7 +80,7 @@ std::tuple<at::Tensor, at::Tensor> attention_over_pyramid(const at::Tensor& q_in
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const auto q = rows_16b_aligned(q_in), k = rows_16b_aligned(k_in), v = rows_16b_aligned(v_in);
   const int64_t batch = q.size(0), q_heads = q.size(1), q_len = q.size(2), dim = q.size(3);
-  const int64_t n_q = ceil_div(q_len, block_m), n_k = ceil_div(k.size(2), block_n);
+  const int64_t n_k = ceil_div(k.size(2), block_n);
   PSA_CHECK(batch * q_heads <= 65535, kOp, ": B * Hq must be at most 65535 on CUDA, got ", batch * q_heads);
   PSA_CHECK(n_k <= 65535, kOp, ": ceil(Lk / block_n) must be at most 65535 on CUDA, got ", n_k);
   PSA_CHECK(q_len < (int64_t{1} << 31) && k.size(2) < (int64_t{1} << 31), kOp,
@@ -103,30 +104,10 @@ std::tuple<at::Tensor, at::Tensor> attention_over_pyramid(const at::Tensor& q_in
   auto lse = at::empty({batch, q_heads, q_len}, q.options().dtype(at::kFloat));
   if (out.numel() == 0) return {out, lse};  // an empty batch, as SDPA: nothing to launch
 
-  kernels::AttentionParams params{};
-  params.q = q.data_ptr();
-  set_strides(params.q_stride, q);
-  for (int level = 0; level < kernels::kNumLevels; ++level) {
-    const at::Tensor& level_k = level == 0 ? k : pooled[2 * (level - 1)];
-    const at::Tensor& level_v = level == 0 ? v : pooled[2 * (level - 1) + 1];
-    params.k[level] = level_k.data_ptr();
-    params.v[level] = level_v.data_ptr();
-    set_strides(params.k_stride[level], level_k);
-    set_strides(params.v_stride[level], level_v);
-  }
-  params.levels = level_map.data_ptr<int8_t>();
+  kernels::AttentionParams params =
+      level_map_attention_params(q, k, v, pooled, level_map, block_m, block_n, scale, causal);
   params.out = out.data_ptr();
   params.lse = lse.data_ptr<float>();
-  params.batch = static_cast<int>(batch);
-  params.q_heads = static_cast<int>(q_heads);
-  params.kv_heads = static_cast<int>(k.size(1));
-  params.q_len = static_cast<int>(q_len);
-  params.k_len = static_cast<int>(k.size(2));
-  params.block_n = static_cast<int>(block_n);
-  params.n_q = static_cast<int>(n_q);
-  params.n_k = static_cast<int>(n_k);
-  params.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  params.causal = causal;
 
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   const cudaError_t status = dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {

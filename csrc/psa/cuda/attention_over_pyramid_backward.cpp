@@ -2,6 +2,7 @@
 // then the query-major dq kernel and one key-major dK / dV launch per level
 // (kernels/attention_backward.cuh), all on the current stream, no host synchronisation.
 #include "../ops.h"
+#include "attention_params.h"
 #include "common.h"
 #include "kernels/launchers.h"
 
@@ -54,7 +55,7 @@ std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_o
   for (const auto& t : pooled_in) pooled.push_back(rows_16b_aligned(t));
   const int64_t batch = q.size(0), q_heads = q.size(1), q_len = q.size(2), dim = q.size(3);
   const int64_t kv_heads = k.size(1), k_len = k.size(2);
-  const int64_t n_q = ceil_div(q_len, block_m), n_k = ceil_div(k_len, block_n);
+  const int64_t n_k = ceil_div(k_len, block_n);
   PSA_CHECK(batch * q_heads <= 65535, kOp, ": B * Hq must be at most 65535 on CUDA, got ", batch * q_heads);
   PSA_CHECK(n_k <= 65535, kOp, ": ceil(Lk / block_n) must be at most 65535 on CUDA, got ", n_k);
   const size_t smem = dim == 128 ? dq_smem_bytes<128>(block_m, static_cast<int>(n_k))
@@ -98,30 +99,11 @@ std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_o
   }
 
   kernels::AttentionBackwardParams params{};
-  kernels::AttentionParams& base = params.base;
-  base.q = q.data_ptr();
-  set_strides(base.q_stride, q);
+  params.base = level_map_attention_params(q, k, v, pooled, level_map, block_m, block_n, scale, causal);
   for (int level = 0; level < kernels::kNumLevels; ++level) {
-    const at::Tensor& level_k = level == 0 ? k : pooled[2 * (level - 1)];
-    const at::Tensor& level_v = level == 0 ? v : pooled[2 * (level - 1) + 1];
-    base.k[level] = level_k.data_ptr();
-    base.v[level] = level_v.data_ptr();
-    set_strides(base.k_stride[level], level_k);
-    set_strides(base.v_stride[level], level_v);
     params.dk[level] = d_keys[level].data_ptr();
     params.dv[level] = d_values[level].data_ptr();
   }
-  base.levels = level_map.data_ptr<int8_t>();
-  base.batch = static_cast<int>(batch);
-  base.q_heads = static_cast<int>(q_heads);
-  base.kv_heads = static_cast<int>(kv_heads);
-  base.q_len = static_cast<int>(q_len);
-  base.k_len = static_cast<int>(k_len);
-  base.block_n = static_cast<int>(block_n);
-  base.n_q = static_cast<int>(n_q);
-  base.n_k = static_cast<int>(n_k);
-  base.scale_log2 = static_cast<float>(scale * 1.4426950408889634);
-  base.causal = causal;
   params.grad_out = d_out.data_ptr();
   params.lse = lse_rows.data_ptr<float>();
   params.delta = delta.data_ptr<float>();

@@ -314,11 +314,16 @@ CUDA_CASES = [
 @pytest.mark.parametrize("batch,q_heads,kv_heads,q_len,k_len,dim,block_m,block_n,causal", CUDA_CASES)
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("outputs", ["out", "lse", "both"])
-def test_cuda_backward_op_matches_float64(rng, batch, q_heads, kv_heads, q_len, k_len, dim, block_m, block_n, causal,
-                                          dtype, outputs):
+@pytest.mark.parametrize("family", ["auto", "sm80"])
+def test_cuda_backward_op_matches_float64(rng, monkeypatch, batch, q_heads, kv_heads, q_len, k_len, dim, block_m,
+                                          block_n, causal, dtype, outputs, family):
     # The fused CUDA kernels (the forward's out and lse, every level's gradients) against psa/backward.py
-    # in float64 on the CPU, an empty query block included; FlashAttention's tolerance rule.
+    # in float64 on the CPU, an empty query block included; FlashAttention's tolerance rule. "auto" takes
+    # the Hopper dq pass on an H100 / H200 wherever it applies (block_m 64 / 128, block_n >= 64), sm80 the
+    # portable kernels.
     from psa.backward import attention_over_pyramid_backward
+
+    monkeypatch.setenv("PSA_CUDA_KERNEL", family)
 
     q, k, v = (x.detach() for x in inputs(rng, batch, q_heads, kv_heads, q_len, k_len, dim))
     levels = level_map(rng, batch, q_heads, q_len, k_len, block_m, block_n, empty_row=True)

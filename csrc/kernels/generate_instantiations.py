@@ -31,6 +31,8 @@ KERNELS = {
     # sm_90a only (TMA + wgmma); its device code compiles to nothing for other targets.
     "attention_with_levels_sm90": ("sm90/attention_with_levels_sm90.cuh", "sm90::launch_attention_with_levels_sm90",
                                    "AttentionParams", [INPUT_DTYPES, HEAD_DIMS, {"m64": "64", "m128": "128"}]),
+    "attention_backward_dq_sm90": ("sm90/attention_with_levels_sm90.cuh", "sm90::launch_attention_backward_dq_sm90",
+                                   "AttentionBackwardParams", [INPUT_DTYPES, HEAD_DIMS, {"m64": "64", "m128": "128"}]),
     "estimate_sampled": ("estimate_sampled.cuh", "launch_estimate_sampled", "SampledParams",
                          [INPUT_DTYPES, HEAD_DIMS]),
     "estimate_antidiagonal": ("estimate_antidiagonal.cuh", "launch_estimate_antidiagonal", "AntidiagonalParams",

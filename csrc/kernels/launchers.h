@@ -36,6 +36,10 @@ namespace sm90 {
 // kBlockM 64 or 128 and block_n >= 64; host code checks `tma_compatible` strides first.
 template <typename T, int kHeadDim, int kBlockM>
 cudaError_t launch_attention_with_levels_sm90(const AttentionParams& params, cudaStream_t stream);
+// The backward's dq pass on the same machinery (kBlockM 64 or 128, block_n >= 64, TMA-compatible
+// strides; dO contiguous); writes params.dq like launch_attention_backward_dq.
+template <typename T, int kHeadDim, int kBlockM>
+cudaError_t launch_attention_backward_dq_sm90(const AttentionBackwardParams& params, cudaStream_t stream);
 }  // namespace sm90
 
 // One launch covers heads [bh_begin, bh_begin + bh_count) of the flattened batch * head range.

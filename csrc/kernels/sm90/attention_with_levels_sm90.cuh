@@ -20,6 +20,10 @@
 // K/V stages cycle through a kStages ring of full/empty mbarriers that runs on across items. The
 // kernel reads Q, K, V (every level) in place through their strides; GQA maps a query head to its
 // key head by index.
+//
+// With kDq the same kernel is the backward's dq pass (docs/spec.md section 7): the producer loads dO
+// beside Q and the same tiles; the consumers compute S = Q K^T and dP = dO V^T, P from the forward's
+// lse, dS = P (dP - delta) and dq += dS K on 64-key tiles, and write dq (see the dq consumer).
 #pragma once
 
 #include <algorithm>
@@ -49,6 +53,13 @@ struct AttentionSm90Params {
   CUtensorMap q_map;  // CUtensorMap is 64-byte aligned by its type
   CUtensorMap k_map[kNumLevels];
   CUtensorMap v_map[kNumLevels];
+  // The dq pass only (AttentionBackwardParams' fields): dO [B, Hq, Lq, D] through its map, the
+  // forward's lse and delta = rowsum(dO * O) - dlse [B, Hq, Lq], dq [B, Hq, Lq, D] contiguous.
+  CUtensorMap d_out_map;
+  const float* lse;
+  const float* delta;
+  void* dq;
+  float scale;
 };
 
 // A thread's two rows of an S accumulator (s[i] belongs to row (i >> 1) & 1) reduced with 4 partial
@@ -78,13 +89,14 @@ struct RowPartials {
   }
 };
 
-template <typename T, int kHeadDim, int kBlockM>
-__global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThreads,
-                                  AttentionSm90Shape<kHeadDim, kBlockM>::kMinBlocks)
+// kDq false: the forward (out, lse). kDq true: the backward's dq pass over the same schedule.
+template <typename T, int kHeadDim, int kBlockM, bool kDq>
+__global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM, kDq>::kThreads,
+                                  AttentionSm90Shape<kHeadDim, kBlockM, kDq>::kMinBlocks)
     attention_with_levels_sm90_kernel(const __grid_constant__ AttentionSm90Params params) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
-  using Shape = AttentionSm90Shape<kHeadDim, kBlockM>;
-  using Storage = AttentionSm90Storage<kHeadDim, kBlockM>;
+  using Shape = AttentionSm90Shape<kHeadDim, kBlockM, kDq>;
+  using Storage = AttentionSm90Storage<kHeadDim, kBlockM, kDq>;
   using Barrier = cutlass::arch::ClusterBarrier;
   using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kTileN = Shape::kTileN, kStages = Shape::kStages, kPanels = Shape::kPanels;
@@ -95,7 +107,10 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
   // The schedules of two items (double-buffered: one built while the other is in use), [2][n_k].
   uint16_t* const schedules = reinterpret_cast<uint16_t*>(&smem + 1);
   // Tile views in the kernel's element type.
-  const auto q_panel = [&](int panel) { return reinterpret_cast<T*>(&smem.q[panel][0][0]); };
+  const auto q_panel = [&](int panel) { return reinterpret_cast<T*>(&smem.rows[0][panel][0][0]); };
+  const auto d_out_panel = [&](int panel) {  // the dq pass's dO (Q again in the forward, never loaded there)
+    return reinterpret_cast<T*>(&smem.rows[Shape::kRowOperands - 1][panel][0][0]);
+  };
   const auto k_panel = [&](int stage, int panel) { return reinterpret_cast<T*>(&smem.k[stage][panel][0][0]); };
   const auto v_panel = [&](int stage, int panel) { return reinterpret_cast<T*>(&smem.v[stage][panel][0][0]); };
 
@@ -177,12 +192,17 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
       // write the previous item's output, this item's Q and first tiles are already on their way.
       if (loads_k && k > 0) Barrier::wait(&smem.q_empty, (k - 1) & 1);
       if (loads_k && lane == 0) {
-        TxBarrier::expect_transaction(&smem.q_full, static_cast<uint32_t>(sizeof(smem.q)));
+        TxBarrier::expect_transaction(&smem.q_full, static_cast<uint32_t>(sizeof(smem.rows)));
         for (int c = 0; c < kBlockM / 64; ++c) {
 #pragma unroll
           for (int panel = 0; panel < kPanels; ++panel) {
             cute::SM90_TMA_LOAD_4D::copy(&params.q_map, &smem.q_full, 0, q_panel(panel) + c * 64 * kPanelColumns,
                                          panel * kPanelColumns, it.row_begin + c * 64, it.h, it.b);
+            if constexpr (kDq) {
+              cute::SM90_TMA_LOAD_4D::copy(&params.d_out_map, &smem.q_full, 0,
+                                           d_out_panel(panel) + c * 64 * kPanelColumns, panel * kPanelColumns,
+                                           it.row_begin + c * 64, it.h, it.b);
+            }
           }
         }
         Barrier::arrive(&smem.q_full);
@@ -223,8 +243,134 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
       ring += n_tiles;
       Barrier::arrive(&smem.sched_empty[slot]);
     }
+  } else if constexpr (kDq) {
+    // ================= Consumer warpgroups, dq pass =================
+    // Per tile: S = Q K^T and dP = dO V^T (two SS batches, V's stage released once dP is done),
+    // P = exp2(S scale + bias - lse) from the forward's lse (no online softmax), dS = P (dP - delta)
+    // into A fragments, dq += dS K with K's stage read as the forward reads V (both [tokens x D]
+    // with the tokens as the MMA's K dimension), then K's stage released. dq is scaled once at the end.
+    cutlass::arch::warpgroup_reg_alloc<Shape::kConsumerRegisters>();
+    const int consumer = __shfl_sync(0xffffffffu, warp / 4 - 1, 0), warp_in_group = warp % 4;
+    const int g = lane >> 2, t = lane & 3;
+    const int causal_offset = p.k_len - p.q_len;
+    const int group_row = consumer * 64 + warp_in_group * 16;
+
+    float dq[kHeadDim / 2];
+    float s[kTileN / 2];          // S, then P, then dS
+    float dp[kTileN / 2];         // dP
+    uint32_t ds[kTileN / 16][4];  // dS as the dq MMA's A fragments
+
+    const auto q_desc = SmemDescriptor::of(q_panel(0) + consumer * 64 * kPanelColumns, 16, kSwizzleAtomBytes);
+    const auto d_out_desc = SmemDescriptor::of(d_out_panel(0) + consumer * 64 * kPanelColumns, 16, kSwizzleAtomBytes);
+    const auto k_desc = SmemDescriptor::of(k_panel(0, 0), 16, kSwizzleAtomBytes);
+    const auto v_desc = SmemDescriptor::of(v_panel(0, 0), 16, kSwizzleAtomBytes);
+    const auto k_as_b_desc = SmemDescriptor::of(k_panel(0, 0), kTileN * kPanelRowBytes, kSwizzleAtomBytes);
+    constexpr uint32_t kStageBytes = sizeof(smem.k[0]);
+    static_assert(sizeof(smem.v[0]) == kStageBytes, "K and V stages advance alike");
+
+    int ring = 0;  // tiles consumed so far, over all items: the K/V ring's stage and phase
+    for (int k = 0, item = blockIdx.x; item < items; ++k, item += gridDim.x) {
+      const int slot = k & 1;
+      const Item it = item_of(item);
+      const uint16_t* s_ids = ids_of(slot);
+      const int rows[2] = {it.row_begin + group_row + g, it.row_begin + group_row + g + 8};
+      const int first_row_limit = it.row_begin + consumer * 64 + causal_offset;
+      // Each row's lse in the exp2 domain (+inf for a row that saw nothing, so P = 0) and delta.
+      float row_lse[2], row_delta[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const bool valid = rows[r] < p.q_len;
+        const float lse = valid ? params.lse[it.bh * p.q_len + rows[r]] : -INFINITY;
+        row_lse[r] = lse == -INFINITY ? INFINITY : lse * 1.4426950408889634f;
+        row_delta[r] = valid ? params.delta[it.bh * p.q_len + rows[r]] : 0.f;
+      }
+#pragma unroll
+      for (int i = 0; i < kHeadDim / 2; ++i) dq[i] = 0.f;
+      Barrier::wait(&smem.sched_full[slot], (k >> 1) & 1);
+      const int n_tiles = Geometry::row_tiles(smem.level_count[slot], p.block_n);
+      Geometry geometry =
+          Geometry::locate(0, smem.level_count[slot], smem.level_start[slot], p.block_n, p.k_len, s_ids);
+      Barrier::wait(&smem.q_full, k & 1);
+      for (int index = 0; index < n_tiles; ++index) {
+        const int tile = ring + index, stage = tile % kStages;
+        const uint32_t full_phase = (tile / kStages) & 1;
+        if (index > 0) geometry.advance(smem.level_count[slot], smem.level_start[slot], p.block_n, s_ids);
+        Barrier::wait(&smem.k_full[stage], full_phase);
+        Barrier::wait(&smem.v_full[stage], full_phase);
+        fence_registers(s);
+        fence_registers(dp);
+        cute::warpgroup_arrive();
+        const SmemDescriptor k_stage = k_desc.at(stage * kStageBytes), v_stage = v_desc.at(stage * kStageBytes);
+#pragma unroll
+        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+          // k16 step kk: panel kk / 4, 32 bytes per step inside the panel's 128-byte rows.
+          const uint32_t row_offset = (kk / 4) * kBlockM * kPanelRowBytes + (kk % 4) * 32;
+          const uint32_t tile_offset = (kk / 4) * kTileN * kPanelRowBytes + (kk % 4) * 32;
+          mma_ss<T, kTileN>(q_desc.at(row_offset), k_stage.at(tile_offset), s, kk > 0);
+          mma_ss<T, kTileN>(d_out_desc.at(row_offset), v_stage.at(tile_offset), dp, kk > 0);
+        }
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();
+        fence_registers(s);
+        fence_registers(dp);
+        if (lane == 0) Barrier::arrive(&smem.v_empty[stage]);
+        // Column of s[4j + e]: 8j + 2t + (e & 1), row rows[e >> 1] (the forward's layout).
+        const bool masked = p.causal && geometry.tile_last_key(s_ids) > first_row_limit;
+        if (geometry.full && !masked) {
+          const float bias = static_cast<float>(geometry.level);
+          const float offset[2] = {bias - row_lse[0], bias - row_lse[1]};
+#pragma unroll
+          for (int i = 0; i < kTileN / 2; ++i) {
+            const int r = (i >> 1) & 1;
+            s[i] = exp2f(fmaf(s[i], p.scale_log2, offset[r])) * (dp[i] - row_delta[r]);
+          }
+        } else {
+#pragma unroll
+          for (int j = 0; j < kTileN / 8; ++j) {
+#pragma unroll
+            for (int e = 0; e < 4; ++e) {
+              const int col = 8 * j + 2 * t + (e & 1), r = e >> 1;
+              float x = fmaf(s[4 * j + e], p.scale_log2, geometry.bias(col)) - row_lse[r];
+              if (masked && geometry.last_key(col, s_ids) > rows[r] + causal_offset) x = -INFINITY;
+              s[4 * j + e] = exp2f(x) * (dp[4 * j + e] - row_delta[r]);
+            }
+          }
+        }
+#pragma unroll
+        for (int kk = 0; kk < kTileN / 16; ++kk) {
+#pragma unroll
+          for (int i = 0; i < 4; ++i) ds[kk][i] = pack2<T>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+        }
+        fence_registers(dq);
+        cute::warpgroup_arrive();
+        const SmemDescriptor k_as_b = k_as_b_desc.at(stage * kStageBytes);
+#pragma unroll
+        for (int kk = 0; kk < kTileN / 16; ++kk) mma_rs<T, kHeadDim>(ds[kk], k_as_b.at(kk * 16 * kPanelRowBytes), dq);
+        cute::warpgroup_commit_batch();
+        cute::warpgroup_wait<0>();
+        fence_registers(dq);
+        if (lane == 0) Barrier::arrive(&smem.k_empty[stage]);
+      }
+      ring += n_tiles;
+      if (lane == 0) Barrier::arrive(&smem.q_empty);
+      Barrier::arrive(&smem.sched_empty[slot]);
+
+      // ---- Epilogue: dq * scale; a row with nothing selected writes zeros. dq[i] belongs to row
+      // rows[(i >> 1) & 1], column 8 (i >> 2) + 2t + (i & 1): consecutive pairs are one 4-byte store.
+      T* dq_out = static_cast<T*>(params.dq) + it.bh * p.q_len * kHeadDim;
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        if (rows[r] >= p.q_len) continue;
+        T* row_out = dq_out + static_cast<int64_t>(rows[r]) * kHeadDim;
+#pragma unroll
+        for (int j = 0; j < kHeadDim / 8; ++j) {
+          *reinterpret_cast<uint32_t*>(row_out + 8 * j + 2 * t) =
+              pack2<T>(dq[4 * j + 2 * r] * params.scale, dq[4 * j + 2 * r + 1] * params.scale);
+        }
+      }
+    }
   } else {
-    // ================= Consumer warpgroups =================
+    // ================= Consumer warpgroups, forward =================
     // Intra-warpgroup overlap (FA3): while O += P_{j-1} V_{j-1} runs on the tensor cores, this
     // warpgroup computes S_j = Q K_j^T's softmax. Per tile j >= 1: issue S_j, issue the PV of j - 1,
     // wait for S_j only, softmax, then wait for the PV, rescale O and pack P_j. The softmax reads only
@@ -439,12 +585,13 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM>::kThread
 template <int kTileN>
 inline int piece_rows(int block_n, int level) { return block_n >> level < kTileN ? block_n >> level : kTileN; }
 
-template <typename T, int kHeadDim, int kBlockM>
-cudaError_t launch_attention_with_levels_sm90(const AttentionParams& p, cudaStream_t stream) {
-  using Shape = AttentionSm90Shape<kHeadDim, kBlockM>;
+// Encodes the TMA maps of Q and of every level's K and V (box rows: the level's piece height) and
+// launches the persistent grid: the forward and the dq pass share all of it.
+template <typename T, int kHeadDim, int kBlockM, bool kDq>
+cudaError_t launch_level_map_kernel(AttentionSm90Params& params, cudaStream_t stream) {
+  using Shape = AttentionSm90Shape<kHeadDim, kBlockM, kDq>;
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
-  AttentionSm90Params params{};
-  params.base = p;
+  const AttentionParams& p = params.base;
   cudaError_t status = encode_bhld_map(&params.q_map, p.q, kBf16, p.batch, p.q_heads, p.q_len, kHeadDim,
                                        p.q_stride, 64);
   for (int level = 0; level < kNumLevels && status == cudaSuccess; ++level) {
@@ -459,7 +606,7 @@ cudaError_t launch_attention_with_levels_sm90(const AttentionParams& p, cudaStre
   }
   if (status != cudaSuccess) return status;
   const size_t smem = Shape::smem_bytes(p.n_k);
-  auto kernel = attention_with_levels_sm90_kernel<T, kHeadDim, kBlockM>;
+  auto kernel = attention_with_levels_sm90_kernel<T, kHeadDim, kBlockM, kDq>;
   status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (status != cudaSuccess) return status;
   // Persistent grid: as many CTAs as fit on the GPU at once, each walking items gridDim.x apart.
@@ -474,6 +621,31 @@ cudaError_t launch_attention_with_levels_sm90(const AttentionParams& p, cudaStre
   const int64_t ctas = std::min<int64_t>(items, static_cast<int64_t>(sms) * std::max(per_sm, 1));
   kernel<<<static_cast<unsigned>(ctas), Shape::kThreads, smem, stream>>>(params);
   return cudaGetLastError();
+}
+
+template <typename T, int kHeadDim, int kBlockM>
+cudaError_t launch_attention_with_levels_sm90(const AttentionParams& p, cudaStream_t stream) {
+  AttentionSm90Params params{};
+  params.base = p;
+  return launch_level_map_kernel<T, kHeadDim, kBlockM, false>(params, stream);
+}
+
+template <typename T, int kHeadDim, int kBlockM>
+cudaError_t launch_attention_backward_dq_sm90(const AttentionBackwardParams& bp, cudaStream_t stream) {
+  AttentionSm90Params params{};
+  params.base = bp.base;
+  params.lse = bp.lse;
+  params.delta = bp.delta;
+  params.dq = bp.dq;
+  params.scale = bp.scale;
+  // dO is contiguous [B, Hq, Lq, D] (the host makes it so).
+  const AttentionParams& p = bp.base;
+  const int64_t d_out_strides[3] = {static_cast<int64_t>(p.q_heads) * p.q_len * kHeadDim,
+                                    static_cast<int64_t>(p.q_len) * kHeadDim, kHeadDim};
+  const cudaError_t status = encode_bhld_map(&params.d_out_map, bp.grad_out, std::is_same_v<T, __nv_bfloat16>,
+                                             p.batch, p.q_heads, p.q_len, kHeadDim, d_out_strides, 64);
+  if (status != cudaSuccess) return status;
+  return launch_level_map_kernel<T, kHeadDim, kBlockM, true>(params, stream);
 }
 
 }  // namespace psa::kernels::sm90

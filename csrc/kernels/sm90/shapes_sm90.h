@@ -13,17 +13,23 @@ constexpr int kPanelColumns = 64;        // 16-bit elements per 128-byte swizzle
 constexpr int kPanelRowBytes = 128;
 constexpr int kSwizzleAtomBytes = 1024;  // 8 rows x 128 bytes: the swizzle pattern's period
 
-template <int kHeadDim, int kBlockM>
+// kDq: the backward's dq pass (the same producer; per tile S = Q K^T and dP = dO V^T, then
+// dq += dS K), which holds dO beside Q and keeps S, dP and dq in registers at once.
+template <int kHeadDim, int kBlockM, bool kDq = false>
 struct AttentionSm90Shape {
   static constexpr size_t kElementBytes = 2;                   // bf16 / fp16
   static constexpr int kConsumers = kBlockM / 64;              // consumer warpgroups, 64 rows each
   static constexpr int kThreads = 128 * (kConsumers + 1);       // + the producer warpgroup
-  static constexpr int kTileN = kBlockM == 128 ? 128 : 64;      // keys per tile (the S tile's N)
+  // Keys per tile (the S tile's N). The dq pass's S, dP (kTileN / 2 floats each), dq (kHeadDim / 2)
+  // and dS fragments fit the consumers' registers at 64.
+  static constexpr int kTileN = kBlockM == 128 && !kDq ? 128 : 64;
+  static constexpr int kRowOperands = kDq ? 2 : 1;              // Q (and dO) rows per item
   // K/V ring depth: at head_dim 64 a stage is half the bytes and a tile half the MMA time, so the
-  // producer needs more tiles in flight to stay ahead; at 128 two stages fill the shared memory.
-  static constexpr int kStages = kHeadDim == 64 ? 4 : 2;
+  // producer needs more tiles in flight to stay ahead; at 128 two stages fill the forward's shared
+  // memory, and the dq pass's half-size tiles take three.
+  static constexpr int kStages = kHeadDim == 64 ? 4 : kDq ? 3 : 2;
   static constexpr int kPanels = kHeadDim / kPanelColumns;
-  static constexpr int kMinBlocks = kBlockM == 128 ? 1 : 2;     // CTAs per SM
+  static constexpr int kMinBlocks = kBlockM == 128 || kDq ? 1 : 2;  // CTAs per SM
   // setmaxnreg budgets: the producer gives registers back, the consumers take them. A CTA starts with
   // kThreads x the launch-bounds cap (65536 / (kThreads * kMinBlocks), rounded down to 8) and
   // setmaxnreg.inc waits until the CTA's pool has the registers, so the budgets must fit that pool
@@ -45,11 +51,12 @@ struct AttentionSm90Shape {
 // previous item's output. The level schedules of two items (ids of n_k key blocks each) follow the
 // struct, with their counts and starts in `level_count` / `level_start` [slot]; a slot is handed
 // between the schedule builder warp and its readers by sched_full / sched_empty.
-template <int kHeadDim, int kBlockM>
+template <int kHeadDim, int kBlockM, bool kDq = false>
 struct AttentionSm90Storage {
-  using Shape = AttentionSm90Shape<kHeadDim, kBlockM>;
+  using Shape = AttentionSm90Shape<kHeadDim, kBlockM, kDq>;
   static constexpr int kStages = Shape::kStages, kTileN = Shape::kTileN, kPanels = Shape::kPanels;
-  alignas(kSwizzleAtomBytes) uint16_t q[kPanels][kBlockM][kPanelColumns];
+  // rows[0]: Q; rows[1]: dO (dq pass). One q_full / q_empty pair covers both.
+  alignas(kSwizzleAtomBytes) uint16_t rows[Shape::kRowOperands][kPanels][kBlockM][kPanelColumns];
   alignas(kSwizzleAtomBytes) uint16_t k[kStages][kPanels][kTileN][kPanelColumns];
   alignas(kSwizzleAtomBytes) uint16_t v[kStages][kPanels][kTileN][kPanelColumns];
   uint64_t q_full, q_empty;
@@ -59,10 +66,10 @@ struct AttentionSm90Storage {
   int level_count[2][kNumLevels], level_start[2][kNumLevels];
 };
 
-template <int kHeadDim, int kBlockM>
-size_t AttentionSm90Shape<kHeadDim, kBlockM>::smem_bytes(int n_k) {
+template <int kHeadDim, int kBlockM, bool kDq>
+size_t AttentionSm90Shape<kHeadDim, kBlockM, kDq>::smem_bytes(int n_k) {
   // + two schedules' ids, + slack to align the start (dynamic shared memory is only 16-byte aligned)
-  return sizeof(AttentionSm90Storage<kHeadDim, kBlockM>) + 2 * sizeof(uint16_t) * static_cast<size_t>(n_k) +
+  return sizeof(AttentionSm90Storage<kHeadDim, kBlockM, kDq>) + 2 * sizeof(uint16_t) * static_cast<size_t>(n_k) +
          kSwizzleAtomBytes;
 }
 

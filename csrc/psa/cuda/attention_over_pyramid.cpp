@@ -51,22 +51,13 @@ size_t sm90_smem_bytes(int64_t block_m, int n_k) {
 // Empty when the Hopper kernel applies, else why not.
 std::string sm90_unavailable_reason(const at::Tensor& q, const std::vector<at::Tensor>& keys_and_values,
                                     int64_t block_m, int64_t block_n, int64_t n_k) {
-  const std::string device_reason = sm90_device_unavailable_reason(q.device());
-  if (!device_reason.empty()) return device_reason;
 #ifdef PSA_WITH_SM90
-  if (block_m != 64 && block_m != 128) return "block_m must be 64 or 128";
-  if (block_n < 64) return "block_n must be 64 or 128 (level-8 pieces of at least 8 rows)";
-  if (!tma_compatible(q)) return "q strides are not TMA-compatible";
-  for (const auto& t : keys_and_values) {
-    if (!tma_compatible(t)) return "k/v strides are not TMA-compatible";
-  }
   const size_t smem = q.size(3) == 128 ? sm90_smem_bytes<128>(block_m, static_cast<int>(n_k))
                                        : sm90_smem_bytes<64>(block_m, static_cast<int>(n_k));
-  if (smem > max_dynamic_smem(q.device())) return "n_k is too large for its shared memory";
-  return "";
+  return sm90_level_map_unavailable_reason(q, keys_and_values, block_m, block_n, smem);
 #else
   (void)keys_and_values; (void)block_m; (void)block_n; (void)n_k;
-  return device_reason;
+  return sm90_device_unavailable_reason(q.device());
 #endif
 }
 

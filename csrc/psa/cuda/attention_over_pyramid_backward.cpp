@@ -1,10 +1,17 @@
 // CUDA host side of attention_over_pyramid_backward: delta = rowsum(dO * O) - dlse by one kernel,
-// then the query-major dq kernel and one key-major dK / dV launch per level
-// (kernels/attention_backward.cuh), all on the current stream, no host synchronisation.
+// then the query-major dq pass (on Hopper the forward's TMA + wgmma kernel in its dq mode,
+// kernels/sm90/attention_with_levels_sm90.cuh; else kernels/attention_backward.cuh) and one key-major
+// dK / dV launch per level, all on the current stream, no host synchronisation.
 #include "../ops.h"
 #include "attention_params.h"
 #include "common.h"
 #include "kernels/launchers.h"
+
+#include <string>
+#include <vector>
+#ifdef PSA_WITH_SM90
+#include "kernels/sm90/shapes_sm90.h"
+#endif
 
 namespace psa::cuda {
 namespace {
@@ -40,6 +47,34 @@ size_t dq_smem_bytes(int64_t block_m, int n_k) {
   }
 }
 
+#ifdef PSA_WITH_SM90
+template <typename T, int kHeadDim>
+cudaError_t launch_dq_sm90(int64_t block_m, const kernels::AttentionBackwardParams& params, cudaStream_t stream) {
+  return block_m == 64 ? kernels::sm90::launch_attention_backward_dq_sm90<T, kHeadDim, 64>(params, stream)
+                       : kernels::sm90::launch_attention_backward_dq_sm90<T, kHeadDim, 128>(params, stream);
+}
+
+template <int kHeadDim>
+size_t dq_sm90_smem_bytes(int64_t block_m, int n_k) {
+  return block_m == 64 ? kernels::sm90::AttentionSm90Shape<kHeadDim, 64, true>::smem_bytes(n_k)
+                       : kernels::sm90::AttentionSm90Shape<kHeadDim, 128, true>::smem_bytes(n_k);
+}
+#endif
+
+// Empty when the Hopper dq pass applies (the forward's conditions, with dO among the TMA operands),
+// else why not.
+std::string dq_sm90_unavailable_reason(const at::Tensor& q, const std::vector<at::Tensor>& operands, int64_t block_m,
+                                       int64_t block_n, int64_t n_k) {
+#ifdef PSA_WITH_SM90
+  const size_t smem = q.size(3) == 128 ? dq_sm90_smem_bytes<128>(block_m, static_cast<int>(n_k))
+                                       : dq_sm90_smem_bytes<64>(block_m, static_cast<int>(n_k));
+  return sm90_level_map_unavailable_reason(q, operands, block_m, block_n, smem);
+#else
+  (void)operands; (void)block_m; (void)block_n; (void)n_k;
+  return sm90_device_unavailable_reason(q.device());
+#endif
+}
+
 }  // namespace
 
 std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_out, const at::Tensor& grad_lse,
@@ -58,11 +93,6 @@ std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_o
   const int64_t n_k = ceil_div(k_len, block_n);
   PSA_CHECK(batch * q_heads <= 65535, kOp, ": B * Hq must be at most 65535 on CUDA, got ", batch * q_heads);
   PSA_CHECK(n_k <= 65535, kOp, ": ceil(Lk / block_n) must be at most 65535 on CUDA, got ", n_k);
-  const size_t smem = dim == 128 ? dq_smem_bytes<128>(block_m, static_cast<int>(n_k))
-                                 : dq_smem_bytes<64>(block_m, static_cast<int>(n_k));
-  PSA_CHECK(smem <= max_dynamic_smem(q.device()), kOp, ": needs ", static_cast<int64_t>(smem),
-            " bytes of shared memory for n_k = ", n_k, ", the device allows ",
-            static_cast<int64_t>(max_dynamic_smem(q.device())));
 
   // dS = P (dO V^T - delta) with delta = rowsum(dO * O) - dlse is the gradient of both outputs.
   // The kernels address dO and O as contiguous [B, Hq, Lq, D] rows of 16-byte vectors; dO is zeros where no
@@ -73,6 +103,20 @@ std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_o
   const auto d_lse = grad_lse.defined() ? grad_lse.to(at::kFloat).contiguous() : at::Tensor();
   auto delta = at::empty({batch, q_heads, q_len}, q.options().dtype(at::kFloat));
   const auto lse_rows = lse.to(at::kFloat).contiguous();
+  // dq on the forward's Hopper machinery where it applies, else the portable kernel, whose schedule
+  // ids must fit its shared memory.
+  const bool dq_sm90 = use_hopper_kernel(kOp, [&] {
+    std::vector<at::Tensor> operands = {k, v, d_out};
+    operands.insert(operands.end(), pooled.begin(), pooled.end());
+    return dq_sm90_unavailable_reason(q, operands, block_m, block_n, n_k);
+  });
+  if (!dq_sm90) {
+    const size_t smem = dim == 128 ? dq_smem_bytes<128>(block_m, static_cast<int>(n_k))
+                                   : dq_smem_bytes<64>(block_m, static_cast<int>(n_k));
+    PSA_CHECK(smem <= max_dynamic_smem(q.device()), kOp, ": needs ", static_cast<int64_t>(smem),
+              " bytes of shared memory for n_k = ", n_k, ", the device allows ",
+              static_cast<int64_t>(max_dynamic_smem(q.device())));
+  }
   const auto level_map = levels.contiguous();
 
   auto dq = at::empty({batch, q_heads, q_len, dim}, q.options());
@@ -123,7 +167,14 @@ std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_o
     delta_params.head_dim = static_cast<int>(dim);
     cudaError_t result = kernels::launch_attention_backward_delta<T>(delta_params, stream);
     if (result != cudaSuccess) return result;
-    result = dim == 128 ? launch_dq<T, 128>(block_m, params, stream) : launch_dq<T, 64>(block_m, params, stream);
+    if (dq_sm90) {
+#ifdef PSA_WITH_SM90  // else dq_sm90 is false
+      result = dim == 128 ? launch_dq_sm90<T, 128>(block_m, params, stream)
+                          : launch_dq_sm90<T, 64>(block_m, params, stream);
+#endif
+    } else {
+      result = dim == 128 ? launch_dq<T, 128>(block_m, params, stream) : launch_dq<T, 64>(block_m, params, stream);
+    }
     for (int level = 0; level < kernels::kNumLevels && result == cudaSuccess; ++level) {
       params.level = level;
       const int rows = std::max(16, static_cast<int>(block_n >> level));

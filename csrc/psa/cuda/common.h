@@ -10,6 +10,7 @@
 
 #include <cstdlib>
 #include <string>
+#include <vector>
 
 #include "../check.h"
 
@@ -95,6 +96,24 @@ inline std::string sm90_device_unavailable_reason(const at::Device& device) {
   (void)device;
   return "psa was built without sm_90a (PSA_CUDA_ARCHS) or without CUTLASS headers";
 #endif
+}
+
+// Empty when the Hopper level-map kernels (the attention forward, the backward's dq pass) can take
+// these operands, else why not: the device, block_m 64 or 128 (64-row warpgroups), block_n >= 64
+// (level-8 pieces of at least 8 rows), TMA-compatible strides, and `smem_bytes` (the variant's shared
+// memory at this n_k) within the device's limit.
+inline std::string sm90_level_map_unavailable_reason(const at::Tensor& q, const std::vector<at::Tensor>& operands,
+                                                     int64_t block_m, int64_t block_n, size_t smem_bytes) {
+  const std::string device_reason = sm90_device_unavailable_reason(q.device());
+  if (!device_reason.empty()) return device_reason;
+  if (block_m != 64 && block_m != 128) return "block_m must be 64 or 128";
+  if (block_n < 64) return "block_n must be 64 or 128 (level-8 pieces of at least 8 rows)";
+  if (!tma_compatible(q)) return "q strides are not TMA-compatible";
+  for (const auto& t : operands) {
+    if (!tma_compatible(t)) return "k/v strides are not TMA-compatible";
+  }
+  if (smem_bytes > max_dynamic_smem(q.device())) return "n_k is too large for its shared memory";
+  return "";
 }
 
 inline void set_strides(int64_t (&dst)[3], const at::Tensor& t) {

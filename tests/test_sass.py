@@ -63,8 +63,10 @@ def kernels_named(instructions, pattern):
 
 def test_hopper_attention_kernels_use_wgmma_and_tma_without_spills(sm90_instructions):
     kernels = kernels_named(sm90_instructions, r"attention_with_levels_sm90_kernel")
-    # bf16/fp16 x head_dim 64/128 x block_m 64/128 (generate_instantiations.py)
-    assert len(kernels) == 8, sorted(kernels)
+    # bf16/fp16 x head_dim 64/128 x block_m 64/128 (generate_instantiations.py), each as the forward and as
+    # the backward's dq pass (the template's last argument, kDq: "Lb0E" / "Lb1E" in the mangled name).
+    assert len(kernels) == 16, sorted(kernels)
+    assert sum("Lb1E" in name for name in kernels) == 8, sorted(kernels)
     for name, counts in kernels.items():
         assert counts["HGMMA"] > 0, f"{name}: no HGMMA"
         assert counts["UTMALDG"] > 0, f"{name}: no TMA loads"

@@ -267,6 +267,64 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM, kDq>::kT
     const auto k_as_b_desc = SmemDescriptor::of(k_panel(0, 0), kTileN * kPanelRowBytes, kSwizzleAtomBytes);
     constexpr uint32_t kStageBytes = sizeof(smem.k[0]);
     static_assert(sizeof(smem.v[0]) == kStageBytes, "K and V stages advance alike");
+    // S = Q K^T and dP = dO V^T of one stage: one batch of SS MMAs.
+    const auto issue_s_dp = [&](int stage) {
+      fence_registers(s);
+      fence_registers(dp);
+      cute::warpgroup_arrive();
+      const SmemDescriptor k_stage = k_desc.at(stage * kStageBytes), v_stage = v_desc.at(stage * kStageBytes);
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        // k16 step kk: panel kk / 4, 32 bytes per step inside the panel's 128-byte rows.
+        const uint32_t row_offset = (kk / 4) * kBlockM * kPanelRowBytes + (kk % 4) * 32;
+        const uint32_t tile_offset = (kk / 4) * kTileN * kPanelRowBytes + (kk % 4) * 32;
+        mma_ss<T, kTileN>(q_desc.at(row_offset), k_stage.at(tile_offset), s, kk > 0);
+        mma_ss<T, kTileN>(d_out_desc.at(row_offset), v_stage.at(tile_offset), dp, kk > 0);
+      }
+      cute::warpgroup_commit_batch();
+    };
+    // dq += dS K of one stage, dS from the A fragments in ds.
+    const auto issue_dq = [&](int stage) {
+      fence_registers(dq);
+      cute::warpgroup_arrive();
+      const SmemDescriptor k_as_b = k_as_b_desc.at(stage * kStageBytes);
+#pragma unroll
+      for (int kk = 0; kk < kTileN / 16; ++kk) mma_rs<T, kHeadDim>(ds[kk], k_as_b.at(kk * 16 * kPanelRowBytes), dq);
+      cute::warpgroup_commit_batch();
+    };
+    // dS = P (dP - delta) in s, P = exp2(S scale + bias - lse). Column of s[4j + e]: 8j + 2t + (e & 1),
+    // row rows[e >> 1] (the forward's layout).
+    const auto make_ds = [&](const Geometry& geometry, const uint16_t* s_ids, const int (&rows)[2],
+                             int first_row_limit, const float (&row_lse)[2], const float (&row_delta)[2]) {
+      const bool masked = p.causal && geometry.tile_last_key(s_ids) > first_row_limit;
+      if (geometry.full && !masked) {
+        const float bias = static_cast<float>(geometry.level);
+        const float offset[2] = {bias - row_lse[0], bias - row_lse[1]};
+#pragma unroll
+        for (int i = 0; i < kTileN / 2; ++i) {
+          const int r = (i >> 1) & 1;
+          s[i] = exp2f(fmaf(s[i], p.scale_log2, offset[r])) * (dp[i] - row_delta[r]);
+        }
+      } else {
+#pragma unroll
+        for (int j = 0; j < kTileN / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) {
+            const int col = 8 * j + 2 * t + (e & 1), r = e >> 1;
+            float x = fmaf(s[4 * j + e], p.scale_log2, geometry.bias(col)) - row_lse[r];
+            if (masked && geometry.last_key(col, s_ids) > rows[r] + causal_offset) x = -INFINITY;
+            s[4 * j + e] = exp2f(x) * (dp[4 * j + e] - row_delta[r]);
+          }
+        }
+      }
+    };
+    const auto pack_ds = [&] {
+#pragma unroll
+      for (int kk = 0; kk < kTileN / 16; ++kk) {
+#pragma unroll
+        for (int i = 0; i < 4; ++i) ds[kk][i] = pack2<T>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
+      }
+    };
 
     int ring = 0;  // tiles consumed so far, over all items: the K/V ring's stage and phase
     for (int k = 0, item = blockIdx.x; item < items; ++k, item += gridDim.x) {
@@ -291,65 +349,55 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM, kDq>::kT
       Geometry geometry =
           Geometry::locate(0, smem.level_count[slot], smem.level_start[slot], p.block_n, p.k_len, s_ids);
       Barrier::wait(&smem.q_full, k & 1);
-      for (int index = 0; index < n_tiles; ++index) {
-        const int tile = ring + index, stage = tile % kStages;
+      // Overlapped as the forward: per tile j >= 1, issue S_j / dP_j, then dq += dS_{j-1} K_{j-1}; wait
+      // for S_j / dP_j only and compute dS_j in s while the dq MMA runs, then wait for it, release
+      // K_{j-1} and pack dS_j (ds is the in-flight MMA's operand until then). Tile 0 is peeled off, as
+      // in the forward: a conditional MMA inside the loop makes ptxas serialize every wgmma (C7514).
+      const auto wait_tile = [&](int tile) {
+        const int stage = tile % kStages;
         const uint32_t full_phase = (tile / kStages) & 1;
-        if (index > 0) geometry.advance(smem.level_count[slot], smem.level_start[slot], p.block_n, s_ids);
         Barrier::wait(&smem.k_full[stage], full_phase);
         Barrier::wait(&smem.v_full[stage], full_phase);
-        fence_registers(s);
-        fence_registers(dp);
-        cute::warpgroup_arrive();
-        const SmemDescriptor k_stage = k_desc.at(stage * kStageBytes), v_stage = v_desc.at(stage * kStageBytes);
-#pragma unroll
-        for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-          // k16 step kk: panel kk / 4, 32 bytes per step inside the panel's 128-byte rows.
-          const uint32_t row_offset = (kk / 4) * kBlockM * kPanelRowBytes + (kk % 4) * 32;
-          const uint32_t tile_offset = (kk / 4) * kTileN * kPanelRowBytes + (kk % 4) * 32;
-          mma_ss<T, kTileN>(q_desc.at(row_offset), k_stage.at(tile_offset), s, kk > 0);
-          mma_ss<T, kTileN>(d_out_desc.at(row_offset), v_stage.at(tile_offset), dp, kk > 0);
-        }
-        cute::warpgroup_commit_batch();
-        cute::warpgroup_wait<0>();
-        fence_registers(s);
-        fence_registers(dp);
+        return stage;
+      };
+      const auto release_v = [&](int stage) {
         if (lane == 0) Barrier::arrive(&smem.v_empty[stage]);
-        // Column of s[4j + e]: 8j + 2t + (e & 1), row rows[e >> 1] (the forward's layout).
-        const bool masked = p.causal && geometry.tile_last_key(s_ids) > first_row_limit;
-        if (geometry.full && !masked) {
-          const float bias = static_cast<float>(geometry.level);
-          const float offset[2] = {bias - row_lse[0], bias - row_lse[1]};
-#pragma unroll
-          for (int i = 0; i < kTileN / 2; ++i) {
-            const int r = (i >> 1) & 1;
-            s[i] = exp2f(fmaf(s[i], p.scale_log2, offset[r])) * (dp[i] - row_delta[r]);
-          }
-        } else {
-#pragma unroll
-          for (int j = 0; j < kTileN / 8; ++j) {
-#pragma unroll
-            for (int e = 0; e < 4; ++e) {
-              const int col = 8 * j + 2 * t + (e & 1), r = e >> 1;
-              float x = fmaf(s[4 * j + e], p.scale_log2, geometry.bias(col)) - row_lse[r];
-              if (masked && geometry.last_key(col, s_ids) > rows[r] + causal_offset) x = -INFINITY;
-              s[4 * j + e] = exp2f(x) * (dp[4 * j + e] - row_delta[r]);
-            }
-          }
-        }
-#pragma unroll
-        for (int kk = 0; kk < kTileN / 16; ++kk) {
-#pragma unroll
-          for (int i = 0; i < 4; ++i) ds[kk][i] = pack2<T>(s[8 * kk + 2 * i], s[8 * kk + 2 * i + 1]);
-        }
-        fence_registers(dq);
-        cute::warpgroup_arrive();
-        const SmemDescriptor k_as_b = k_as_b_desc.at(stage * kStageBytes);
-#pragma unroll
-        for (int kk = 0; kk < kTileN / 16; ++kk) mma_rs<T, kHeadDim>(ds[kk], k_as_b.at(kk * 16 * kPanelRowBytes), dq);
-        cute::warpgroup_commit_batch();
+      };
+      const auto release_k = [&](int stage) {
+        if (lane == 0) Barrier::arrive(&smem.k_empty[stage]);
+      };
+      if (n_tiles > 0) {
+        const int stage = wait_tile(ring);
+        issue_s_dp(stage);
+        cute::warpgroup_wait<0>();
+        fence_registers(s);
+        fence_registers(dp);
+        release_v(stage);
+        make_ds(geometry, s_ids, rows, first_row_limit, row_lse, row_delta);
+        pack_ds();
+      }
+      for (int index = 1; index < n_tiles; ++index) {
+        const int tile = ring + index, previous = (tile - 1) % kStages;
+        const int stage = wait_tile(tile);
+        issue_s_dp(stage);
+        issue_dq(previous);
+        cute::warpgroup_wait<1>();  // S_j and dP_j are done; the dq MMA of j - 1 may still run
+        fence_registers(s);
+        fence_registers(dp);
+        release_v(stage);
+        geometry.advance(smem.level_count[slot], smem.level_start[slot], p.block_n, s_ids);
+        make_ds(geometry, s_ids, rows, first_row_limit, row_lse, row_delta);
         cute::warpgroup_wait<0>();
         fence_registers(dq);
-        if (lane == 0) Barrier::arrive(&smem.k_empty[stage]);
+        release_k(previous);
+        pack_ds();
+      }
+      if (n_tiles > 0) {
+        const int last_stage = (ring + n_tiles - 1) % kStages;
+        issue_dq(last_stage);
+        cute::warpgroup_wait<0>();
+        fence_registers(dq);
+        release_k(last_stage);
       }
       ring += n_tiles;
       if (lane == 0) Barrier::arrive(&smem.q_empty);

@@ -26,6 +26,7 @@
 #include <cfloat>
 #include <climits>
 
+#include "common/level_tile_gather.cuh"
 #include "common/tile_geometry.cuh"
 #include "device_utils.cuh"
 #include "level_schedule.cuh"
@@ -150,32 +151,9 @@ __global__ void __launch_bounds__(AttentionBackwardShape<kHeadDim, kBlockM>::kTh
   // The forward's tile gather: K and V rows of tile `index` into `stage`, and per column the bias and the
   // last covered key.
   auto load_tile = [&](int index, int stage) {
-    const Geometry geometry = locate(index);
-    const int L = geometry.level;
-    const T *k = nullptr, *v = nullptr;
-    int64_t k_token_stride = 0, v_token_stride = 0;
-#pragma unroll
-    for (int level = 0; level < kNumLevels; ++level) {
-      if (level == L) {
-        k = static_cast<const T*>(p.k[level]) + b * p.k_stride[level][0] + kv_head * p.k_stride[level][1];
-        v = static_cast<const T*>(p.v[level]) + b * p.v_stride[level][0] + kv_head * p.v_stride[level][1];
-        k_token_stride = p.k_stride[level][2];
-        v_token_stride = p.v_stride[level][2];
-      }
-    }
-    T* k_dst = s_k + stage * Shape::kTileElements;
-    T* v_dst = s_v + stage * Shape::kTileElements;
-    for (int c = tid; c < kTileN * Shape::kChunks; c += Shape::kThreads) {
-      const int row = c / Shape::kChunks, chunk = c % Shape::kChunks;
-      const int64_t token = geometry.token(row, s_ids);
-      const bool valid = token < geometry.tokens;
-      cp_async_16(k_dst + Rows::offset(row, chunk), k + (valid ? token * k_token_stride + chunk * 8 : 0), valid);
-      cp_async_16(v_dst + Rows::offset(row, chunk), v + (valid ? token * v_token_stride + chunk * 8 : 0), valid);
-    }
-    for (int row = tid; row < kTileN; row += Shape::kThreads) {
-      s_bias[stage * kTileN + row] = geometry.bias(row);
-      s_last[stage * kTileN + row] = geometry.last_key(row, s_ids);
-    }
+    gather_level_tile<T, kHeadDim, kTileN, Shape::kThreads>(
+        p, locate(index), s_ids, b, kv_head, s_k + stage * Shape::kTileElements, s_v + stage * Shape::kTileElements,
+        s_bias + stage * kTileN, s_last + stage * kTileN, tid);
   };
   auto tile_needs_causal_mask = [&](int index) {
     return p.causal && locate(index).tile_last_key(s_ids) > row_begin + causal_offset;
@@ -279,26 +257,15 @@ __global__ void __launch_bounds__(KeyBackwardShape<kHeadDim, kRows>::kThreads, 1
 
   // ---- The block's pooled keys and values (zero past the block or the sequence), per row its bias
   // log2(keys covered) (-inf for a padding row) and last covered key.
-  // (Level pointers selected with constant indices: a run-time index into the kernel parameters would
-  // copy them to local memory. The gradients' pointers are selected again at the end, so that nothing
-  // 64-bit stays live through the pair loop, where dK, dV, S and dP take the registers.)
-  const T *k = nullptr, *v = nullptr;
-  int64_t k_token_stride = 0, v_token_stride = 0;
-#pragma unroll
-  for (int level = 0; level < kNumLevels; ++level) {
-    if (level == L) {
-      k = static_cast<const T*>(p.k[level]) + b * p.k_stride[level][0] + kv_head * p.k_stride[level][1];
-      v = static_cast<const T*>(p.v[level]) + b * p.v_stride[level][0] + kv_head * p.v_stride[level][1];
-      k_token_stride = p.k_stride[level][2];
-      v_token_stride = p.v_stride[level][2];
-    }
-  }
+  // (The gradients' pointers are selected at the end, so that nothing 64-bit stays live through the pair
+  // loop, where dK, dV, S and dP take the registers.)
+  const LevelRows<T> src = level_rows<T>(p, L, b, kv_head);
   for (int c = tid; c < kRows * Shape::kChunks; c += Shape::kThreads) {
     const int row = c / Shape::kChunks, chunk = c % Shape::kChunks;
     const int64_t token = first_token + row;
     const bool valid = row < per_block && token < tokens;
-    cp_async_16(s_k + Rows::offset(row, chunk), k + (valid ? token * k_token_stride + chunk * 8 : 0), valid);
-    cp_async_16(s_v + Rows::offset(row, chunk), v + (valid ? token * v_token_stride + chunk * 8 : 0), valid);
+    cp_async_16(s_k + Rows::offset(row, chunk), src.k + (valid ? token * src.k_token_stride + chunk * 8 : 0), valid);
+    cp_async_16(s_v + Rows::offset(row, chunk), src.v + (valid ? token * src.v_token_stride + chunk * 8 : 0), valid);
   }
   cp_async_commit();
   for (int row = tid; row < kRows; row += Shape::kThreads) {

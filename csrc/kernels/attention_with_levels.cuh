@@ -23,6 +23,7 @@
 #include <cfloat>
 #include <climits>
 
+#include "common/level_tile_gather.cuh"
 #include "common/online_softmax.cuh"
 #include "common/tile_geometry.cuh"
 #include "device_utils.cuh"
@@ -82,34 +83,9 @@ __global__ void __launch_bounds__(AttentionShape<kHeadDim, kBlockM>::kThreads,
   // Gathers tile `index` of the schedule into `stage`: K and V rows by cp.async, and per column the
   // logit bias log2(count) (-inf for an empty slot) and the last original key the token covers.
   auto load_tile = [&](int index, int stage) {
-    const Geometry geometry = locate(index);
-    const int L = geometry.level;
-    // Select the level's pointers and strides with constant indices: indexing the kernel parameters
-    // with a runtime L would copy them to local memory.
-    const T *k = nullptr, *v = nullptr;
-    int64_t k_token_stride = 0, v_token_stride = 0;
-#pragma unroll
-    for (int level = 0; level < kNumLevels; ++level) {
-      if (level == L) {
-        k = static_cast<const T*>(p.k[level]) + b * p.k_stride[level][0] + kv_head * p.k_stride[level][1];
-        v = static_cast<const T*>(p.v[level]) + b * p.v_stride[level][0] + kv_head * p.v_stride[level][1];
-        k_token_stride = p.k_stride[level][2];
-        v_token_stride = p.v_stride[level][2];
-      }
-    }
-    T* k_dst = s_k + stage * Shape::kTileElements;
-    T* v_dst = s_v + stage * Shape::kTileElements;
-    for (int c = tid; c < kTileN * Shape::kChunks; c += Shape::kThreads) {
-      const int row = c / Shape::kChunks, chunk = c % Shape::kChunks;
-      const int64_t token = geometry.token(row, s_ids);
-      const bool valid = token < geometry.tokens;
-      cp_async_16(k_dst + Rows::offset(row, chunk), k + (valid ? token * k_token_stride + chunk * 8 : 0), valid);
-      cp_async_16(v_dst + Rows::offset(row, chunk), v + (valid ? token * v_token_stride + chunk * 8 : 0), valid);
-    }
-    for (int row = tid; row < kTileN; row += Shape::kThreads) {
-      s_bias[stage * kTileN + row] = geometry.bias(row);
-      s_last[stage * kTileN + row] = geometry.last_key(row, s_ids);
-    }
+    gather_level_tile<T, kHeadDim, kTileN, Shape::kThreads>(
+        p, locate(index), s_ids, b, kv_head, s_k + stage * Shape::kTileElements, s_v + stage * Shape::kTileElements,
+        s_bias + stage * kTileN, s_last + stage * kTileN, tid);
   };
 
   // Whether any token of the tile may be hidden from some row of this block by the causal mask.

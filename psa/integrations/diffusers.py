@@ -472,7 +472,13 @@ def _wan_keep_order(state: _State, transformer) -> None:
         if not state.active:
             return None
         order = _token_order(state, output[0].device)
-        return tuple(order.permute(x, dim=1) for x in output)
+        if order.is_identity:
+            return None
+        # Advanced indexing, not index_select (order.permute): fused into the rotary tables' masked
+        # concatenation, index_select gets a bounds check from Inductor's C++ backend that does not compile
+        # (`VecMask<int64_t,2>(bool&)`, torch 2.11 to 2.13; pytorch/pytorch#178244, #187335). The tables
+        # are small, so the form costs nothing.
+        return tuple(x[:, order.forward] for x in output)
 
     def condition_hook(module, args, output):  # (temb, timestep_proj, text, image)
         temb, timestep_proj, *rest = output

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # One call on a GPU machine without a registry: install the carried CUTLASS wheel, build psa for
 # Hopper, then run the steps named on the command line, in order, logging each to $OUT (or /tmp):
-#   tests [pytest args...]  the CUDA suite (or the given test files / -k expressions) until the next step
+#   tests [pytest args...]  the CUDA suite (or the given test files / -k expressions) until the next step;
+#                           with .whl_e2e/ carried, diffusers is installed first so its tests run too
 #   sanitizer               compute-sanitizer memcheck and racecheck on tests/sanitizer_case.py
 #   bench [args...]         benchmarks/bench_attention.py with the given arguments (with FA4 beside psa
 #                           when benchmarks/fa4_wheels.sh has installed it into /tmp/fa4site)
@@ -51,13 +52,16 @@ demo_data() {
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl_demo/av-*.whl \
     && mkdir -p ~/.cache/psa && cp .whl_demo/clip/cockatoo.mp4 ~/.cache/psa/
 }
+# diffusers and the dependencies the environment lacks, from the carried .whl_e2e/.
+diffusers_wheels() { python3 -m pip install -q --no-index --find-links .whl_e2e diffusers; }
 step=""; args=(); step_number=0
 # Each step logs to its own numbered file, so an A/B call keeps every variant's table.
 step_log() { printf '%s/%02d_%s.log' "$log_dir" "$step_number" "$1"; }
 run_step() {
   step_number=$((step_number + 1))
   case "$step" in
-    tests) $limit python3 -m pytest -q -x -p no:cacheprovider "${args[@]:-tests}" 2>&1 | tee "$(step_log tests)" \
+    tests) [ -d .whl_e2e ] && diffusers_wheels  # then tests/test_diffusers*.py run instead of skipping
+           $limit python3 -m pytest -q -x -p no:cacheprovider "${args[@]:-tests}" 2>&1 | tee "$(step_log tests)" \
              | tail -25 ;;
     sanitizer)
       $limit compute-sanitizer --tool memcheck python3 tests/sanitizer_case.py 2>&1 | tail -4
@@ -66,7 +70,7 @@ run_step() {
       site=(); [ -d /tmp/fa4site ] && site=(--site /tmp/fa4site)
       $limit python3 benchmarks/bench_attention.py "${site[@]}" "${args[@]}" 2>&1 | tee "$(step_log bench)" ;;
     fa4) bash benchmarks/fa4_wheels.sh collect ;;
-    e2e) python3 -m pip install -q --no-index --find-links .whl_e2e diffusers
+    e2e) diffusers_wheels
          $limit python3 benchmarks/bench_e2e.py "${args[@]}" 2>&1 | tee "$(step_log e2e)" ;;
     prefill) demo_data; $limit python3 benchmarks/bench_prefill.py "${args[@]}" 2>&1 | tee "$(step_log prefill)" ;;
     ulysses) $limit python3 benchmarks/bench_ulysses.py "${args[@]}" 2>&1 | tee "$(step_log ulysses)" ;;

@@ -1,11 +1,6 @@
 // CUDA host side of kv_pyramid and its backward: allocate, fill params, launch on the current stream.
-#include <c10/cuda/CUDAStream.h>
-#include <c10/cuda/CUDAGuard.h>
-#include <cuda_bf16.h>
-#include <cuda_fp16.h>
-
-#include "../check.h"
 #include "../ops.h"
+#include "common.h"
 #include "kernels/launchers.h"
 
 namespace psa::cuda {
@@ -35,13 +30,9 @@ std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v) {
   params.head_dim = static_cast<int>(dim);
   if (k.numel() == 0) return outputs;  // an empty batch or no heads: nothing to launch (a zero grid is an error)
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaError_t status;
-  switch (k.scalar_type()) {
-    case at::kBFloat16: status = kernels::launch_kv_pyramid<__nv_bfloat16>(params, stream); break;
-    case at::kHalf: status = kernels::launch_kv_pyramid<__half>(params, stream); break;
-    default: PSA_CHECK(false, "psa.kv_pyramid: no CUDA kernel for dtype ", k.scalar_type());
-  }
-  PSA_CHECK(status == cudaSuccess, "psa.kv_pyramid: kernel launch failed: ", cudaGetErrorString(status));
+  check_launch("psa.kv_pyramid", dispatch_input_dtype("psa.kv_pyramid", k.scalar_type(), [&](auto tag) {
+                 return kernels::launch_kv_pyramid<decltype(tag)>(params, stream);
+               }));
   return outputs;
 }
 
@@ -68,13 +59,10 @@ std::vector<at::Tensor> kv_pyramid_backward(const std::vector<at::Tensor>& d_poo
   params.length = static_cast<int>(k_len);
   params.head_dim = static_cast<int>(dim);
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
-  cudaError_t status;
-  switch (first.scalar_type()) {
-    case at::kBFloat16: status = kernels::launch_kv_pyramid_backward<__nv_bfloat16>(params, stream); break;
-    case at::kHalf: status = kernels::launch_kv_pyramid_backward<__half>(params, stream); break;
-    default: PSA_CHECK(false, "psa.kv_pyramid_backward: no CUDA kernel for dtype ", first.scalar_type());
-  }
-  PSA_CHECK(status == cudaSuccess, "psa.kv_pyramid_backward: kernel launch failed: ", cudaGetErrorString(status));
+  constexpr const char* kOp = "psa.kv_pyramid_backward";
+  check_launch(kOp, dispatch_input_dtype(kOp, first.scalar_type(), [&](auto tag) {
+                 return kernels::launch_kv_pyramid_backward<decltype(tag)>(params, stream);
+               }));
   return outputs;
 }
 

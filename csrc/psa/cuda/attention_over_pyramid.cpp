@@ -18,33 +18,31 @@ constexpr const char* kOp = "psa.attention_over_pyramid";
 
 template <typename T, int kHeadDim>
 cudaError_t launch_for_block_m(int64_t block_m, const kernels::AttentionParams& params, cudaStream_t stream) {
-  switch (block_m) {
-    case 32: return kernels::launch_attention_with_levels<T, kHeadDim, 32>(params, stream);
-    case 64: return kernels::launch_attention_with_levels<T, kHeadDim, 64>(params, stream);
-    default: return kernels::launch_attention_with_levels<T, kHeadDim, 128>(params, stream);
-  }
+  return with_block_m(block_m, [&](auto m) {
+    return kernels::launch_attention_with_levels<T, kHeadDim, decltype(m)::value>(params, stream);
+  });
 }
 
 template <int kHeadDim>
 size_t smem_bytes(int64_t block_m, int n_k) {
-  switch (block_m) {
-    case 32: return kernels::AttentionShape<kHeadDim, 32>::smem_bytes(n_k);
-    case 64: return kernels::AttentionShape<kHeadDim, 64>::smem_bytes(n_k);
-    default: return kernels::AttentionShape<kHeadDim, 128>::smem_bytes(n_k);
-  }
+  return with_block_m(block_m, [&](auto m) {
+    return kernels::AttentionShape<kHeadDim, decltype(m)::value>::smem_bytes(n_k);
+  });
 }
 
 #ifdef PSA_WITH_SM90
 template <typename T, int kHeadDim>
 cudaError_t launch_sm90_for_block_m(int64_t block_m, const kernels::AttentionParams& params, cudaStream_t stream) {
-  return block_m == 64 ? kernels::sm90::launch_attention_with_levels_sm90<T, kHeadDim, 64>(params, stream)
-                       : kernels::sm90::launch_attention_with_levels_sm90<T, kHeadDim, 128>(params, stream);
+  return with_sm90_block_m(block_m, [&](auto m) {
+    return kernels::sm90::launch_attention_with_levels_sm90<T, kHeadDim, decltype(m)::value>(params, stream);
+  });
 }
 
 template <int kHeadDim>
 size_t sm90_smem_bytes(int64_t block_m, int n_k) {
-  return block_m == 64 ? kernels::sm90::AttentionSm90Shape<kHeadDim, 64>::smem_bytes(n_k)
-                       : kernels::sm90::AttentionSm90Shape<kHeadDim, 128>::smem_bytes(n_k);
+  return with_sm90_block_m(block_m, [&](auto m) {
+    return kernels::sm90::AttentionSm90Shape<kHeadDim, decltype(m)::value>::smem_bytes(n_k);
+  });
 }
 #endif
 

@@ -20,11 +20,9 @@ constexpr const char* kOp = "psa.attention_over_pyramid_backward";
 
 template <typename T, int kHeadDim>
 cudaError_t launch_dq(int64_t block_m, const kernels::AttentionBackwardParams& params, cudaStream_t stream) {
-  switch (block_m) {
-    case 32: return kernels::launch_attention_backward_dq<T, kHeadDim, 32>(params, stream);
-    case 64: return kernels::launch_attention_backward_dq<T, kHeadDim, 64>(params, stream);
-    default: return kernels::launch_attention_backward_dq<T, kHeadDim, 128>(params, stream);
-  }
+  return with_block_m(block_m, [&](auto m) {
+    return kernels::launch_attention_backward_dq<T, kHeadDim, decltype(m)::value>(params, stream);
+  });
 }
 
 // A level's pooled rows per key block, block_n >> level, at least 16 (one warp's MMA rows).
@@ -40,24 +38,24 @@ cudaError_t launch_dkdv(int rows, const kernels::AttentionBackwardParams& params
 
 template <int kHeadDim>
 size_t dq_smem_bytes(int64_t block_m, int n_k) {
-  switch (block_m) {
-    case 32: return kernels::AttentionBackwardShape<kHeadDim, 32>::smem_bytes(n_k);
-    case 64: return kernels::AttentionBackwardShape<kHeadDim, 64>::smem_bytes(n_k);
-    default: return kernels::AttentionBackwardShape<kHeadDim, 128>::smem_bytes(n_k);
-  }
+  return with_block_m(block_m, [&](auto m) {
+    return kernels::AttentionBackwardShape<kHeadDim, decltype(m)::value>::smem_bytes(n_k);
+  });
 }
 
 #ifdef PSA_WITH_SM90
 template <typename T, int kHeadDim>
 cudaError_t launch_dq_sm90(int64_t block_m, const kernels::AttentionBackwardParams& params, cudaStream_t stream) {
-  return block_m == 64 ? kernels::sm90::launch_attention_backward_dq_sm90<T, kHeadDim, 64>(params, stream)
-                       : kernels::sm90::launch_attention_backward_dq_sm90<T, kHeadDim, 128>(params, stream);
+  return with_sm90_block_m(block_m, [&](auto m) {
+    return kernels::sm90::launch_attention_backward_dq_sm90<T, kHeadDim, decltype(m)::value>(params, stream);
+  });
 }
 
 template <int kHeadDim>
 size_t dq_sm90_smem_bytes(int64_t block_m, int n_k) {
-  return block_m == 64 ? kernels::sm90::AttentionSm90Shape<kHeadDim, 64, true>::smem_bytes(n_k)
-                       : kernels::sm90::AttentionSm90Shape<kHeadDim, 128, true>::smem_bytes(n_k);
+  return with_sm90_block_m(block_m, [&](auto m) {
+    return kernels::sm90::AttentionSm90Shape<kHeadDim, decltype(m)::value, true>::smem_bytes(n_k);
+  });
 }
 #endif
 

@@ -10,6 +10,7 @@
 
 #include <cstdlib>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 #include "../check.h"
@@ -25,6 +26,23 @@ auto dispatch_input_dtype(const char* op, at::ScalarType dtype, F&& f) {
     default: PSA_CHECK(false, op, ": no CUDA kernel for dtype ", dtype);
   }
   return f(__half{});  // unreachable
+}
+
+// Calls f(std::integral_constant<int, kBlockM>{}) for the portable kernels' block_m (32, 64 or 128; the
+// op's checks have ruled out anything else), so a launch and its shared-memory size pick one instance.
+template <typename F>
+auto with_block_m(int64_t block_m, F&& f) {
+  switch (block_m) {
+    case 32: return f(std::integral_constant<int, 32>{});
+    case 64: return f(std::integral_constant<int, 64>{});
+    default: return f(std::integral_constant<int, 128>{});
+  }
+}
+
+// The same for the Hopper level-map kernels, whose block_m is 64 or 128 (64-row warpgroups).
+template <typename F>
+auto with_sm90_block_m(int64_t block_m, F&& f) {
+  return block_m == 64 ? f(std::integral_constant<int, 64>{}) : f(std::integral_constant<int, 128>{});
 }
 
 inline void check_launch(const char* op, cudaError_t status) {

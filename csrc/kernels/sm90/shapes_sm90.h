@@ -118,8 +118,9 @@ struct KeyBackwardSm90Storage {
   alignas(kSwizzleAtomBytes) uint16_t q[kStages][kPanels][kQTile][kPanelColumns];
   alignas(kSwizzleAtomBytes) uint16_t d_out[kStages][kPanels][kQTile][kPanelColumns];
   KeyBackwardPartials<kHeadDim, Shape::kSplitTiles> partials;
-  float lse[kStages][kQTile];    // the tile's rows' lse in the exp2 domain; +inf: past the block or saw nothing
-  float delta[kStages][kQTile];
+  // Read as float2 by the consumers: 16-byte aligned whatever precedes them (the empty partials take a byte).
+  alignas(16) float lse[kStages][kQTile];    // the tile's rows' lse in the exp2 domain; +inf: past the block or saw nothing
+  alignas(16) float delta[kStages][kQTile];
   int q_begin[kStages];          // the tile's first query row; -1: the walk is over
   uint64_t kv_full;
   uint64_t full[kStages], empty[kStages];

@@ -306,6 +306,7 @@ CUDA_CASES = [
     pytest.param(1, 3, 3, 97, 150, 64, 32, 32, False, id="lq<lk-blocks32"),
     pytest.param(1, 4, 1, 300, 300, 128, 64, 128, True, id="causal-gqa4"),
     pytest.param(1, 2, 2, 130, 260, 64, 128, 64, True, id="causal-lq<lk"),
+    pytest.param(1, 4, 2, 257, 389, 64, 128, 128, False, id="gqa-64-blocks128-odd"),
 ]
 
 

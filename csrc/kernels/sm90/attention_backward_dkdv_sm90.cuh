@@ -28,6 +28,7 @@
 #include <cutlass/arch/reg_reconfig.h>
 #include <cute/arch/copy_sm90_tma.hpp>
 
+#include "../common/level_gradient_rows.cuh"
 #include "../device_utils.cuh"
 #include "../params.h"
 #include "shapes_sm90.h"
@@ -320,25 +321,15 @@ __global__ void __launch_bounds__(KeyBackwardSm90Shape<kHeadDim, kKeyRows>::kThr
         dv[i] += smem.partials.dv[i][wg_thread];
       }
     }
-    // The gradients' pointers, selected with constant indices (a runtime index into the parameter array
-    // would copy it to local memory).
-    T *dk_out = nullptr, *dv_out = nullptr;
-    const int64_t level_rows = static_cast<int64_t>(bkv) * tokens;  // this key head's rows in dK_L, dV_L
-#pragma unroll
-    for (int level = 0; level < kNumLevels; ++level) {
-      if (level == L) {
-        dk_out = static_cast<T*>(bp.dk[level]) + level_rows * kHeadDim;
-        dv_out = static_cast<T*>(bp.dv[level]) + level_rows * kHeadDim;
-      }
-    }
+    const LevelGradientRows<T> out = level_gradient_rows<T, kHeadDim>(bp, L, bkv, tokens);
     // dk[i] / dv[i] belong to key row (i >> 1) & 1, column 8 (i >> 2) + 2t + (i & 1): consecutive pairs
     // are one 4-byte store.
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       if (!row_valid[r]) continue;
       const int64_t token = first_token + group_row + warp_in_group * 16 + g + 8 * r;
-      T* dk_row = dk_out + token * kHeadDim;
-      T* dv_row = dv_out + token * kHeadDim;
+      T* dk_row = out.dk + token * kHeadDim;
+      T* dv_row = out.dv + token * kHeadDim;
 #pragma unroll
       for (int c = 0; c < kHeadDim / 8; ++c) {
         *reinterpret_cast<uint32_t*>(dk_row + 8 * c + 2 * t) =

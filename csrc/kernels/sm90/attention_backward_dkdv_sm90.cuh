@@ -110,13 +110,18 @@ __global__ void __launch_bounds__(KeyBackwardSm90Shape<kHeadDim, kKeyRows>::kThr
       Barrier::wait(&smem.empty[stage], ((tile / kStages) & 1) ^ 1);
       return stage;
     };
+    // Lane l reads candidate base + l's entry; the next 32 are read before this round's tiles are issued,
+    // so the column walk's loads overlap the TMA traffic instead of stalling between rounds.
+    const auto is_wanted = [&](int c) {
+      if (c >= candidates) return false;
+      const int h = kv_head * group + c / p.n_q, i = c % p.n_q;
+      return p.levels[((static_cast<int64_t>(b) * p.q_heads + h) * p.n_q + i) * p.n_k + j] == wanted;
+    };
+    bool next_hit = is_wanted(lane);
     for (int base = 0; base < candidates; base += 32) {
-      bool hit = false;
-      if (base + lane < candidates) {
-        const int h = kv_head * group + (base + lane) / p.n_q, i = (base + lane) % p.n_q;
-        hit = p.levels[((static_cast<int64_t>(b) * p.q_heads + h) * p.n_q + i) * p.n_k + j] == wanted;
-      }
-      for (unsigned hits = __ballot_sync(0xffffffffu, hit); hits != 0; hits &= hits - 1) {
+      const unsigned round_hits = __ballot_sync(0xffffffffu, next_hit);
+      next_hit = is_wanted(base + 32 + lane);
+      for (unsigned hits = round_hits; hits != 0; hits &= hits - 1) {
         const int c = base + __ffs(hits) - 1;
         const int h = kv_head * group + c / p.n_q, i = c % p.n_q;
         const int64_t row_base = (static_cast<int64_t>(b) * p.q_heads + h) * p.q_len;

@@ -14,8 +14,10 @@
 //       P^T = exp2(S^T scale + bias - lse), dS^T = P^T (dP^T - delta) (in place, fp32),
 //       dV += P^T dO and dK += dS^T Q (RS wgmma: P^T and dS^T from registers, dO and Q read as the forward
 //       reads V, the query rows as the MMA's K dimension).
-//     Overlapped as the dq pass: tile j's S^T / dP^T batch is issued before the dK / dV MMAs of tile
-//     j - 1, and tile j's elementwise work runs while those MMAs do.
+//     dV's MMA is issued as soon as P^T is packed and runs while dS^T is computed; beyond that the two
+//     warpgroups' MMAs and elementwise work interleave on the tensor cores. (Overlapping tile j's S^T /
+//     dP^T with tile j - 1's dK / dV as the dq pass does needs S^T, dP^T, both fragments and dK, dV
+//     live at once: it spilled.)
 // Every pooled key belongs to one CTA, so dK_L and dV_L are written once each, without atomics: the
 // result does not depend on scheduling. dK is scaled by the softmax scale once, at the end.
 #pragma once

@@ -2,11 +2,13 @@
 // Same contract as attention_backward_dkdv_kernel in ../attention_backward.cuh (the mma.sync fallback);
 // this file changes how the tiles move and multiply. docs/spec.md section 7 has the math.
 //
-// One launch per level L; one CTA per key block at that level (block_n >> L <= 128 pooled keys: kKeyRows
-// 128 for 128 of them, else 64 with the rows past the block masked) of one (batch, key head). K and V of those keys stay in shared memory.
-//   - Warp 0 walks the level map's column j for entries equal to 1 << L over the (query head of the GQA
-//     group, query block) pairs, 32 at a time with a ballot as the mma.sync kernel does, and loads each
-//     pair's query rows as kQTile-row tiles into a ring of stages: Q and dO by TMA (rows past Lq read as
+// One launch per level L; one CTA per key block at that level of one (batch, key head) where the block
+// has 128 pooled keys (kKeyRows 128), else per 64 pooled keys (kKeyRows 64): one key block of 64, or
+// 64 / (block_n >> L) consecutive shorter blocks packed, each tile masking the blocks that did not choose
+// its query block. K and V of those keys stay in shared memory.
+//   - Warp 0 walks the level map's columns of the CTA's key blocks for entries equal to 1 << L over the
+//     (query head of the GQA group, query block) pairs, 32 at a time with a ballot as the mma.sync kernel
+//     does, and loads each pair that any of its blocks chose (with the mask of those blocks) as query rows as kQTile-row tiles into a ring of stages: Q and dO by TMA (rows past Lq read as
 //     zeros), the rows' lse (exp2 domain) and delta by the warp's lanes. A tile with q_begin = -1 ends
 //     the walk (one per consumer stream).
 //   - Consumer warpgroups, per tile, on 64 keys each:
@@ -68,10 +70,15 @@ __global__ void __launch_bounds__(KeyBackwardSm90Shape<kHeadDim, kKeyRows>::kThr
   Storage& smem = aligned_shared<Storage, kSwizzleAtomBytes>(smem_unaligned);
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
-  const int j = blockIdx.x, bkv = blockIdx.y, b = bkv / p.kv_heads, kv_head = bkv % p.kv_heads;
+  const int bkv = blockIdx.y, b = bkv / p.kv_heads, kv_head = bkv % p.kv_heads;
   const int per_block = p.block_n >> L;               // <= kKeyRows
   const int tokens = (p.k_len + (1 << L) - 1) >> L;
-  const int first_token = j * per_block;              // the key block's first pooled row
+  // Key blocks shorter than the CTA's rows are packed: blocks first_block .. + blocks_per_cta - 1 share
+  // its rows (consecutive blocks hold consecutive pooled tokens), and a tile masks the blocks whose
+  // level-map entry did not ask for it.
+  const int blocks_per_cta = kKeyRows / per_block;
+  const int first_block = blockIdx.x * blocks_per_cta;
+  const int first_token = first_block * per_block;   // the CTA's first pooled row
 
   if (tid == 0) {
     Barrier::init(&smem.kv_full, 1);
@@ -112,19 +119,27 @@ __global__ void __launch_bounds__(KeyBackwardSm90Shape<kHeadDim, kKeyRows>::kThr
       Barrier::wait(&smem.empty[stage], ((tile / kStages) & 1) ^ 1);
       return stage;
     };
-    // Lane l reads candidate base + l's entry; the next 32 are read before this round's tiles are issued,
-    // so the column walk's loads overlap the TMA traffic instead of stalling between rounds.
-    const auto is_wanted = [&](int c) {
-      if (c >= candidates) return false;
-      const int h = kv_head * group + c / p.n_q, i = c % p.n_q;
-      return p.levels[((static_cast<int64_t>(b) * p.q_heads + h) * p.n_q + i) * p.n_k + j] == wanted;
+    // Candidate c's mask: bit jj set where key block first_block + jj's entry asks for level L. Lane l
+    // reads candidate base + l's entries; the next 32 are read before this round's tiles are issued, so
+    // the column walk's loads overlap the TMA traffic instead of stalling between rounds.
+    const int blocks_here = min(blocks_per_cta, p.n_k - first_block);
+    const auto wanted_blocks = [&](int c) {
+      uint32_t mask = 0;
+      if (c < candidates) {
+        const int h = kv_head * group + c / p.n_q, i = c % p.n_q;
+        const int8_t* entries = p.levels + ((static_cast<int64_t>(b) * p.q_heads + h) * p.n_q + i) * p.n_k + first_block;
+        for (int jj = 0; jj < blocks_here; ++jj) mask |= static_cast<uint32_t>(entries[jj] == wanted) << jj;
+      }
+      return mask;
     };
-    bool next_hit = is_wanted(lane);
+    uint32_t next_mask = wanted_blocks(lane);
     for (int base = 0; base < candidates; base += 32) {
-      const unsigned round_hits = __ballot_sync(0xffffffffu, next_hit);
-      next_hit = is_wanted(base + 32 + lane);
+      const uint32_t round_mask = next_mask;
+      const unsigned round_hits = __ballot_sync(0xffffffffu, round_mask != 0);
+      next_mask = wanted_blocks(base + 32 + lane);
       for (unsigned hits = round_hits; hits != 0; hits &= hits - 1) {
-        const int c = base + __ffs(hits) - 1;
+        const int hit_lane = __ffs(hits) - 1, c = base + hit_lane;
+        const uint32_t mask = __shfl_sync(0xffffffffu, round_mask, hit_lane);
         const int h = kv_head * group + c / p.n_q, i = c % p.n_q;
         const int64_t row_base = (static_cast<int64_t>(b) * p.q_heads + h) * p.q_len;
         const int block_begin = i * bp.block_m, block_end = min(block_begin + bp.block_m, p.q_len);
@@ -140,6 +155,7 @@ __global__ void __launch_bounds__(KeyBackwardSm90Shape<kHeadDim, kKeyRows>::kThr
           // Every lane arrives after its own stores; lane 0 also announces the TMA bytes.
           if (lane == 0) {
             smem.q_begin[stage] = q0;
+            smem.blocks[stage] = mask;
             TxBarrier::arrive_and_expect_tx(&smem.full[stage], static_cast<uint32_t>(sizeof(smem.q[0]) * 2));
 #pragma unroll
             for (int panel = 0; panel < kPanels; ++panel) {
@@ -169,15 +185,17 @@ __global__ void __launch_bounds__(KeyBackwardSm90Shape<kHeadDim, kKeyRows>::kThr
     const int causal_offset = p.k_len - p.q_len;
     const int group_row = (kSplit ? 0 : consumer * 64);  // the warpgroup's first key row in the CTA
 
-    // This thread's two key rows (accumulator rows g and g + 8 of its warp): bias log2(keys covered),
-    // -inf for a row outside the block or the level, and the last key each covers (causal mask).
+    // This thread's two key rows (accumulator rows g and g + 8 of its warp): their key block within the
+    // CTA, bias log2(keys covered) (-inf for a row past the level or the CTA's blocks), and the last key
+    // each covers (causal mask).
     float row_bias[2];
-    int row_last[2];
+    int row_last[2], row_block[2];
     bool row_valid[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
       const int row = group_row + warp_in_group * 16 + g + 8 * r, token = first_token + row;
-      row_valid[r] = row < per_block && token < tokens;
+      row_block[r] = row / per_block;
+      row_valid[r] = row_block[r] < blocks_per_cta && first_block + row_block[r] < p.n_k && token < tokens;
       const int covered = row_valid[r] ? min((token + 1) << L, p.k_len) - (token << L) : 0;
       row_bias[r] = !row_valid[r]           ? -INFINITY
                     : covered == (1 << L)   ? static_cast<float>(L)
@@ -187,7 +205,9 @@ __global__ void __launch_bounds__(KeyBackwardSm90Shape<kHeadDim, kKeyRows>::kThr
     // Warpgroup-uniform: do its 64 keys all cover 2^L keys inside the block (the common case, one bias
     // for the whole tile), and the last key any of them covers (whether a tile needs the causal mask).
     const int group_first_token = first_token + group_row;
-    const bool group_full = group_row + 64 <= per_block && (group_first_token + 64) << L <= p.k_len;
+    const bool group_full = group_row + 64 <= blocks_per_cta * per_block && (group_first_token + 64) << L <= p.k_len;
+    // A tile whose mask holds every block of the CTA needs no per-row block test.
+    const uint32_t every_block = (1u << blocks_per_cta) - 1;
     const int group_last_key = min((group_first_token + 64) << L, p.k_len) - 1;
 
     float dk[kHeadDim / 2], dv[kHeadDim / 2];
@@ -241,6 +261,11 @@ __global__ void __launch_bounds__(KeyBackwardSm90Shape<kHeadDim, kKeyRows>::kThr
     // 8c + 2t + (e & 1).
     const auto make_p = [&](int stage, int q0) {
       const bool masked = p.causal && group_last_key > q0 + causal_offset;
+      const uint32_t blocks = smem.blocks[stage];
+      const bool all_blocks = blocks == every_block;
+      // The rows of blocks that did not ask for this tile take no part in it.
+      const float bias[2] = {(blocks >> row_block[0]) & 1 ? row_bias[0] : -INFINITY,
+                             (blocks >> row_block[1]) & 1 ? row_bias[1] : -INFINITY};
 #pragma unroll
       for (int c = 0; c < kQTile / 8; ++c) {
         const float2 lse = *reinterpret_cast<const float2*>(&smem.lse[stage][8 * c + 2 * t]);
@@ -249,10 +274,10 @@ __global__ void __launch_bounds__(KeyBackwardSm90Shape<kHeadDim, kKeyRows>::kThr
           const int r = e >> 1;
           const float column_lse = (e & 1) ? lse.y : lse.x;
           float x;
-          if (group_full && !masked) {
+          if (group_full && all_blocks && !masked) {
             x = fmaf(st[4 * c + e], p.scale_log2, static_cast<float>(L) - column_lse);
           } else {
-            x = fmaf(st[4 * c + e], p.scale_log2, row_bias[r]) - column_lse;
+            x = fmaf(st[4 * c + e], p.scale_log2, bias[r]) - column_lse;
             if (masked && row_last[r] > q0 + 8 * c + 2 * t + (e & 1) + causal_offset) x = -INFINITY;
           }
           st[4 * c + e] = exp2f(x);
@@ -348,7 +373,8 @@ __global__ void __launch_bounds__(KeyBackwardSm90Shape<kHeadDim, kKeyRows>::kThr
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
-// Encodes the maps and launches one CTA per (key block, batch x key head) for the level in `bp.level`.
+// Encodes the maps and launches one CTA per (kKeyRows pooled keys, batch x key head) for the level in
+// `bp.level`.
 template <typename T, int kHeadDim, int kKeyRows>
 cudaError_t launch_attention_backward_dkdv_sm90(const AttentionBackwardParams& bp, cudaStream_t stream) {
   using Shape = KeyBackwardSm90Shape<kHeadDim, kKeyRows>;
@@ -381,7 +407,9 @@ cudaError_t launch_attention_backward_dkdv_sm90(const AttentionBackwardParams& b
   auto kernel = attention_backward_dkdv_sm90_kernel<T, kHeadDim, kKeyRows>;
   status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (status != cudaSuccess) return status;
-  const dim3 grid(static_cast<unsigned>(p.n_k), static_cast<unsigned>(p.batch * p.kv_heads));
+  const int blocks_per_cta = kKeyRows / (p.block_n >> level);
+  const dim3 grid(static_cast<unsigned>((p.n_k + blocks_per_cta - 1) / blocks_per_cta),
+                  static_cast<unsigned>(p.batch * p.kv_heads));
   kernel<<<grid, Shape::kThreads, smem, stream>>>(params);
   return cudaGetLastError();
 }

@@ -75,9 +75,9 @@ size_t AttentionSm90Shape<kHeadDim, kBlockM, kDq>::smem_bytes(int n_k) {
 
 // The backward's key-major dK / dV pass (attention_backward_dkdv_sm90.cuh): kKeyRows pooled keys of
 // one level resident per CTA, against a ring of kQTile-row (Q, dO) tiles of the query blocks that see
-// them. kKeyRows 128: each consumer warpgroup owns 64 of the keys and sees every tile. kKeyRows 64 (a
-// level's key block of 64 rows or fewer): both own the same keys and take alternate tiles, and their
-// sums meet in shared memory at the end.
+// them. kKeyRows 128: each consumer warpgroup owns 64 of the keys and sees every tile. kKeyRows 64 (one
+// key block of 64 rows, or several shorter ones packed): both own the same keys and take alternate
+// tiles, and their sums meet in shared memory at the end.
 template <int kHeadDim, int kKeyRows>
 struct KeyBackwardSm90Shape {
   static constexpr int kConsumers = 2;
@@ -122,6 +122,7 @@ struct KeyBackwardSm90Storage {
   alignas(16) float lse[kStages][kQTile];    // the tile's rows' lse in the exp2 domain; +inf: past the block or saw nothing
   alignas(16) float delta[kStages][kQTile];
   int q_begin[kStages];          // the tile's first query row; -1: the walk is over
+  uint32_t blocks[kStages];      // bit jj: the CTA's key block jj chose the tile's query block
   uint64_t kv_full;
   uint64_t full[kStages], empty[kStages];
   static constexpr size_t smem_bytes() { return sizeof(KeyBackwardSm90Storage) + kSwizzleAtomBytes; }

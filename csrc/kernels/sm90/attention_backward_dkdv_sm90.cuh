@@ -8,8 +8,9 @@
 // its query block. K and V of those keys stay in shared memory.
 //   - Warp 0 walks the level map's columns of the CTA's key blocks for entries equal to 1 << L over the
 //     (query head of the GQA group, query block) pairs, 32 at a time with a ballot as the mma.sync kernel
-//     does, and loads each pair that any of its blocks chose (with the mask of those blocks) as query rows as kQTile-row tiles into a ring of stages: Q and dO by TMA (rows past Lq read as
-//     zeros), the rows' lse (exp2 domain) and delta by the warp's lanes. A tile with q_begin = -1 ends
+//     does, and loads the query rows of each pair any of its blocks chose (with the mask of those blocks)
+//     as kQTile-row tiles into a ring of stages: Q and dO by TMA (rows past Lq read as zeros), the rows'
+//     lse (exp2 domain) and delta by the warp's lanes. A tile with q_begin = -1 ends
 //     the walk (one per consumer stream).
 //   - Consumer warpgroups, per tile, on 64 keys each:
 //       S^T = K Q^T and dP^T = V dO^T (one SS wgmma batch, both operands in shared memory),

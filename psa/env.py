@@ -77,9 +77,9 @@ def report() -> str:
         "  attention_over_pyramid (attention_with_levels = kv_pyramid + it): " + (
             "TMA/wgmma kernel (sm90) for block_m 64/128 and block_n 64/128 with TMA-compatible strides, "
             "mma.sync (sm80) otherwise" if hopper else "mma.sync kernel (sm80)"),
-        "  attention_over_pyramid_backward: delta kernel; dq query-major on " + (
-            "the forward's TMA/wgmma kernel (sm90) where the forward takes it, else mma.sync" if hopper
-            else "mma.sync (sm80)") + "; dK / dV key-major per level on mma.sync (sm80); no atomics",
+        "  attention_over_pyramid_backward: delta kernel; dq query-major and dK / dV key-major per level on " + (
+            "TMA/wgmma kernels (sm90) where the forward takes its Hopper kernel, else mma.sync" if hopper
+            else "mma.sync kernels (sm80)") + "; no atomics",
     ]
     return "\n".join(lines)
 

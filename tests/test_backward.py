@@ -306,6 +306,7 @@ CUDA_CASES = [
     pytest.param(1, 3, 3, 97, 150, 64, 32, 32, False, id="lq<lk-blocks32"),
     pytest.param(1, 4, 1, 300, 300, 128, 64, 128, True, id="causal-gqa4"),
     pytest.param(1, 2, 2, 130, 260, 64, 128, 64, True, id="causal-lq<lk"),
+    pytest.param(1, 4, 2, 257, 389, 64, 128, 128, False, id="gqa-64-blocks128-odd"),
 ]
 
 
@@ -319,8 +320,8 @@ def test_cuda_backward_op_matches_float64(rng, monkeypatch, batch, q_heads, kv_h
                                           block_n, causal, dtype, outputs, family):
     # The fused CUDA kernels (the forward's out and lse, every level's gradients) against psa/backward.py
     # in float64 on the CPU, an empty query block included; FlashAttention's tolerance rule. "auto" takes
-    # the Hopper dq pass on an H100 / H200 wherever it applies (block_m 64 / 128, block_n >= 64), sm80 the
-    # portable kernels.
+    # the Hopper backward (the dq pass, the key-major dK / dV pass with 128- and 64-key CTAs) on an
+    # H100 / H200 wherever it applies (block_m 64 / 128, block_n >= 64), sm80 the portable kernels.
     from psa.backward import attention_over_pyramid_backward
 
     monkeypatch.setenv("PSA_CUDA_KERNEL", family)

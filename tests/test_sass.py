@@ -73,6 +73,16 @@ def test_hopper_attention_kernels_use_wgmma_and_tma_without_spills(sm90_instruct
         assert counts["STL"] == 0 and counts["LDL"] == 0, f"{name}: local memory (register spills)"
 
 
+def test_hopper_key_major_backward_uses_wgmma_and_tma_without_spills(sm90_instructions):
+    kernels = kernels_named(sm90_instructions, r"attention_backward_dkdv_sm90_kernel")
+    # bf16/fp16 x head_dim 64/128 x 64/128 keys per CTA (generate_instantiations.py).
+    assert len(kernels) == 8, sorted(kernels)
+    for name, counts in kernels.items():
+        assert counts["HGMMA"] > 0, f"{name}: no HGMMA"
+        assert counts["UTMALDG"] > 0, f"{name}: no TMA loads"
+        assert counts["STL"] == 0 and counts["LDL"] == 0, f"{name}: local memory (register spills)"
+
+
 @pytest.mark.parametrize("estimator,hopper_variants", [("sampled", 12), ("antidiagonal", 4)])
 def test_hopper_estimators_use_wgmma_and_tma_without_spills(sm90_instructions, estimator, hopper_variants):
     hopper = kernels_named(sm90_instructions, rf"estimate_{estimator}_sm90_kernel")

@@ -26,6 +26,7 @@
 #include <cfloat>
 #include <climits>
 
+#include "common/level_gradient_rows.cuh"
 #include "common/level_tile_gather.cuh"
 #include "common/tile_geometry.cuh"
 #include "device_utils.cuh"
@@ -363,21 +364,13 @@ __global__ void __launch_bounds__(KeyBackwardShape<kHeadDim, kRows>::kThreads, 1
 
   // ---- The block's rows of dK_L (scaled) and dV_L: every pooled row of the level belongs to exactly one
   // key block, so each is written once (zeros where no pair saw it).
-  T *dk_out = nullptr, *dv_out = nullptr;
-  const int64_t level_rows = static_cast<int64_t>(bkv) * tokens;  // this key head's rows in dK_L, dV_L
-#pragma unroll
-  for (int level = 0; level < kNumLevels; ++level) {
-    if (level == L) {
-      dk_out = static_cast<T*>(bp.dk[level]) + level_rows * kHeadDim;
-      dv_out = static_cast<T*>(bp.dv[level]) + level_rows * kHeadDim;
-    }
-  }
+  const LevelGradientRows<T> out = level_gradient_rows<T, kHeadDim>(bp, L, bkv, tokens);
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     const int row = warp_row + g + 8 * r, token = first_token + row;
     if (row < per_block && token < tokens) {
-      store_row<T, kHeadDim>(dk, r, bp.scale, dk_out + static_cast<int64_t>(token) * kHeadDim, t);
-      store_row<T, kHeadDim>(dv, r, 1.f, dv_out + static_cast<int64_t>(token) * kHeadDim, t);
+      store_row<T, kHeadDim>(dk, r, bp.scale, out.dk + static_cast<int64_t>(token) * kHeadDim, t);
+      store_row<T, kHeadDim>(dv, r, 1.f, out.dv + static_cast<int64_t>(token) * kHeadDim, t);
     }
   }
 }

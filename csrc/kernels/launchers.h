@@ -40,6 +40,11 @@ cudaError_t launch_attention_with_levels_sm90(const AttentionParams& params, cud
 // strides; dO contiguous); writes params.dq like launch_attention_backward_dq.
 template <typename T, int kHeadDim, int kBlockM>
 cudaError_t launch_attention_backward_dq_sm90(const AttentionBackwardParams& params, cudaStream_t stream);
+// The key-major dK / dV pass of params.level on TMA + wgmma (kKeyRows 64 or 128: 128 when the level's
+// key block has at least 128 rows; block_m 64 or 128; TMA-compatible strides; dO contiguous); writes
+// params.dk / dv[level] like launch_attention_backward_dkdv.
+template <typename T, int kHeadDim, int kKeyRows>
+cudaError_t launch_attention_backward_dkdv_sm90(const AttentionBackwardParams& params, cudaStream_t stream);
 }  // namespace sm90
 
 // One launch covers heads [bh_begin, bh_begin + bh_count) of the flattened batch * head range.

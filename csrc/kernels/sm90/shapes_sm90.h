@@ -73,6 +73,61 @@ size_t AttentionSm90Shape<kHeadDim, kBlockM, kDq>::smem_bytes(int n_k) {
          kSwizzleAtomBytes;
 }
 
+// The backward's key-major dK / dV pass (attention_backward_dkdv_sm90.cuh): kKeyRows pooled keys of
+// one level resident per CTA, against a ring of kQTile-row (Q, dO) tiles of the query blocks that see
+// them. kKeyRows 128: each consumer warpgroup owns 64 of the keys and sees every tile. kKeyRows 64 (one
+// key block of 64 rows, or several shorter ones packed): both own the same keys and take alternate
+// tiles, and their sums meet in shared memory at the end.
+template <int kHeadDim, int kKeyRows>
+struct KeyBackwardSm90Shape {
+  static constexpr int kConsumers = 2;
+  static constexpr int kThreads = 128 * (kConsumers + 1);  // + the producer warpgroup
+  static constexpr int kQTile = 64;                         // query rows per tile: the S^T tile's N
+  static constexpr bool kSplitTiles = kKeyRows == 64;
+  static constexpr int kConsumersPerTile = kSplitTiles ? 1 : 2;
+  // A (Q, dO) stage is 32 KiB at head_dim 128: three fill the shared memory beside K, V and the split
+  // variant's partial sums; at 64 a stage is half the bytes and a tile half the MMA time.
+  static constexpr int kStages = kHeadDim == 64 ? 4 : 3;
+  static constexpr int kPanels = kHeadDim / kPanelColumns;
+  // 40 + 2 x 232 = 3 x 168: the consumers hold dK and dV (kHeadDim / 2 floats each), S^T and dP^T
+  // (kQTile / 2 each) and the P^T / dS^T fragments of the tile whose MMAs are in flight.
+  static constexpr int kProducerRegisters = 24;
+  static constexpr int kConsumerRegisters = 240;
+  static constexpr int kEntryRegisters = (65536 / kThreads) / 8 * 8;
+  static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= (kConsumers + 1) * kEntryRegisters,
+                "setmaxnreg budgets exceed the CTA's register pool");
+  static_assert(kKeyRows == 64 || kKeyRows == 128, "64 keys per consumer warpgroup");
+};
+
+// The split variant's second warpgroup's dK and dV, in accumulator order (thread-major per register,
+// so the 128 threads' stores and the first warpgroup's loads are conflict-free).
+template <int kHeadDim, bool kSplitTiles>
+struct KeyBackwardPartials {
+  float dk[kHeadDim / 2][128];
+  float dv[kHeadDim / 2][128];
+};
+template <int kHeadDim>
+struct KeyBackwardPartials<kHeadDim, false> {};
+
+template <int kHeadDim, int kKeyRows>
+struct KeyBackwardSm90Storage {
+  using Shape = KeyBackwardSm90Shape<kHeadDim, kKeyRows>;
+  static constexpr int kStages = Shape::kStages, kPanels = Shape::kPanels, kQTile = Shape::kQTile;
+  alignas(kSwizzleAtomBytes) uint16_t k[kPanels][kKeyRows][kPanelColumns];
+  alignas(kSwizzleAtomBytes) uint16_t v[kPanels][kKeyRows][kPanelColumns];
+  alignas(kSwizzleAtomBytes) uint16_t q[kStages][kPanels][kQTile][kPanelColumns];
+  alignas(kSwizzleAtomBytes) uint16_t d_out[kStages][kPanels][kQTile][kPanelColumns];
+  KeyBackwardPartials<kHeadDim, Shape::kSplitTiles> partials;
+  // Read as float2 by the consumers: 16-byte aligned whatever precedes them (the empty partials take a byte).
+  alignas(16) float lse[kStages][kQTile];    // the tile's rows' lse in the exp2 domain; +inf: past the block or saw nothing
+  alignas(16) float delta[kStages][kQTile];
+  int q_begin[kStages];          // the tile's first query row; -1: the walk is over
+  uint32_t blocks[kStages];      // bit jj: the CTA's key block jj chose the tile's query block
+  uint64_t kv_full;
+  uint64_t full[kStages], empty[kStages];
+  static constexpr size_t smem_bytes() { return sizeof(KeyBackwardSm90Storage) + kSwizzleAtomBytes; }
+};
+
 // The sampled estimator's GEMM (estimate_sampled_sm90.cuh): kRows sampled query rows resident per CTA,
 // sampled keys streamed kTileN at a time.
 template <int kHeadDim>

@@ -1,12 +1,14 @@
 // CUDA host side of attention_over_pyramid_backward: delta = rowsum(dO * O) - dlse by one kernel,
-// then the query-major dq pass (on Hopper the forward's TMA + wgmma kernel in its dq mode,
-// kernels/sm90/attention_with_levels_sm90.cuh; else kernels/attention_backward.cuh) and one key-major
-// dK / dV launch per level, all on the current stream, no host synchronisation.
+// then the query-major dq pass and one key-major dK / dV launch per level, all on the current stream,
+// no host synchronisation. On Hopper both run on TMA + wgmma (the dq pass as the forward's kernel in
+// its dq mode, kernels/sm90/attention_with_levels_sm90.cuh; dK / dV in
+// kernels/sm90/attention_backward_dkdv_sm90.cuh); else on mma.sync (kernels/attention_backward.cuh).
 #include "../ops.h"
 #include "attention_params.h"
 #include "common.h"
 #include "kernels/launchers.h"
 
+#include <algorithm>
 #include <string>
 #include <vector>
 #ifdef PSA_WITH_SM90
@@ -51,21 +53,33 @@ cudaError_t launch_dq_sm90(int64_t block_m, const kernels::AttentionBackwardPara
   });
 }
 
+// A level's key block of `rows` pooled keys: 128-key CTAs where it has that many, else 64 (the rows
+// past a shorter block are masked).
+template <typename T, int kHeadDim>
+cudaError_t launch_dkdv_sm90(int rows, const kernels::AttentionBackwardParams& params, cudaStream_t stream) {
+  return rows >= 128 ? kernels::sm90::launch_attention_backward_dkdv_sm90<T, kHeadDim, 128>(params, stream)
+                     : kernels::sm90::launch_attention_backward_dkdv_sm90<T, kHeadDim, 64>(params, stream);
+}
+
+// The larger of the two Hopper passes' shared memory.
 template <int kHeadDim>
-size_t dq_sm90_smem_bytes(int64_t block_m, int n_k) {
-  return with_sm90_block_m(block_m, [&](auto m) {
+size_t backward_sm90_smem_bytes(int64_t block_m, int n_k) {
+  const size_t dq = with_sm90_block_m(block_m, [&](auto m) {
     return kernels::sm90::AttentionSm90Shape<kHeadDim, decltype(m)::value, true>::smem_bytes(n_k);
   });
+  const size_t dkdv = std::max(kernels::sm90::KeyBackwardSm90Storage<kHeadDim, 64>::smem_bytes(),
+                               kernels::sm90::KeyBackwardSm90Storage<kHeadDim, 128>::smem_bytes());
+  return std::max(dq, dkdv);
 }
 #endif
 
-// Empty when the Hopper dq pass applies (the forward's conditions, with dO among the TMA operands),
+// Empty when the Hopper backward applies (the forward's conditions, with dO among the TMA operands),
 // else why not.
-std::string dq_sm90_unavailable_reason(const at::Tensor& q, const std::vector<at::Tensor>& operands, int64_t block_m,
-                                       int64_t block_n, int64_t n_k) {
+std::string backward_sm90_unavailable_reason(const at::Tensor& q, const std::vector<at::Tensor>& operands,
+                                             int64_t block_m, int64_t block_n, int64_t n_k) {
 #ifdef PSA_WITH_SM90
-  const size_t smem = q.size(3) == 128 ? dq_sm90_smem_bytes<128>(block_m, static_cast<int>(n_k))
-                                       : dq_sm90_smem_bytes<64>(block_m, static_cast<int>(n_k));
+  const size_t smem = q.size(3) == 128 ? backward_sm90_smem_bytes<128>(block_m, static_cast<int>(n_k))
+                                       : backward_sm90_smem_bytes<64>(block_m, static_cast<int>(n_k));
   return sm90_level_map_unavailable_reason(q, operands, block_m, block_n, smem);
 #else
   (void)operands; (void)block_m; (void)block_n; (void)n_k;
@@ -101,14 +115,14 @@ std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_o
   const auto d_lse = grad_lse.defined() ? grad_lse.to(at::kFloat).contiguous() : at::Tensor();
   auto delta = at::empty({batch, q_heads, q_len}, q.options().dtype(at::kFloat));
   const auto lse_rows = lse.to(at::kFloat).contiguous();
-  // dq on the forward's Hopper machinery where it applies, else the portable kernel, whose schedule
-  // ids must fit its shared memory.
-  const bool dq_sm90 = use_hopper_kernel(kOp, [&] {
+  // dq and dK / dV on the forward's Hopper machinery where it applies, else the portable kernels, whose
+  // dq pass's schedule ids must fit its shared memory.
+  const bool hopper = use_hopper_kernel(kOp, [&] {
     std::vector<at::Tensor> operands = {k, v, d_out};
     operands.insert(operands.end(), pooled.begin(), pooled.end());
-    return dq_sm90_unavailable_reason(q, operands, block_m, block_n, n_k);
+    return backward_sm90_unavailable_reason(q, operands, block_m, block_n, n_k);
   });
-  if (!dq_sm90) {
+  if (!hopper) {
     const size_t smem = dim == 128 ? dq_smem_bytes<128>(block_m, static_cast<int>(n_k))
                                    : dq_smem_bytes<64>(block_m, static_cast<int>(n_k));
     PSA_CHECK(smem <= max_dynamic_smem(q.device()), kOp, ": needs ", static_cast<int64_t>(smem),
@@ -165,8 +179,8 @@ std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_o
     delta_params.head_dim = static_cast<int>(dim);
     cudaError_t result = kernels::launch_attention_backward_delta<T>(delta_params, stream);
     if (result != cudaSuccess) return result;
-    if (dq_sm90) {
-#ifdef PSA_WITH_SM90  // else dq_sm90 is false
+    if (hopper) {
+#ifdef PSA_WITH_SM90  // else hopper is false
       result = dim == 128 ? launch_dq_sm90<T, 128>(block_m, params, stream)
                           : launch_dq_sm90<T, 64>(block_m, params, stream);
 #endif
@@ -176,7 +190,14 @@ std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_o
     for (int level = 0; level < kernels::kNumLevels && result == cudaSuccess; ++level) {
       params.level = level;
       const int rows = std::max(16, static_cast<int>(block_n >> level));
-      result = dim == 128 ? launch_dkdv<T, 128>(rows, params, stream) : launch_dkdv<T, 64>(rows, params, stream);
+      if (hopper) {
+#ifdef PSA_WITH_SM90
+        result = dim == 128 ? launch_dkdv_sm90<T, 128>(rows, params, stream)
+                            : launch_dkdv_sm90<T, 64>(rows, params, stream);
+#endif
+      } else {
+        result = dim == 128 ? launch_dkdv<T, 128>(rows, params, stream) : launch_dkdv<T, 64>(rows, params, stream);
+      }
     }
     return result;
   });

@@ -4,6 +4,7 @@
 #   tests [pytest args...]  the CUDA suite (or the given test files / -k expressions) until the next step;
 #                           with .whl_e2e/ carried, diffusers is installed first so its tests run too
 #   sanitizer               compute-sanitizer memcheck and racecheck on tests/sanitizer_case.py
+#   racecheck               racecheck alone (its whole report in the step's log)
 #   bench [args...]         benchmarks/bench_attention.py with the given arguments (with FA4 beside psa
 #                           when benchmarks/fa4_wheels.sh has installed it into /tmp/fa4site)
 #   fa4                     benchmarks/fa4_wheels.sh collect: gather the carried FA4 wheel parts
@@ -54,6 +55,13 @@ demo_data() {
 }
 # diffusers and the dependencies the environment lacks, from the carried .whl_e2e/.
 diffusers_wheels() { python3 -m pip install -q --no-index --find-links .whl_e2e diffusers; }
+# compute-sanitizer with one tool on tests/sanitizer_case.py: the whole report into the step's log, its
+# first findings (which kernel, which access) and the summary printed.
+sanitize() {
+  local log; log=$(step_log "$1")
+  $limit compute-sanitizer --tool "$1" python3 tests/sanitizer_case.py >"$log" 2>&1
+  grep -m 12 -E "^========= +(Error|Invalid|Race|Read|Write|at )" "$log"; tail -3 "$log"
+}
 step=""; args=(); step_number=0
 # Each step logs to its own numbered file, so an A/B call keeps every variant's table.
 step_log() { printf '%s/%02d_%s.log' "$log_dir" "$step_number" "$1"; }
@@ -63,9 +71,8 @@ run_step() {
     tests) [ -d .whl_e2e ] && diffusers_wheels  # then tests/test_diffusers*.py run instead of skipping
            $limit python3 -m pytest -q -x -p no:cacheprovider "${args[@]:-tests}" 2>&1 | tee "$(step_log tests)" \
              | tail -25 ;;
-    sanitizer)
-      $limit compute-sanitizer --tool memcheck python3 tests/sanitizer_case.py 2>&1 | tail -4
-      $limit compute-sanitizer --tool racecheck python3 tests/sanitizer_case.py 2>&1 | tail -4 ;;
+    sanitizer) sanitize memcheck; sanitize racecheck ;;
+    racecheck) sanitize racecheck ;;
     bench)
       site=(); [ -d /tmp/fa4site ] && site=(--site /tmp/fa4site)
       $limit python3 benchmarks/bench_attention.py "${site[@]}" "${args[@]}" 2>&1 | tee "$(step_log bench)" ;;
@@ -97,7 +104,7 @@ run_step() {
 }
 for word in "$@"; do
   case "$word" in
-    tests|sanitizer|bench|fa4|e2e|prefill|ulysses|rowcost|ncu|train|patch|unpatch|swap) run_step; step=$word; args=() ;;
+    tests|sanitizer|racecheck|bench|fa4|e2e|prefill|ulysses|rowcost|ncu|train|patch|unpatch|swap) run_step; step=$word; args=() ;;
     *) args+=("$word") ;;
   esac
 done

@@ -86,7 +86,7 @@ __global__ void __launch_bounds__(KeyBackwardSm90Shape<kHeadDim, kKeyRows>::kThr
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
       Barrier::init(&smem.full[s], 32);                               // the loader warp's lanes (+ TMA bytes)
-      Barrier::init(&smem.empty[s], Shape::kConsumersPerTile * 4);    // one arrive per consuming warp
+      Barrier::init(&smem.empty[s], Shape::kConsumersPerTile * 128);  // every consuming thread
     }
     cutlass::arch::fence_barrier_init();
   }
@@ -310,9 +310,9 @@ __global__ void __launch_bounds__(KeyBackwardSm90Shape<kHeadDim, kKeyRows>::kThr
       Barrier::wait(&smem.full[stage], (tile / kStages) & 1);
       return stage;
     };
-    const auto release = [&](int stage) {
-      if (lane == 0) Barrier::arrive(&smem.empty[stage]);
-    };
+    // Every consumer thread arrives: each read the stage's lse, delta and block mask with ordinary loads,
+    // and its own arrive orders those reads before the loader's next writes to the stage.
+    const auto release = [&](int stage) { Barrier::arrive(&smem.empty[stage]); };
 
     // Per tile: S^T / dP^T, then P^T; dV's MMA runs while dS^T is computed, then dK's.
     Barrier::wait(&smem.kv_full, 0);

@@ -474,11 +474,17 @@ def _wan_keep_order(state: _State, transformer) -> None:
         order = _token_order(state, output[0].device)
         if order.is_identity:
             return None
-        # Advanced indexing, not index_select (order.permute): fused into the rotary tables' masked
-        # concatenation, index_select gets a bounds check from Inductor's C++ backend that does not compile
-        # (`VecMask<int64_t,2>(bool&)`, torch 2.11 to 2.13; pytorch/pytorch#178244, #187335). The tables
-        # are small, so the form costs nothing.
-        return tuple(x[:, order.forward] for x in output)
+        # Scattered into a fresh table (permuted[inverse[i]] = x[i], the same values as x[:, forward]),
+        # not gathered: a gather fuses into the rotary application's even / odd column masks, and
+        # Inductor's C++ backend emits a bounds check there that does not compile (`VecMask<int64_t,2>(bool&)`,
+        # torch 2.11 to 2.13; pytorch/pytorch#178244, #187335). The scatter's output is realized, so the
+        # blocks read a plain table. The tables are small: the form costs nothing.
+        def permuted(x):
+            table = torch.empty_like(x)
+            table[:, order.inverse] = x
+            return table
+
+        return tuple(permuted(x) for x in output)
 
     def condition_hook(module, args, output):  # (temb, timestep_proj, text, image)
         temb, timestep_proj, *rest = output

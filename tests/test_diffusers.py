@@ -210,7 +210,10 @@ def test_compile_fullgraph_traces_the_patched_model(rng, name, device, dtype):
     model = psa_diffusers.apply(tiny.build(dtype, device), SPARSE_CONFIG)
     eager = tiny.run(model, dtype=dtype)
     compiled = torch.compile(model, fullgraph=True)
-    torch.testing.assert_close(tiny.run(compiled, dtype=dtype), eager)
+    # float16: Inductor keeps the fused chains around attention (norms, rotary, modulation) in float32
+    # where eager rounds after every op, so the two differ by a few float16 ulps (3e-3 seen on an H200).
+    tolerance = {} if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
+    torch.testing.assert_close(tiny.run(compiled, dtype=dtype), eager, **tolerance)
 
 
 def test_two_experts_share_the_pipeline_steps(rng):

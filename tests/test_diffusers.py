@@ -210,10 +210,16 @@ def test_compile_fullgraph_traces_the_patched_model(rng, name, device, dtype):
     model = psa_diffusers.apply(tiny.build(dtype, device), SPARSE_CONFIG)
     eager = tiny.run(model, dtype=dtype)
     compiled = torch.compile(model, fullgraph=True)
-    # float16: Inductor keeps the fused chains around attention (norms, rotary, modulation) in float32
-    # where eager rounds after every op, so the two differ by a few float16 ulps (3e-3 seen on an H200).
-    tolerance = {} if dtype == torch.float32 else dict(atol=1e-2, rtol=1e-2)
-    torch.testing.assert_close(tiny.run(compiled, dtype=dtype), eager, **tolerance)
+    traced = tiny.run(compiled, dtype=dtype)
+    if dtype == torch.float32:
+        torch.testing.assert_close(traced, eager)
+    else:
+        # float16: Inductor keeps the fused chains around attention (norms, rotary, modulation) in float32
+        # where eager rounds after every op, and the difference grows through the blocks: up to 0.017 on
+        # outputs of magnitude 2 (H200). Elementwise bounds do not fit that; a relative L2 bound does, and
+        # a wrong trace (token order, level map, layer config) is off by tens of percent.
+        error = ((traced.float() - eager.float()).norm() / eager.float().norm()).item()
+        assert error < 1e-2, f"compiled output differs from eager by {error:.2e} (relative L2)"
 
 
 def test_two_experts_share_the_pipeline_steps(rng):

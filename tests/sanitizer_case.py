@@ -5,9 +5,8 @@
 
 Covers bf16 and fp16, head_dim 64 and 128, GQA, Lq != Lk with lengths that are not block multiples,
 causal and not, block_m 64/128, block_n 32/64/128, every estimator and both assignment modes, and the
-backward through autograd. On an
-H100/H200 the default kernel choice runs the Hopper (sm_90a) kernels wherever they apply (block_n 32
-falls back to sm80); PSA_CUDA_KERNEL=sm80 checks the portable ones.
+backward through autograd. On an H100/H200 the default kernel choice runs the Hopper (sm_90a) kernels
+wherever they apply (block_n 32 falls back to sm80); PSA_CUDA_KERNEL=sm80 checks the portable ones.
 """
 
 import torch

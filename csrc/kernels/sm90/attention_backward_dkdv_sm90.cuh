@@ -237,9 +237,8 @@ __global__ void __launch_bounds__(KeyBackwardSm90Shape<kHeadDim, kKeyRows>::kThr
       cute::warpgroup_arrive();
 #pragma unroll
       for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-        // k16 step kk: panel kk / 4, 32 bytes per step inside the panel's 128-byte rows.
-        const uint32_t key_offset = (kk / 4) * kKeyRows * kPanelRowBytes + (kk % 4) * 32;
-        const uint32_t query_offset = stage * kStageBytes + (kk / 4) * kQTile * kPanelRowBytes + (kk % 4) * 32;
+        const uint32_t key_offset = k_major_step_offset(kk, kKeyRows);
+        const uint32_t query_offset = stage * kStageBytes + k_major_step_offset(kk, kQTile);
         mma_ss<T, kQTile>(k_desc.at(key_offset), q_desc.at(query_offset), st, kk > 0);
         mma_ss<T, kQTile>(v_desc.at(key_offset), d_out_desc.at(query_offset), dpt, kk > 0);
       }

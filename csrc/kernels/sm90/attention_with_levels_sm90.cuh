@@ -275,9 +275,7 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM, kDq>::kT
       const SmemDescriptor k_stage = k_desc.at(stage * kStageBytes), v_stage = v_desc.at(stage * kStageBytes);
 #pragma unroll
       for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-        // k16 step kk: panel kk / 4, 32 bytes per step inside the panel's 128-byte rows.
-        const uint32_t row_offset = (kk / 4) * kBlockM * kPanelRowBytes + (kk % 4) * 32;
-        const uint32_t tile_offset = (kk / 4) * kTileN * kPanelRowBytes + (kk % 4) * 32;
+        const uint32_t row_offset = k_major_step_offset(kk, kBlockM), tile_offset = k_major_step_offset(kk, kTileN);
         mma_ss<T, kTileN>(q_desc.at(row_offset), k_stage.at(tile_offset), s, kk > 0);
         mma_ss<T, kTileN>(d_out_desc.at(row_offset), v_stage.at(tile_offset), dp, kk > 0);
       }
@@ -455,11 +453,8 @@ __global__ void __launch_bounds__(AttentionSm90Shape<kHeadDim, kBlockM, kDq>::kT
       const SmemDescriptor k_stage = k_desc.at(stage * kStageBytes);
 #pragma unroll
       for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-        // k16 step kk: panel kk / 4, 32 bytes per step inside the panel's 128-byte rows.
-        constexpr uint32_t kStepBytes = 2 * 16;
-        const uint32_t q_offset = (kk / 4) * kBlockM * kPanelRowBytes + (kk % 4) * kStepBytes;
-        const uint32_t k_offset = (kk / 4) * kTileN * kPanelRowBytes + (kk % 4) * kStepBytes;
-        mma_ss<T, kTileN>(q_desc.at(q_offset), k_stage.at(k_offset), s, kk > 0);
+        mma_ss<T, kTileN>(q_desc.at(k_major_step_offset(kk, kBlockM)), k_stage.at(k_major_step_offset(kk, kTileN)), s,
+                          kk > 0);
       }
       cute::warpgroup_commit_batch();
     };

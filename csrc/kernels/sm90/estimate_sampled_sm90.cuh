@@ -156,10 +156,8 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
     cute::warpgroup_arrive();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      // k16 step kk: panel kk / 4, 32 bytes per step inside the panel's 128-byte rows.
-      const uint32_t within = (kk % 4) * 32;
-      const uint32_t q_offset = ((kk / 4) * kRows + mt * 64) * kPanelRowBytes + within;
-      const uint32_t k_offset = stage * kStageBytes + (kk / 4) * kTileN * kPanelRowBytes + within;
+      const uint32_t q_offset = k_major_step_offset(kk, kRows) + mt * 64 * kPanelRowBytes;
+      const uint32_t k_offset = stage * kStageBytes + k_major_step_offset(kk, kTileN);
       mma_ss<T, kTileN>(q_desc.at(q_offset), k_desc.at(k_offset), acc[mt], kk > 0);
     }
     cute::warpgroup_commit_batch();

@@ -58,6 +58,12 @@ struct SmemDescriptor {
   }
 };
 
+// Where k16 step kk (16 columns of the inner dimension) of a K-major operand of `rows` rows starts,
+// in bytes from the operand's first panel: panel kk / 4, then 32 bytes per step inside its 128-byte rows.
+__device__ __forceinline__ constexpr uint32_t k_major_step_offset(int kk, int rows) {
+  return static_cast<uint32_t>((kk / 4) * rows * kPanelRowBytes + (kk % 4) * 32);
+}
+
 // The CUTLASS atom for D[64 x N] (+)= A[64 x 16] B[16 x N], float accumulators.
 //   SS: A and B K-major in shared memory.  RS: A in registers, B MN-major in shared memory.
 template <typename T, int N> struct AtomSS;

@@ -151,7 +151,8 @@ std::tuple<at::Tensor, at::Tensor> attention_over_pyramid(const at::Tensor& q, c
                                                           const at::Tensor& levels, int64_t block_m,
                                                           int64_t block_n, double scale, bool causal);
 // As cpu::attention_over_pyramid_backward: the fused kernels (kernels/attention_backward.cuh; on Hopper the
-// dq pass is the forward's kernel in its dq mode, kernels/sm90/attention_with_levels_sm90.cuh).
+// dq pass is the forward's kernel in its dq mode, kernels/sm90/attention_with_levels_sm90.cuh, and dK / dV
+// kernels/sm90/attention_backward_dkdv_sm90.cuh).
 std::vector<at::Tensor> attention_over_pyramid_backward(const at::Tensor& grad_out, const at::Tensor& grad_lse,
                                                         const at::Tensor& q, const at::Tensor& k, const at::Tensor& v,
                                                         const std::vector<at::Tensor>& pooled,

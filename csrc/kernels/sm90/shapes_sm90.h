@@ -89,7 +89,7 @@ struct KeyBackwardSm90Shape {
   // variant's partial sums; at 64 a stage is half the bytes and a tile half the MMA time.
   static constexpr int kStages = kHeadDim == 64 ? 4 : 3;
   static constexpr int kPanels = kHeadDim / kPanelColumns;
-  // 40 + 2 x 232 = 3 x 168: the consumers hold dK and dV (kHeadDim / 2 floats each), S^T and dP^T
+  // 24 + 2 x 240 = 3 x 168: the consumers hold dK and dV (kHeadDim / 2 floats each), S^T and dP^T
   // (kQTile / 2 each) and the P^T / dS^T fragments of the tile whose MMAs are in flight.
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;

@@ -40,6 +40,11 @@ def main():
         config = psa.PSAConfig(estimator="antidiagonal", causal=causal)
         psa.estimate_importance(rand(1, 2, 2100, 128, dtype=torch.bfloat16), rand(1, 1, 4500, 128, dtype=torch.bfloat16),
                                 config)
+    # The sampled kernels over several CTAs and key tiles: on Hopper, rows read in place (default offsets)
+    # beside the copied rows of the partial last blocks.
+    for causal in (False, True):
+        psa.estimate_importance(rand(1, 2, 2563, 128, dtype=torch.bfloat16), rand(1, 1, 1531, 128, dtype=torch.bfloat16),
+                                psa.PSAConfig(causal=causal))
     torch.cuda.synchronize()
     print("sanitizer case done")
 

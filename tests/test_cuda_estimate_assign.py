@@ -55,6 +55,35 @@ def test_sampled_long_rows(rng):
     check_scores(scores, q, k, False, method="sampled", block_m=128, block_n=32)
 
 
+@pytest.mark.parametrize("family", ["sm90", "sm80"])
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("layout", ["bhld", "blhd"])
+@pytest.mark.parametrize("block_m,block_n,q_len,k_len", [
+    (128, 128, 2563, 1531),  # several CTAs / key tiles, the last of each copied (partial blocks)
+    (128, 128, 2560, 1536),  # full last blocks: every row read in place
+    (64, 32, 1100, 515),     # 16 / 8 samples; in-place keys end exactly at a tile boundary
+    (32, 64, 700, 510),      # fewer in-place rows than one box: all copied
+])
+def test_sampled_default_offsets_read_in_place(rng, monkeypatch, family, causal, layout, block_m, block_n, q_len,
+                                               k_len):
+    # With the default offsets the Hopper kernel reads the sampled rows of whole boxes from q and k in
+    # place and copies only the rest; the same offsets passed explicitly take the copy for every row.
+    # Both read the same values into the same arithmetic: the scores are equal bit for bit.
+    use_kernel_family(monkeypatch, family)
+    if layout == "bhld":
+        q = randn(rng, 2, 4, q_len, 64, dtype=torch.bfloat16, device="cuda")
+        k = randn(rng, 2, 2, k_len, 64, dtype=torch.bfloat16, device="cuda")
+    else:  # video models' [B, L, H, D]: token stride H * D
+        q = randn(rng, 2, q_len, 4, 128, dtype=torch.float16, device="cuda").transpose(1, 2)
+        k = randn(rng, 2, k_len, 2, 128, dtype=torch.float16, device="cuda").transpose(1, 2)
+    kwargs = dict(block_m=block_m, block_n=block_n, method="sampled", causal=causal)
+    scores = torch.ops.psa.estimate_importance(q, k, **kwargs)
+    check_scores(scores, q, k, causal, method="sampled", block_m=block_m, block_n=block_n)
+    explicit = torch.ops.psa.estimate_importance(q, k, torch.arange(2, block_m, 4, device="cuda"),
+                                                 torch.arange(2, block_n, 4, device="cuda"), **kwargs)
+    assert torch.equal(scores, explicit)
+
+
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
 def test_pooled_many_blocks(rng, causal, head_dim):

@@ -56,12 +56,13 @@ cudaError_t launch_estimate_sampled(const SampledParams& params, cudaStream_t st
 template <typename T, int kHeadDim>
 cudaError_t launch_estimate_antidiagonal(const AntidiagonalParams& params, cudaStream_t stream);
 
-// Fills params.q_rows / params.k_rows with the sampled rows of every head (the Hopper estimator's input).
+// Fills params.q_rows / params.k_rows with the sampled rows of every head that the Hopper estimator does
+// not read in place (from params.q_rows_begin / k_rows_begin on).
 template <typename T, int kHeadDim>
 cudaError_t launch_gather_sampled_rows(const SampledParams& params, cudaStream_t stream);
 
 namespace sm90 {
-// The Hopper estimator (TMA + wgmma, sm_90a) over the gathered rows: same contract as
+// The Hopper estimator (TMA + wgmma, sm_90a) over the sampled rows (in place and copied): same contract as
 // launch_estimate_sampled, with the table sized by SampledSm90Shape.
 template <typename T, int kHeadDim>
 cudaError_t launch_estimate_sampled_sm90(const SampledParams& params, cudaStream_t stream);

@@ -83,9 +83,17 @@ struct SampledParams {
   const int64_t* k_offsets;           // [k_samples], offsets into a key block
   float* scores;                      // [B, Hq, n_q, n_k], contiguous
   float* table;                       // scratch: per CTA, [n_k][rows] block maxima
-  // Compact copies of the sampled rows (sm90 path; gather_sampled_rows fills them):
-  void* q_rows;                       // [B, Hq, n_q * q_samples, D], contiguous
-  void* k_rows;                       // [B, Hkv, n_k * k_samples, D], contiguous
+  // The sm90 path reads the sampled rows as "compact rows": row block * samples + s is the block's s-th
+  // sampled token. With the default offsets (docs/spec.md section 4: every default_step-th token from
+  // token default_step / 2) compact row r is token default_step * r + default_step / 2 while that token is
+  // in range, so compact rows [0, x_rows_begin) are read from q / k in place through a strided TMA map; the
+  // rest (the last, partial block's clamped rows; all rows for other offsets, x_rows_begin = 0) are copied
+  // by gather_sampled_rows into x_rows, whose row 0 is compact row x_rows_begin. Both begins are multiples
+  // of the kernel's box heights (query rows per CTA, keys per tile).
+  int default_step;
+  int q_rows_begin, k_rows_begin;
+  void* q_rows;                       // [B, Hq, n_q * q_samples - q_rows_begin, D], contiguous
+  void* k_rows;                       // [B, Hkv, n_k * k_samples - k_rows_begin, D], contiguous
   int bh_begin, bh_count;             // the (batch * head) range of this launch
   int batch, q_heads, kv_heads, q_len, k_len;
   int block_m, block_n, n_q, n_k;

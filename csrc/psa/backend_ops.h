@@ -42,7 +42,8 @@ struct BackendOps {
     switch (args.method) {
       case EstimateMethod::kSampled:
         Backend::check_offsets(args, block_m, block_n);
-        return Backend::estimate_sampled(q, k, block_m, block_n, args.scale, causal, args.q_offsets, args.k_offsets);
+        return Backend::estimate_sampled(q, k, block_m, block_n, args.scale, causal, args.q_offsets, args.k_offsets,
+                                         args.default_q_offsets, args.default_k_offsets);
       case EstimateMethod::kAntidiagonal:
         return Backend::estimate_antidiagonal(q, k, block_m, block_n, args.scale, causal, stride);
       case EstimateMethod::kPooled:

@@ -6,11 +6,10 @@
 namespace psa {
 namespace {
 
-// block // 4 offsets, evenly strided, each in the middle of its stride (docs/spec.md section 4: deterministic).
-// One arange (a single small kernel on CUDA), not arange * step + step / 2.
+// block / 4 offsets, evenly strided, each in the middle of its stride (docs/spec.md section 4: deterministic).
+// One arange (a single small kernel on CUDA), not arange * step + step / 2. Blocks are 32, 64 or 128.
 at::Tensor default_sample_offsets(int64_t block, const at::TensorOptions& options) {
-  const int64_t count = block / 4, step = block / count;
-  return at::arange(step / 2, step / 2 + count * step, step, options.dtype(at::kLong));
+  return at::arange(kDefaultSampleStep / 2, block, kDefaultSampleStep, options.dtype(at::kLong));
 }
 
 at::Tensor checked_offsets(const char* name, const std::optional<at::Tensor>& offsets, int64_t block,
@@ -42,6 +41,8 @@ EstimateArgs prepare_estimate_importance(const at::Tensor& q, const at::Tensor& 
     args.method = EstimateMethod::kSampled;
     args.q_offsets = checked_offsets("q_offsets", q_offsets, block_m, q);
     args.k_offsets = checked_offsets("k_offsets", k_offsets, block_n, q);
+    args.default_q_offsets = !q_offsets.has_value();
+    args.default_k_offsets = !k_offsets.has_value();
     return args;
   }
   PSA_CHECK(method == "antidiagonal" || method == "pooled", op,

@@ -23,10 +23,16 @@ void prepare_kv_pyramid(const at::Tensor& k, const at::Tensor& v);
 void prepare_kv_pyramid_backward(const std::vector<at::Tensor>& d_pooled, int64_t k_len);
 
 enum class EstimateMethod { kSampled, kAntidiagonal, kPooled };
+// The sampled estimator's default offsets (docs/spec.md section 4): block / 4 of them, every
+// kDefaultSampleStep-th token of a block from token kDefaultSampleStep / 2.
+constexpr int64_t kDefaultSampleStep = 4;
 struct EstimateArgs {
   EstimateMethod method;
   double scale;
   at::Tensor q_offsets, k_offsets;  // sampled: the given offsets or the default ones
+  // sampled: the offsets are the default ones (known without reading them), so the CUDA kernel may read
+  // the sampled rows of full blocks in place (every kDefaultSampleStep-th token).
+  bool default_q_offsets = false, default_k_offsets = false;
 };
 EstimateArgs prepare_estimate_importance(const at::Tensor& q, const at::Tensor& k,
                                          const std::optional<at::Tensor>& q_offsets,
@@ -131,9 +137,11 @@ namespace cuda {
 std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v);
 // {dk, dv} [B, H, k_len, D] from d_pooled = {dk2, dv2, dk4, dv4, dk8, dv8}, in their dtype.
 std::vector<at::Tensor> kv_pyramid_backward(const std::vector<at::Tensor>& d_pooled, int64_t k_len);
-// The fused kernel for 8, 16 or 32 offsets per block, else aten::estimate_sampled.
+// The fused kernel for 8, 16 or 32 offsets per block, else aten::estimate_sampled. default_*_offsets: the
+// offsets are known to be the default ones (EstimateArgs), which lets the Hopper kernel read rows in place.
 at::Tensor estimate_sampled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
-                            double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets);
+                            double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets,
+                            bool default_q_offsets, bool default_k_offsets);
 at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n, double scale,
                            bool causal);
 // The fused kernel where block_m / stride divides 64 and block_n / stride is 8, 16, 32 or 64, else

@@ -3,9 +3,11 @@
 // Same results as the portable kernel (../estimate_sampled.cuh); see there for the algorithm.
 //
 // Why it is shaped this way: the work is a GEMM with a short inner dimension (head_dim), so what
-// bounds it is feeding the tensor cores, not the math. The sampled rows are first copied into compact
-// tensors (gather_sampled_rows.cuh: a memory-bound pass over a quarter of Q and K), so that every tile
-// is one TMA box and the mainloop computes no gather addresses. A CTA keeps kRows = 256 sampled query
+// bounds it is feeding the tensor cores, not the math. Every tile of sampled rows is one TMA box, so the
+// mainloop computes no gather addresses: with the default offsets (every 4th token) a box of a strided map
+// reads them from Q and K in place, and only what that cannot express (the last, partial block, whose
+// offsets clamp to its last token; any other offsets) is first copied into compact tensors
+// (gather_sampled_rows.cuh; see SampledParams for the row numbering). A CTA keeps kRows = 256 sampled query
 // rows resident (8 query blocks of 32 samples) and streams the sampled keys through a kStages ring, so
 // each 128-key tile (32 KiB at head_dim 128) feeds 8.4 MFLOP of wgmma: about 2.5 TB/s of L2 traffic at
 // the GEMM peak, well inside what L2 delivers.
@@ -39,11 +41,14 @@
 
 namespace psa::kernels::sm90 {
 
-// SampledParams plus the TMA descriptors of the compact sampled rows (p.q_rows, p.k_rows).
+// SampledParams plus the TMA descriptors of the sampled rows: read in place (compact rows before
+// p.q_rows_begin / p.k_rows_begin) and copied (p.q_rows, p.k_rows). A map with no rows to read is left unset.
 struct SampledSm90Params {
   SampledParams base;
-  CUtensorMap q_map;  // [B, Hq, n_q * q_samples, D], box kRows x 64
-  CUtensorMap k_map;  // [B, Hkv, n_k * k_samples, D], box kTileN x 64
+  CUtensorMap q_in_place_map;  // q from token default_step / 2, every default_step-th token; box kRows x 64
+  CUtensorMap k_in_place_map;  // the same over k; box kTileN x 64
+  CUtensorMap q_copy_map;      // [B, Hq, n_q * q_samples - q_rows_begin, D], box kRows x 64
+  CUtensorMap k_copy_map;      // [B, Hkv, n_k * k_samples - k_rows_begin, D], box kTileN x 64
 };
 
 template <typename T, int kHeadDim>
@@ -103,11 +108,18 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
     // ================= Producer warpgroup =================
     cutlass::arch::warpgroup_reg_dealloc<Shape::kProducerRegisters>();
     if (tid != 0 || n_tiles == 0) return;
+    // A box of compact rows from `row` on: in place before `copied_from`, else from the copy.
+    const auto load_rows = [](const CUtensorMap& in_place, const CUtensorMap& copy, int copied_from, int row,
+                              uint64_t* barrier, T* destination, int column, int head, int batch) {
+      const bool copied = row >= copied_from;
+      cute::SM90_TMA_LOAD_4D::copy(copied ? &copy : &in_place, barrier, 0, destination, column,
+                                   copied ? row - copied_from : row, head, batch);
+    };
     TxBarrier::expect_transaction(&smem.q_full, static_cast<uint32_t>(sizeof(smem.q)));
 #pragma unroll
     for (int panel = 0; panel < kPanels; ++panel) {
-      cute::SM90_TMA_LOAD_4D::copy(&params.q_map, &smem.q_full, 0, &smem.q[panel][0][0], panel * kPanelColumns,
-                                   blockIdx.x * kRows, h, b);
+      load_rows(params.q_in_place_map, params.q_copy_map, p.q_rows_begin, blockIdx.x * kRows, &smem.q_full,
+                &smem.q[panel][0][0], panel * kPanelColumns, h, b);
     }
     Barrier::arrive(&smem.q_full);
     for (int tile = 0; tile < n_tiles; ++tile) {
@@ -116,8 +128,8 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
       TxBarrier::expect_transaction(&smem.full[stage], static_cast<uint32_t>(sizeof(smem.k[0])));
 #pragma unroll
       for (int panel = 0; panel < kPanels; ++panel) {
-        cute::SM90_TMA_LOAD_4D::copy(&params.k_map, &smem.full[stage], 0, &smem.k[stage][panel][0][0],
-                                     panel * kPanelColumns, tile * kTileN, kv_head, b);
+        load_rows(params.k_in_place_map, params.k_copy_map, p.k_rows_begin, tile * kTileN, &smem.full[stage],
+                  &smem.k[stage][panel][0][0], panel * kPanelColumns, kv_head, b);
       }
       Barrier::arrive(&smem.full[stage]);
     }
@@ -228,16 +240,29 @@ cudaError_t launch_estimate_sampled_sm90(const SampledParams& p, cudaStream_t st
   constexpr bool kBf16 = std::is_same_v<T, __nv_bfloat16>;
   SampledSm90Params params{};
   params.base = p;
-  const int64_t q_rows_stride[3] = {static_cast<int64_t>(p.q_heads) * p.n_q * p.q_samples * kHeadDim,
-                                    static_cast<int64_t>(p.n_q) * p.q_samples * kHeadDim, kHeadDim};
-  const int64_t k_rows_stride[3] = {static_cast<int64_t>(p.kv_heads) * p.n_k * p.k_samples * kHeadDim,
-                                    static_cast<int64_t>(p.n_k) * p.k_samples * kHeadDim, kHeadDim};
-  cudaError_t status = encode_bhld_map(&params.q_map, p.q_rows, kBf16, p.batch, p.q_heads,
-                                       static_cast<int64_t>(p.n_q) * p.q_samples, kHeadDim, q_rows_stride,
-                                       Shape::kRows);
+  // The maps of one side's sampled rows: compact rows [0, in_place_rows) of the input itself (its rows
+  // every default_step tokens from token default_step / 2), the rest from the copy.
+  const auto encode_maps = [&](CUtensorMap* in_place, CUtensorMap* copy, const void* input,
+                               const int64_t (&stride)[3], int heads, int in_place_rows, int64_t rows,
+                               const void* copied, int box_rows) {
+    cudaError_t status = cudaSuccess;
+    if (in_place_rows > 0) {
+      const int64_t row_stride[3] = {stride[0], stride[1], stride[2] * p.default_step};
+      const T* first = static_cast<const T*>(input) + p.default_step / 2 * stride[2];
+      status = encode_bhld_map(in_place, first, kBf16, p.batch, heads, in_place_rows, kHeadDim, row_stride, box_rows);
+    }
+    const int64_t copied_rows = rows - in_place_rows;
+    if (status == cudaSuccess && copied_rows > 0) {
+      const int64_t copy_stride[3] = {heads * copied_rows * kHeadDim, copied_rows * kHeadDim, kHeadDim};
+      status = encode_bhld_map(copy, copied, kBf16, p.batch, heads, copied_rows, kHeadDim, copy_stride, box_rows);
+    }
+    return status;
+  };
+  cudaError_t status = encode_maps(&params.q_in_place_map, &params.q_copy_map, p.q, p.q_stride, p.q_heads,
+                                   p.q_rows_begin, static_cast<int64_t>(p.n_q) * p.q_samples, p.q_rows, Shape::kRows);
   if (status == cudaSuccess) {
-    status = encode_bhld_map(&params.k_map, p.k_rows, kBf16, p.batch, p.kv_heads,
-                             static_cast<int64_t>(p.n_k) * p.k_samples, kHeadDim, k_rows_stride, Shape::kTileN);
+    status = encode_maps(&params.k_in_place_map, &params.k_copy_map, p.k, p.k_stride, p.kv_heads, p.k_rows_begin,
+                         static_cast<int64_t>(p.n_k) * p.k_samples, p.k_rows, Shape::kTileN);
   }
   if (status != cudaSuccess) return status;
   const auto launch = [&](auto kernel) {

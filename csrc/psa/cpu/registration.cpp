@@ -9,7 +9,12 @@ namespace {
 struct CpuBackend {
   static std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v) { return cpu::kv_pyramid(k, v); }
   static constexpr auto kv_pyramid_backward = &cpu::kv_pyramid_backward;
-  static constexpr auto estimate_sampled = &aten::estimate_sampled;
+  // The reference reads the offsets whichever they are.
+  static at::Tensor estimate_sampled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
+                                     double scale, bool causal, const at::Tensor& q_offsets,
+                                     const at::Tensor& k_offsets, bool, bool) {
+    return aten::estimate_sampled(q, k, block_m, block_n, scale, causal, q_offsets, k_offsets);
+  }
   static constexpr auto estimate_antidiagonal = &aten::estimate_antidiagonal;
   static constexpr auto estimate_pooled = &aten::estimate_pooled;
   static constexpr auto assign_levels = &cpu::assign_levels;

@@ -1,8 +1,9 @@
 // CUDA host side of the estimators. Sampled: for 8, 16 or 32 offsets per block the fused kernels (on
-// sm_90 the sampled rows are gathered into compact tensors and a TMA + wgmma GEMM reduces them; else
-// the portable mma.sync kernel), the ATen path for other counts. Antidiagonal: a fused kernel (anti-logits
-// reduced in registers to block sums of their softmax; TMA + wgmma on sm_90, else mma.sync) where the
-// block sizes allow, else the ATen path. Pooled: block means, then one small kernel for the logits and the softmax.
+// sm_90 a TMA + wgmma GEMM over the sampled rows, read in place for the default offsets and gathered into
+// compact tensors where that cannot be done; else the portable mma.sync kernel), the ATen path for other
+// counts. Antidiagonal: a fused kernel (anti-logits reduced in registers to block sums of their softmax;
+// TMA + wgmma on sm_90, else mma.sync) where the block sizes allow, else the ATen path. Pooled: block
+// means, then one small kernel for the logits and the softmax.
 #include <algorithm>
 #include <string>
 
@@ -19,6 +20,17 @@ constexpr const char* kOp = "psa.estimate_importance";
 constexpr int64_t kMaxTableBytes = int64_t{256} << 20;
 
 bool fused_sample_count(int64_t samples) { return samples == 8 || samples == 16 || samples == 32; }
+
+// The first compact sampled row (kernels/params.h) of `input` that the Hopper estimator reads from a copy
+// rather than in place, for boxes of `box_rows` compact rows. In place needs the default offsets and a
+// TMA-readable input, and a box is read in place only if all its rows are: compact row r of a block-aligned
+// prefix is token kDefaultSampleStep * r + kDefaultSampleStep / 2, which exists for r < length / step; the
+// last, partial block's rows clamp to its last token instead and are copied.
+int64_t first_copied_row(const at::Tensor& input, bool default_offsets, int64_t compact_rows, int64_t box_rows) {
+  if (!default_offsets || !tma_compatible(input)) return 0;
+  const int64_t in_place = input.size(2) / kDefaultSampleStep;
+  return in_place >= compact_rows ? compact_rows : in_place / box_rows * box_rows;
+}
 
 // The fields SampledParams and PooledParams share: inputs, scores and the block geometry.
 template <typename Params>
@@ -61,14 +73,16 @@ void launch_over_head_chunks(Params& params, const at::Tensor& q, int64_t per_he
 }  // namespace
 
 at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int64_t block_m, int64_t block_n,
-                            double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets) {
+                            double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets,
+                            bool default_q_offsets, bool default_k_offsets) {
   if (!fused_sample_count(q_offsets.numel()) || !fused_sample_count(k_offsets.numel())) {
     return aten::estimate_sampled(q_in, k_in, block_m, block_n, scale, causal, q_offsets, k_offsets);
   }
   if (scale < 0) {
     // The fused kernels scale block maxima of raw products, which only a positive factor commutes
     // with: a negative scale is its magnitude applied to -q (a copy, for this rare case only).
-    return estimate_sampled(q_in.neg(), k_in, block_m, block_n, -scale, causal, q_offsets, k_offsets);
+    return estimate_sampled(q_in.neg(), k_in, block_m, block_n, -scale, causal, q_offsets, k_offsets,
+                            default_q_offsets, default_k_offsets);
   }
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const auto q = rows_16b_aligned(q_in), k = rows_16b_aligned(k_in);
@@ -87,10 +101,18 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
   const bool hopper = use_hopper_kernel(kOp, [&] { return sm90_device_unavailable_reason(q.device()); });
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
-  at::Tensor q_rows, k_rows;  // the Hopper kernel's compact sampled rows; they live until the launches are queued
+  // The Hopper kernel's copied sampled rows; they live until the launches are queued.
+  at::Tensor q_rows, k_rows;
   if (hopper) {
-    q_rows = at::empty({batch, q_heads, n_q * params.q_samples, dim}, q.options());
-    k_rows = at::empty({batch, k.size(1), n_k * params.k_samples, dim}, k.options());
+    using Shape = kernels::sm90::SampledSm90Shape<64>;  // both head dims share the box heights
+    const int64_t q_compact = n_q * params.q_samples, k_compact = n_k * params.k_samples;
+    const int64_t q_begin = first_copied_row(q, default_q_offsets, q_compact, Shape::kRows);
+    const int64_t k_begin = first_copied_row(k, default_k_offsets, k_compact, Shape::kTileN);
+    params.default_step = static_cast<int>(kDefaultSampleStep);
+    params.q_rows_begin = static_cast<int>(q_begin);
+    params.k_rows_begin = static_cast<int>(k_begin);
+    q_rows = at::empty({batch, q_heads, q_compact - q_begin, dim}, q.options());
+    k_rows = at::empty({batch, k.size(1), k_compact - k_begin, dim}, k.options());
     params.q_rows = q_rows.data_ptr();
     params.k_rows = k_rows.data_ptr();
     check_launch(kOp, dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {

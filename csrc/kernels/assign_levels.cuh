@@ -117,8 +117,8 @@ __global__ void __launch_bounds__(kThreads) assign_levels_kernel(const AssignPar
   int quota[4];
 #pragma unroll
   for (int l = 0; l < 4; ++l) quota[l] = static_cast<int>(floor(p.bounds[l] * m + 0.5 + kCountEps));
-  const bool* forced_keys = p.force_key_blocks + static_cast<int64_t>(b) * p.n_k;
-  const bool whole_row = p.force_query_blocks[static_cast<int64_t>(b) * p.n_q + i];
+  const bool* forced_keys = p.force_key_blocks ? p.force_key_blocks + static_cast<int64_t>(b) * p.n_k : nullptr;
+  const bool whole_row = p.force_query_blocks && p.force_query_blocks[static_cast<int64_t>(b) * p.n_q + i];
   const int64_t* cap = p.cap ? p.cap + (static_cast<int64_t>(b) * p.cap_heads + h / (p.q_heads / p.cap_heads)) * p.n_k
                              : nullptr;
 
@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(kThreads) assign_levels_kernel(const AssignPar
       }
       if (rank < full_floor || dense_row) level = 1;
       if (p.causal && (j == m - 1 || (p.sink && j == 0))) level = 1;  // diagonal block and sink
-      if (whole_row || forced_keys[j]) level = 1;
+      if (whole_row || (forced_keys && forced_keys[j])) level = 1;
       if (cap && level > cap[j]) level = static_cast<int>(cap[j]);
     }
     levels[j] = static_cast<int8_t>(level);

@@ -137,8 +137,8 @@ struct PooledParams {
 // Per-row ranking and level choice (docs/spec.md section 5).
 struct AssignParams {
   const void* scores;                 // float or double [B, Hq, n_q, n_k], contiguous
-  const bool* force_key_blocks;       // [B, n_k]
-  const bool* force_query_blocks;     // [B, n_q]
+  const bool* force_key_blocks;       // [B, n_k], or null: none forced
+  const bool* force_query_blocks;     // [B, n_q], or null: none forced
   const int64_t* cap;                 // [B, Hkv_cap, n_k] or nullptr
   int8_t* levels;                     // [B, Hq, n_q, n_k], contiguous
   double bounds[4];

@@ -30,10 +30,10 @@ at::Tensor similarity_cap(const at::Tensor& k, int64_t block_n, at::ArrayRef<dou
   return cap;
 }
 
-at::Tensor blocks_or_none(const std::optional<at::Tensor>& mask, int64_t batch, int64_t length, int64_t block,
-                          const at::TensorOptions& options) {
-  if (!mask.has_value()) return at::zeros({batch, ceil_div(length, block)}, options.dtype(at::kBool));
-  return positions_to_blocks(*mask, batch, length, block);
+// Undefined where no mask was given (the backends then force nothing): no all-false tensors to fill
+// on every call.
+at::Tensor blocks_or_none(const std::optional<at::Tensor>& mask, int64_t batch, int64_t length, int64_t block) {
+  return mask.has_value() ? positions_to_blocks(*mask, batch, length, block) : at::Tensor();
 }
 
 }  // namespace
@@ -76,8 +76,8 @@ AssignArgs prepare_assign_levels(const at::Tensor& scores, const std::optional<a
                 "), got ", k->device());
     args.cap = similarity_cap(*k, block_n, *sim_thresholds);
   }
-  args.force_key_blocks = blocks_or_none(force_keys, batch, k_len, block_n, scores.options());
-  args.force_query_blocks = blocks_or_none(force_queries, batch, q_len, block_m, scores.options());
+  args.force_key_blocks = blocks_or_none(force_keys, batch, k_len, block_n);
+  args.force_query_blocks = blocks_or_none(force_queries, batch, q_len, block_m);
   return args;
 }
 

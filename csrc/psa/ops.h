@@ -45,7 +45,7 @@ void check_offsets_in_block(const EstimateArgs& args, int64_t block_m, int64_t b
 
 struct AssignArgs {
   bool threshold_mode;
-  at::Tensor force_key_blocks, force_query_blocks;  // bool [B, n_k], [B, n_q]
+  at::Tensor force_key_blocks, force_query_blocks;  // bool [B, n_k], [B, n_q], or undefined: none forced
   at::Tensor cap;                                   // int64 [B, Hkv, n_k], or undefined without sim_thresholds
 };
 AssignArgs prepare_assign_levels(const at::Tensor& scores, const std::optional<at::Tensor>& force_keys,
@@ -110,7 +110,8 @@ namespace cpu {
 std::vector<at::Tensor> kv_pyramid(const at::Tensor& k, const at::Tensor& v);
 // {dk, dv} [B, H, k_len, D] from d_pooled = {dk2, dv2, dk4, dv4, dk8, dv8}, in their dtype.
 std::vector<at::Tensor> kv_pyramid_backward(const std::vector<at::Tensor>& d_pooled, int64_t k_len);
-// force_key_blocks [B, n_k] and force_query_blocks [B, n_q] are bool; cap [B, Hkv, n_k] int64 or undefined.
+// force_key_blocks [B, n_k] and force_query_blocks [B, n_q] are bool or undefined (none forced); cap
+// [B, Hkv, n_k] int64 or undefined.
 at::Tensor assign_levels(const at::Tensor& scores, bool threshold_mode, at::ArrayRef<double> bounds,
                          int64_t block_m, int64_t block_n, int64_t q_len, int64_t k_len, double min_full,
                          bool causal, bool sink, const at::Tensor& force_key_blocks,

@@ -27,8 +27,8 @@ at::Tensor assign_levels(const at::Tensor& scores, bool threshold_mode, at::Arra
   const int64_t batch = scores.size(0), q_heads = scores.size(1), n_q = scores.size(2), n_k = scores.size(3);
   const auto score_data = scores.to(at::kDouble).contiguous();
   const auto candidates = candidate_blocks(q_len, k_len, block_m, block_n, causal, scores.options()).contiguous();
-  const auto key_blocks = force_key_blocks.contiguous();
-  const auto query_blocks = force_query_blocks.contiguous();
+  const auto key_blocks = force_key_blocks.defined() ? force_key_blocks.contiguous() : force_key_blocks;
+  const auto query_blocks = force_query_blocks.defined() ? force_query_blocks.contiguous() : force_query_blocks;
   const auto cap_data = cap.defined() ? cap.contiguous() : cap;
   const int64_t group = cap.defined() ? q_heads / cap.size(1) : 1;
   auto levels = at::zeros(scores.sizes(), scores.options().dtype(at::kChar));
@@ -93,10 +93,10 @@ at::Tensor assign_levels(const at::Tensor& scores, bool threshold_mode, at::Arra
         level[*std::max_element(ranked.begin(), ranked.end())] = 1;  // the diagonal block
         if (sink) level[0] = 1;  // block 0 is a candidate of every row that has one
       }
-      const bool* forced_keys = key_blocks.data_ptr<bool>() + b * n_k;
-      const bool whole_row = query_blocks.data_ptr<bool>()[b * n_q + i];
+      const bool* forced_keys = key_blocks.defined() ? key_blocks.data_ptr<bool>() + b * n_k : nullptr;
+      const bool whole_row = query_blocks.defined() && query_blocks.data_ptr<bool>()[b * n_q + i];
       for (int64_t j = 0; j < n_k; ++j) {
-        if (candidate[j] && (whole_row || forced_keys[j])) level[j] = 1;
+        if (candidate[j] && (whole_row || (forced_keys && forced_keys[j]))) level[j] = 1;
       }
       if (cap_data.defined()) {
         const int64_t* cap_row = cap_data.data_ptr<int64_t>() + (b * cap_data.size(1) + h / group) * n_k;

@@ -17,14 +17,15 @@ at::Tensor assign_levels(const at::Tensor& scores_in, bool threshold_mode, at::A
             kernels::kAssignMaxBlocks, " on CUDA, got ", n_k);
   const bool is_double = scores_in.scalar_type() == at::kDouble;
   const auto scores = scores_in.to(is_double ? at::kDouble : at::kFloat).contiguous();
-  const auto key_blocks = force_key_blocks.contiguous(), query_blocks = force_query_blocks.contiguous();
+  const auto key_blocks = force_key_blocks.defined() ? force_key_blocks.contiguous() : force_key_blocks;
+  const auto query_blocks = force_query_blocks.defined() ? force_query_blocks.contiguous() : force_query_blocks;
   const auto cap = cap_in.defined() ? cap_in.contiguous() : cap_in;
   auto levels = at::empty(scores.sizes(), scores.options().dtype(at::kChar));
 
   kernels::AssignParams params{};
   params.scores = scores.data_ptr();
-  params.force_key_blocks = key_blocks.data_ptr<bool>();
-  params.force_query_blocks = query_blocks.data_ptr<bool>();
+  params.force_key_blocks = key_blocks.defined() ? key_blocks.data_ptr<bool>() : nullptr;
+  params.force_query_blocks = query_blocks.defined() ? query_blocks.data_ptr<bool>() : nullptr;
   params.cap = cap.defined() ? cap.data_ptr<int64_t>() : nullptr;
   params.levels = levels.data_ptr<int8_t>();
   for (int l = 0; l < 4; ++l) params.bounds[l] = bounds[l];

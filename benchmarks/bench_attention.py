@@ -151,6 +151,10 @@ def print_kernel_times(label, fn, repeats=20):
     events = [e for e in prof.key_averages() if e.device_type == torch.autograd.DeviceType.CUDA]
     for e in sorted(events, key=lambda e: -e.device_time_total):
         print(f"  {label}: {e.device_time_total / repeats / 1000:.4f} ms  x{e.count // repeats}  {e.key[:90]}")
+    # The stage's GPU time without its host path: what it adds to the whole op, where the next stage's
+    # launches queue behind it (the stage table's times are do_bench's, one call at a time).
+    total = sum(e.device_time_total for e in events) / repeats / 1000
+    print(f"  {label}: {total:.4f} ms  device time per call, all kernels")
 
 
 def print_stage_table(shapes, estimators, kernels=False):

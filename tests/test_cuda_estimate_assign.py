@@ -47,12 +47,27 @@ def test_sampled_with_drawn_offsets_and_the_aten_fallback(rng, causal):
                      method="sampled")
 
 
-def test_sampled_long_rows(rng):
-    # n_k = 2048 key blocks: the table of block maxima (1 MiB per CTA) lives in global scratch.
-    q = randn(rng, 1, 1, 256, 64, dtype=torch.float16, device="cuda")
-    k = randn(rng, 1, 1, 2048 * 32, 64, dtype=torch.float16, device="cuda")
-    scores = psa.estimate_importance(q, k, PSAConfig(block_m=128, block_n=32))
-    check_scores(scores, q, k, False, method="sampled", block_m=128, block_n=32)
+@pytest.mark.parametrize("block_m,q_len,k_len", [
+    (128, 256, 2048 * 32),     # 8 query blocks x 2048 key blocks: the Hopper kernel's peaks fit its shared memory
+    (32, 1100, 1301 * 32 + 5),  # 32 x 1302 peaks do not (40960 at head_dim 64): they stay in the table
+])
+def test_sampled_long_rows(rng, block_m, q_len, k_len):
+    # Long key rows: the table of block maxima (1 MiB per CTA and more) lives in global scratch.
+    q = randn(rng, 1, 1, q_len, 64, dtype=torch.float16, device="cuda")
+    k = randn(rng, 1, 1, k_len, 64, dtype=torch.float16, device="cuda")
+    scores = psa.estimate_importance(q, k, PSAConfig(block_m=block_m, block_n=32))
+    check_scores(scores, q, k, False, method="sampled", block_m=block_m, block_n=32)
+
+
+@pytest.mark.parametrize("causal", [False, True])
+def test_sampled_many_ctas_share_table_slots(rng, causal):
+    # 384 CTAs (2 per head) against one scratch table per SM on Hopper: every slot is taken, released
+    # and taken again several times within the launch, and causal CTAs finish at different times.
+    q = randn(rng, 2, 96, 1100, 128, dtype=torch.bfloat16, device="cuda")
+    k = randn(rng, 2, 48, 1000, 128, dtype=torch.bfloat16, device="cuda")
+    config = PSAConfig(block_m=128, block_n=128, causal=causal)
+    scores = psa.estimate_importance(q, k, config)
+    check_scores(scores, q, k, causal, method="sampled", block_m=128, block_n=128)
 
 
 @pytest.mark.parametrize("family", ["sm90", "sm80"])

@@ -33,7 +33,7 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
   extern __shared__ __align__(128) unsigned char smem[];
   T* s_q = reinterpret_cast<T*>(smem);                                   // [kRows x D]
   T* s_k = s_q + kRows * kHeadDim;                                       // [kStages][kTileN x D]
-  float* s_row_max = reinterpret_cast<float*>(s_k + Shape::kStages * kTileN * kHeadDim);  // [kRows]
+  float* s_row_base = reinterpret_cast<float*>(s_k + Shape::kStages * kTileN * kHeadDim);  // [kRows]
   float* table = p.table + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kRows * p.n_k;
 
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5;
@@ -166,11 +166,11 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
   }
   if (t == 0) {
 #pragma unroll
-    for (int i = 0; i < 2 * kMTiles; ++i) s_row_max[local_rows[i]] = row_max[i];
+    for (int i = 0; i < 2 * kMTiles; ++i) s_row_base[local_rows[i]] = sampled_row_base(row_max[i]);
   }
   __syncthreads();  // also makes the table's global writes visible to the whole CTA
-  write_sampled_scores<kRows, 4>(p, table, s_row_max, bh, first_block, blocks_per_cta, candidates, tid, Shape::kThreads,
-                              [] { __syncthreads(); });
+  write_sampled_scores<kRows, 4, 1>(p, table, s_row_base, table_peaks<kRows>(p, table), bh, first_block, blocks_per_cta,
+                                    candidates, tid, Shape::kThreads, [] { __syncthreads(); });
 }
 
 template <typename T, int kHeadDim>

@@ -63,7 +63,8 @@ cudaError_t launch_gather_sampled_rows(const SampledParams& params, cudaStream_t
 
 namespace sm90 {
 // The Hopper estimator (TMA + wgmma, sm_90a) over the sampled rows (in place and copied): same contract as
-// launch_estimate_sampled, with the table sized by SampledSm90Shape.
+// launch_estimate_sampled, except that params.table holds params.table_slots tables of
+// SampledSm90Shape::table_floats_per_cta floats, taken by slot (table_slots.cuh; table_slot_busy zeroed).
 template <typename T, int kHeadDim>
 cudaError_t launch_estimate_sampled_sm90(const SampledParams& params, cudaStream_t stream);
 // The Hopper antidiagonal estimator: same contract as launch_estimate_antidiagonal, with the table sized

@@ -83,6 +83,10 @@ struct SampledParams {
   const int64_t* k_offsets;           // [k_samples], offsets into a key block
   float* scores;                      // [B, Hq, n_q, n_k], contiguous
   float* table;                       // scratch: per CTA, [n_k][rows] block maxima
+  // The sm90 kernel takes its table by slot (table_slots.cuh): table_slots tables of [n_k][rows] floats,
+  // table_slot_busy ([table_slots], zeroed) marks those held; the sm80 kernel by CTA index in the launch.
+  unsigned* table_slot_busy;
+  int table_slots;
   // The sm90 path reads the sampled rows as "compact rows": row block * samples + s is the block's s-th
   // sampled token. With the default offsets (docs/spec.md section 4: every default_step-th token from
   // token default_step / 2) compact row r is token default_step * r + default_step / 2 while that token is

@@ -21,8 +21,11 @@
 //     threads holds a row's 128 columns; a butterfly reduce-scatter (two shuffle rounds) leaves each
 //     thread the maxima of different key blocks (3 shuffles per row at 32 samples, instead of 8), and
 //     the scale is applied after the max (multiplication by a positive constant commutes with max
-//     exactly). Maxima go to the CTA's slice of a global [n_k][kRows] table, as in the sm80 kernel,
-//     and write_sampled_scores turns that into scores.
+//     exactly). Maxima go to a global [n_k][kRows] table, as in the sm80 kernel, and
+//     write_sampled_scores turns that into scores, its peaks kept in the operand tiles' shared memory.
+//   - The table is the CTA's for its lifetime only: a CTA takes one of the host's per-SM table slots
+//     (../table_slots.cuh), so one launch covers every head (no head chunks sized to a memory cap, each
+//     ending in a partial wave) and the scratch is SMs x kRows x n_k floats whatever the batch.
 #pragma once
 
 #include <cfloat>
@@ -35,6 +38,7 @@
 #include "../device_utils.cuh"
 #include "../estimate_sampled_common.cuh"
 #include "../params.h"
+#include "../table_slots.cuh"
 #include "shapes_sm90.h"
 #include "tensor_map.h"
 #include "wgmma.cuh"
@@ -52,11 +56,24 @@ struct SampledSm90Params {
 };
 
 template <typename T, int kHeadDim>
-struct SampledSm90Storage {
+struct SampledSm90Operands {
   using Shape = SampledSm90Shape<kHeadDim>;
   alignas(kSwizzleAtomBytes) T q[Shape::kPanels][Shape::kRows][kPanelColumns];
   alignas(kSwizzleAtomBytes) T k[Shape::kStages][Shape::kPanels][Shape::kTileN][kPanelColumns];
-  float row_max[Shape::kRows];
+};
+
+template <typename T, int kHeadDim>
+struct SampledSm90Storage {
+  using Shape = SampledSm90Shape<kHeadDim>;
+  // After the mainloop the operand tiles' bytes hold the peaks of write_sampled_scores ([blocks][n_k]) where
+  // they fit: 49152 floats at head_dim 128, 40960 at 64 (n_k up to 6144 / 5120 at 8 query blocks a CTA).
+  static constexpr int kPeakCapacity = sizeof(SampledSm90Operands<T, kHeadDim>) / sizeof(float);
+  union {
+    SampledSm90Operands<T, kHeadDim> operands;
+    float peaks[kPeakCapacity];
+  };
+  float row_base[Shape::kRows];  // sampled_row_base of each row's max
+  int table_slot;  // this CTA's scratch table (table_slots.cuh)
   uint64_t q_full;
   uint64_t full[Shape::kStages];
   uint64_t empty[Shape::kStages];
@@ -84,7 +101,6 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
   const int kv_head = h / (p.q_heads / p.kv_heads);
   const int blocks_per_cta = kRows / p.q_samples;
   const int first_block = blockIdx.x * blocks_per_cta;
-  float* table = p.table + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * kRows * p.n_k;
 
   const CandidateBlocks candidates = sampled_candidates(p);
   int active_blocks = 0;  // key blocks any of this CTA's query blocks may see
@@ -94,6 +110,7 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
   const int n_tiles = (active_blocks * kKeySamples + kTileN - 1) / kTileN;
 
   if (tid == 0) {
+    smem.table_slot = acquire_table_slot(p.table_slot_busy, p.table_slots);
     Barrier::init(&smem.q_full, 1);
 #pragma unroll
     for (int s = 0; s < kStages; ++s) {
@@ -103,6 +120,7 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
+  float* table = p.table + static_cast<int64_t>(smem.table_slot) * kRows * p.n_k;
 
   if (warp < 4) {
     // ================= Producer warpgroup =================
@@ -115,21 +133,21 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
       cute::SM90_TMA_LOAD_4D::copy(copied ? &copy : &in_place, barrier, 0, destination, column,
                                    copied ? row - copied_from : row, head, batch);
     };
-    TxBarrier::expect_transaction(&smem.q_full, static_cast<uint32_t>(sizeof(smem.q)));
+    TxBarrier::expect_transaction(&smem.q_full, static_cast<uint32_t>(sizeof(smem.operands.q)));
 #pragma unroll
     for (int panel = 0; panel < kPanels; ++panel) {
       load_rows(params.q_in_place_map, params.q_copy_map, p.q_rows_begin, blockIdx.x * kRows, &smem.q_full,
-                &smem.q[panel][0][0], panel * kPanelColumns, h, b);
+                &smem.operands.q[panel][0][0], panel * kPanelColumns, h, b);
     }
     Barrier::arrive(&smem.q_full);
     for (int tile = 0; tile < n_tiles; ++tile) {
       const int stage = tile % kStages;
       Barrier::wait(&smem.empty[stage], ((tile / kStages) & 1) ^ 1);
-      TxBarrier::expect_transaction(&smem.full[stage], static_cast<uint32_t>(sizeof(smem.k[0])));
+      TxBarrier::expect_transaction(&smem.full[stage], static_cast<uint32_t>(sizeof(smem.operands.k[0])));
 #pragma unroll
       for (int panel = 0; panel < kPanels; ++panel) {
         load_rows(params.k_in_place_map, params.k_copy_map, p.k_rows_begin, tile * kTileN, &smem.full[stage],
-                  &smem.k[stage][panel][0][0], panel * kPanelColumns, kv_head, b);
+                  &smem.operands.k[stage][panel][0][0], panel * kPanelColumns, kv_head, b);
       }
       Barrier::arrive(&smem.full[stage]);
     }
@@ -159,9 +177,9 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
   using Accumulator = float[kTileN / 2];  // m64n128: column of element 4j + e is 8j + 2t + (e & 1)
   Accumulator acc[kMTiles];
   // Operand descriptors built once; per MMA only the start address moves (SmemDescriptor::at).
-  const auto q_desc = SmemDescriptor::of(&smem.q[0][consumer * 64 * kMTiles][0], 16, kSwizzleAtomBytes);
-  const auto k_desc = SmemDescriptor::of(&smem.k[0][0][0][0], 16, kSwizzleAtomBytes);
-  constexpr uint32_t kStageBytes = sizeof(smem.k[0]);
+  const auto q_desc = SmemDescriptor::of(&smem.operands.q[0][consumer * 64 * kMTiles][0], 16, kSwizzleAtomBytes);
+  const auto k_desc = SmemDescriptor::of(&smem.operands.k[0][0][0][0], 16, kSwizzleAtomBytes);
+  constexpr uint32_t kStageBytes = sizeof(smem.operands.k[0]);
   // Issues S[m tile mt] = Q K^T for the key tile in `stage` (asynchronous; one commit group).
   auto issue = [&](int mt, int stage) {
     fence_registers(acc[mt]);
@@ -221,16 +239,20 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
 #pragma unroll
   for (int slot = 0; slot < 2 * kMTiles; ++slot) {
     const float m = quad_max(row_max[slot]);
-    if (t == 0) smem.row_max[local_rows[slot]] = m;
+    if (t == 0) smem.row_base[local_rows[slot]] = sampled_row_base(m);
   }
   // A barrier over the consumer warpgroups only (the producer has exited); it also orders the table's
   // global writes before other threads read them.
   const auto consumers_sync = [] {
     cutlass::arch::NamedBarrier::sync(Shape::kConsumers * 128, 0);
   };
-  consumers_sync();
-  write_sampled_scores<kRows, 8>(p, table, smem.row_max, bh, first_block, blocks_per_cta, candidates, tid - 128,
-                              Shape::kConsumers * 128, consumers_sync);
+  consumers_sync();  // every consumer's MMAs are done: the operand tiles' bytes may take the peaks
+  const bool peaks_in_shared = blocks_per_cta * p.n_k <= Storage::kPeakCapacity;
+  const SampledPeaks peaks = peaks_in_shared ? SampledPeaks{smem.peaks, p.n_k, 1} : table_peaks<kRows>(p, table);
+  write_sampled_scores<kRows, 8, 5>(p, table, smem.row_base, peaks, bh, first_block, blocks_per_cta, candidates,
+                                    tid - 128, Shape::kConsumers * 128, consumers_sync);
+  consumers_sync();  // the table's last reads (the peaks' too, where they are in the table) are done
+  if (tid == 128) release_table_slot(p.table_slot_busy, smem.table_slot);
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
@@ -265,6 +287,10 @@ cudaError_t launch_estimate_sampled_sm90(const SampledParams& p, cudaStream_t st
                          static_cast<int64_t>(p.n_k) * p.k_samples, p.k_rows, Shape::kTileN);
   }
   if (status != cudaSuccess) return status;
+  // The host gives the kernel one table slot per SM (table_slots.cuh): sound only while a CTA's shared
+  // memory keeps a second CTA off its SM.
+  static_assert(Shape::kCtasPerSm == 1 && 2 * sizeof(SampledSm90Storage<T, kHeadDim>) > kSharedMemoryPerSm,
+                "more than one estimator CTA fits an SM: give the host's table slots a second per SM");
   const auto launch = [&](auto kernel) {
     constexpr size_t smem = sizeof(SampledSm90Storage<T, kHeadDim>) + kSwizzleAtomBytes;  // + alignment slack
     cudaError_t result = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,

@@ -12,6 +12,7 @@ namespace psa::kernels::sm90 {
 constexpr int kPanelColumns = 64;        // 16-bit elements per 128-byte swizzled row
 constexpr int kPanelRowBytes = 128;
 constexpr int kSwizzleAtomBytes = 1024;  // 8 rows x 128 bytes: the swizzle pattern's period
+constexpr size_t kSharedMemoryPerSm = 228 * 1024;  // an sm_90 SM's shared memory (227 KB of it per CTA)
 
 // kDq: the backward's dq pass (the same producer; per tile S = Q K^T and dP = dO V^T, then
 // dq += dS K), which holds dO beside Q and keeps S, dP and dq in registers at once.
@@ -140,6 +141,7 @@ struct SampledSm90Shape {
   static constexpr int kPanels = kHeadDim / kPanelColumns;
   // Q (64 KiB at head_dim 128) plus the K ring fill the shared memory of one CTA per SM.
   static constexpr int kStages = kHeadDim == 128 ? 4 : 8;
+  static constexpr int kCtasPerSm = 1;  // the shared memory's bound; the host's table slots count on it
   // 24 + 2 x 240 = 3 x 168 (the producer is one thread issuing TMA).
   static constexpr int kProducerRegisters = 24;
   static constexpr int kConsumerRegisters = 240;
@@ -149,10 +151,8 @@ struct SampledSm90Shape {
   static int64_t ctas_per_head(int n_q, int q_samples) {
     return (static_cast<int64_t>(n_q) * q_samples + kRows - 1) / kRows;
   }
-  // Scratch floats of one (batch, head): every CTA's [n_k][kRows] table of block maxima.
-  static int64_t table_floats_per_head(int n_q, int q_samples, int n_k) {
-    return ctas_per_head(n_q, q_samples) * kRows * n_k;
-  }
+  // Scratch floats of one CTA's [n_k][kRows] table of block maxima (one per table slot).
+  static int64_t table_floats_per_cta(int n_k) { return static_cast<int64_t>(kRows) * n_k; }
 };
 
 // The antidiagonal estimator's GEMM (estimate_antidiagonal_sm90.cuh): kRows anti-rows per CTA (64 per

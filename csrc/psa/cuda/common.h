@@ -74,6 +74,13 @@ inline size_t max_dynamic_smem(const at::Device& device) {
   return static_cast<size_t>(bytes);
 }
 
+// The number of SMs of `device`.
+inline int sm_count(const at::Device& device) {
+  int count = 0;
+  cudaDeviceGetAttribute(&count, cudaDevAttrMultiProcessorCount, device.index());
+  return count;
+}
+
 // Which tensor-core kernels run: PSA_CUDA_KERNEL=sm80 forces the portable mma.sync kernels, =sm90
 // demands the Hopper ones (an error where they cannot run), unset or "auto" takes the Hopper kernels
 // wherever they apply. Read at every call, so a test or benchmark can switch between calls.

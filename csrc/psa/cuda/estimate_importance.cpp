@@ -70,6 +70,27 @@ void launch_over_head_chunks(Params& params, const at::Tensor& q, int64_t per_he
   }
 }
 
+// Runs `launch(tag)` over every batch * head in one launch (chunks of 65535 heads, grid.y's limit) whose
+// CTAs take their scratch tables by slot (kernels/table_slots.cuh): one table of per_cta floats per CTA
+// that can be resident at once, `ctas_per_sm` on each of the device's SMs, but no more than the grid has.
+template <typename Params, typename Launch>
+void launch_over_table_slots(Params& params, const at::Tensor& q, int64_t ctas_per_head, int64_t per_cta,
+                             int ctas_per_sm, Launch launch) {
+  const int64_t heads = q.size(0) * q.size(1);
+  const int64_t resident = int64_t{sm_count(q.device())} * ctas_per_sm;
+  const int64_t slots = std::min(resident, heads * ctas_per_head);
+  auto table = at::empty({slots * per_cta}, q.options().dtype(at::kFloat));
+  auto busy = at::zeros({slots}, q.options().dtype(at::kInt));
+  params.table = table.data_ptr<float>();
+  params.table_slot_busy = reinterpret_cast<unsigned*>(busy.data_ptr<int>());
+  params.table_slots = static_cast<int>(slots);
+  for (int64_t begin = 0; begin < heads; begin += 65535) {
+    params.bh_begin = static_cast<int>(begin);
+    params.bh_count = static_cast<int>(std::min<int64_t>(65535, heads - begin));
+    check_launch(kOp, dispatch_input_dtype(kOp, q.scalar_type(), launch));
+  }
+}
+
 }  // namespace
 
 at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int64_t block_m, int64_t block_n,
@@ -123,17 +144,23 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
   }
 
   // Both head dims share a kernel's CTA shape; only the Q/K tiles differ.
-  const int64_t per_head =
-      hopper ? kernels::sm90::SampledSm90Shape<64>::table_floats_per_head(params.n_q, params.q_samples, params.n_k)
-             : kernels::SampledShape<64>::table_floats_per_head(params.n_q, params.q_samples, params.n_k);
-  launch_over_head_chunks(params, q, per_head, [&](auto tag) {
-    using T = decltype(tag);
+  if (hopper) {
+    using Shape = kernels::sm90::SampledSm90Shape<64>;
+    launch_over_table_slots(params, q, Shape::ctas_per_head(params.n_q, params.q_samples),
+                            Shape::table_floats_per_cta(params.n_k), Shape::kCtasPerSm, [&](auto tag) {
 #ifdef PSA_WITH_SM90  // else sm90_device_unavailable_reason is never empty
-    if (hopper) {
+      using T = decltype(tag);
       return dim == 128 ? kernels::sm90::launch_estimate_sampled_sm90<T, 128>(params, stream)
                         : kernels::sm90::launch_estimate_sampled_sm90<T, 64>(params, stream);
-    }
+#else
+      return cudaErrorNotSupported;
 #endif
+    });
+    return scores;
+  }
+  const int64_t per_head = kernels::SampledShape<64>::table_floats_per_head(params.n_q, params.q_samples, params.n_k);
+  launch_over_head_chunks(params, q, per_head, [&](auto tag) {
+    using T = decltype(tag);
     return dim == 128 ? kernels::launch_estimate_sampled<T, 128>(params, stream)
                       : kernels::launch_estimate_sampled<T, 64>(params, stream);
   });

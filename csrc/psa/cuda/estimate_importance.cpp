@@ -77,7 +77,7 @@ template <typename Params, typename Launch>
 void launch_over_table_slots(Params& params, const at::Tensor& q, int64_t ctas_per_head, int64_t per_cta,
                              int ctas_per_sm, Launch launch) {
   const int64_t heads = q.size(0) * q.size(1);
-  const int64_t resident = int64_t{sm_count(q.device())} * ctas_per_sm;
+  const int64_t resident = std::max<int64_t>(1, sm_count(q.device())) * ctas_per_sm;
   const int64_t slots = std::min(resident, heads * ctas_per_head);
   auto table = at::empty({slots * per_cta}, q.options().dtype(at::kFloat));
   auto busy = at::zeros({slots}, q.options().dtype(at::kInt));

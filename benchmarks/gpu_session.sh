@@ -13,7 +13,8 @@
 #                           only those the environment lacks)
 #   prefill [args...]       benchmarks/bench_prefill.py (causal VLM prefill attention, then a small model's
 #                           per-layer level statistics on cockatoo.mp4 when .whl_demo/ is carried)
-#   ulysses [args...]       benchmarks/bench_ulysses.py (needs as many GPUs as --world, default 2)
+#   ulysses [args...]       benchmarks/bench_ulysses.py (needs as many GPUs as --world, default 2, and
+#                           diffusers from .whl_e2e/ as e2e does)
 #   rowcost [args...]       benchmarks/bench_row_cost.py (the attention kernel's fixed cost per row)
 #   ncu [args...]           Nsight Compute on one attention launch (benchmarks/profile_attention.py args;
 #                           with --estimator X and NCU_KERNEL=estimate_, on one estimator launch):
@@ -80,7 +81,8 @@ run_step() {
     e2e) diffusers_wheels
          $limit python3 benchmarks/bench_e2e.py "${args[@]}" 2>&1 | tee "$(step_log e2e)" ;;
     prefill) demo_data; $limit python3 benchmarks/bench_prefill.py "${args[@]}" 2>&1 | tee "$(step_log prefill)" ;;
-    ulysses) $limit python3 benchmarks/bench_ulysses.py "${args[@]}" 2>&1 | tee "$(step_log ulysses)" ;;
+    ulysses) diffusers_wheels
+             $limit python3 benchmarks/bench_ulysses.py "${args[@]}" 2>&1 | tee "$(step_log ulysses)" ;;
     rowcost) $limit python3 benchmarks/bench_row_cost.py "${args[@]}" 2>&1 | tee "$(step_log rowcost)" ;;
     ncu)
       # One report per argument list (attention_map_psa, ...); --clock-control none: the lent machine's

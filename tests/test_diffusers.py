@@ -364,8 +364,8 @@ def _count_layout_gathers(monkeypatch):
 
 @pytest.mark.parametrize("name,per_token_timestep,kept_gathers", [
     # (Wan's rotary cos and sin are indexed in the hook itself, not through TokenLayout: see rope_hook.)
-    ("wan", False, 2),                # patch tokens, the output norm's input
-    ("wan", True, 3),                 # + Wan2.2 TI2V's per-token timestep projection
+    ("wan", False, 2),                # patch tokens, the output projection's output
+    ("wan", True, 3),                 # + Wan2.2 TI2V's per-token timesteps
     ("cogvideox", False, 2),          # the patch embedding's video part, the final norm's input
     ("cogvideox_rotary", False, 4),   # + the rotary tables
 ], ids=["wan2.1", "wan2.2-ti2v", "cogvideox", "cogvideox-rotary"])

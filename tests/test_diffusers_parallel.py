@@ -16,7 +16,18 @@ from test_diffusers import SPARSE_CONFIG, wan_model  # noqa: E402
 WORLD = 2
 
 
-def _run_rank(rank, seed, init_file, out_dir, parallel):
+def _forward(tiny, model, per_token_timestep):
+    """The tiny Wan's output; with `per_token_timestep` a timestep per video token (Wan2.2 TI2V's form,
+    which diffusers' plan splits across the ranks like the tokens)."""
+    if not per_token_timestep:
+        return tiny.run(model)
+    latents, text = tiny.inputs
+    tokens = latents.shape[2] * (latents.shape[3] // 2) * (latents.shape[4] // 2)
+    with torch.no_grad():
+        return model(latents, torch.linspace(999, 500, tokens)[None], text, return_dict=False)[0]
+
+
+def _run_rank(rank, seed, init_file, out_dir, parallel, per_token_timestep=False):
     import torch.distributed as dist
 
     # Two shims for a CPU-only run of diffusers 0.42.1's context parallelism: it places rank r on
@@ -31,7 +42,7 @@ def _run_rank(rank, seed, init_file, out_dir, parallel):
         model = tiny.build()
         model.enable_parallelism(config=diffusers.ContextParallelConfig(**parallel))
         psa_diffusers.apply(model, SPARSE_CONFIG)
-        result = {"out": tiny.run(model), "stats": psa_diffusers.stats(model),
+        result = {"out": _forward(tiny, model, per_token_timestep), "stats": psa_diffusers.stats(model),
                   "grad": _latent_gradient(tiny, model, seed)}
     except Exception as error:  # reported to the test through the file
         result = {"error": f"{type(error).__name__}: {error}"}
@@ -51,20 +62,24 @@ def _latent_gradient(tiny, model, seed):
     return latents.grad
 
 
-def _run_parallel(tmp_path, seed, **parallel):
-    mp.spawn(_run_rank, args=(seed, str(tmp_path / "init"), str(tmp_path), parallel), nprocs=WORLD)
+def _run_parallel(tmp_path, seed, per_token_timestep=False, **parallel):
+    mp.spawn(_run_rank, args=(seed, str(tmp_path / "init"), str(tmp_path), parallel, per_token_timestep),
+             nprocs=WORLD)
     return [torch.load(tmp_path / f"rank{rank}.pt", weights_only=False) for rank in range(WORLD)]
 
 
-def test_ulysses_runs_psa_per_rank_and_matches_one_process(tmp_path):
+@pytest.mark.parametrize("per_token_timestep", [False, True], ids=["wan2.1", "wan2.2-ti2v"])
+def test_ulysses_runs_psa_per_rank_and_matches_one_process(tmp_path, per_token_timestep):
+    # The blocks hold psa's token order on every rank (keep_order): the tokens and the per-token
+    # timesteps are permuted before diffusers splits them, the rotary tables after (apply's rope hook).
     seed = int.from_bytes(os.urandom(4), "little")
     print(f"seed {seed}")
     tiny = wan_model(torch.Generator().manual_seed(seed))
     model = psa_diffusers.apply(tiny.build(), SPARSE_CONFIG)
-    expected = tiny.run(model)
+    expected = _forward(tiny, model, per_token_timestep)
     one_process_stats = psa_diffusers.stats(model)
     expected_grad = _latent_gradient(tiny, model, seed)
-    results = _run_parallel(tmp_path, seed, ulysses_degree=WORLD)
+    results = _run_parallel(tmp_path, seed, per_token_timestep, ulysses_degree=WORLD)
     for rank, result in enumerate(results):
         assert "error" not in result, f"rank {rank}: {result.get('error')}"
         torch.testing.assert_close(result["out"], expected, rtol=1e-5, atol=1e-5)

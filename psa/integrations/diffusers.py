@@ -25,8 +25,9 @@ replaced by one that projects q, k, v with the module's own layers and rotary em
 psa (and calls the original processor whenever psa is not to run). The latent grid comes from the
 transformer's input shape and patch size; q, k, v are permuted into `order` (psa.layout) and back. On Wan
 the blocks' hidden states are held in that order instead while psa is active (`keep_order`, the default):
-the patch tokens, rotary tables and per-token timestep projection are permuted once per forward and the
-output norm's input put back, which saves four gathers per layer; CogVideoX alike.
+the patch tokens, rotary tables and per-token timesteps are permuted once per forward and the output
+projection's output put back, which saves four gathers per layer; CogVideoX alike, Wan under context
+parallelism too.
 
 Dense warm-up counts denoising steps from the transformer's forward calls and their timestep: a
 smaller timestep than the previous call is the next step, an equal one is the same step (classifier-free
@@ -320,6 +321,12 @@ def _install_dispatch(module_name: str) -> None:
     module.dispatch_attention_fn = dispatch_attention_fn
 
 
+def _context_parallel_config(transformer):
+    """diffusers' ContextParallelConfig of `transformer` (None without context parallelism)."""
+    parallel = getattr(transformer, "_parallel_config", None)
+    return getattr(parallel, "context_parallel_config", None) if parallel is not None else None
+
+
 def _ulysses_degree(parallel_config) -> int:
     """How many ranks split the sequence under diffusers' context parallelism (1 without it); raises for
     the modes psa cannot run in."""
@@ -449,18 +456,26 @@ class _Adapter:
     timestep_position: int        # positional index of `timestep` in forward()
     install: Callable             # (state, attention module, its PSAConfig) -> None
     keep_order: Optional[Callable] = None  # (state, transformer) -> None: hooks that hold the blocks in order
+    keep_order_in_parallel: bool = False   # the hooks hold under diffusers' context parallelism too
 
 
 def _wan_keep_order(state: _State, transformer) -> None:
     """Wan's blocks see only per-token operations besides attention, so their hidden states can stay in
     psa's token order from the first block to the last: the patch embedding's tokens are permuted once
     (its output, before the transformer flattens it), the rotary tables and Wan2.2 TI2V's per-token
-    timestep projection alike, and the output norm's input is put back. Attention is
+    timesteps alike, and the output projection's output is put back. Attention is
     permutation-equivariant when q, k and v are permuted together, so dense layers give the same result
     up to rounding; psa's calls then skip four gathers per layer (q, k, v, out: about 0.5 ms a layer at
     Wan2.1-1.3B's 32760 tokens on an H200, RESULTS.md). The hooks sit on modules outside the blocks, so
     regional compilation (compile_repeated_blocks) still compiles one block graph per mode, and only
-    while psa is active: a warm-up step runs exactly as the unpatched model."""
+    while psa is active: a warm-up step runs exactly as the unpatched model.
+
+    Under diffusers' context parallelism the tokens are permuted before diffusers splits the sequence
+    across ranks (the patch embedding's output reaches the first block's splitter, the timesteps the
+    transformer's), so a rank's slice and the all-to-all's whole sequence are in psa's order too; only
+    the rotary tables are split inside their module, before a forward hook sees them, so there the
+    whole tables are recomputed, permuted and split the way diffusers splits them (rope_hook)."""
+    parallel = _context_parallel_config(transformer)
 
     def patches_hook(module, args, output):  # [B, C, F, H, W]: the transformer flattens (F, H, W) into tokens
         if not state.active:
@@ -468,12 +483,14 @@ def _wan_keep_order(state: _State, transformer) -> None:
         order = _token_order(state, output.device)
         return order.permute(output.flatten(2), dim=2).view_as(output)
 
-    def rope_hook(module, args, output):  # (cos, sin), each [1, L, 1, D]
+    def rope_hook(module, args, output):  # (cos, sin), each [1, L, 1, D] (a rank's [1, L / N, 1, D] in parallel)
         if not state.active:
             return None
         order = _token_order(state, output[0].device)
         if order.is_identity:
             return None
+        if parallel is not None:  # the class's forward, without the instance's splitting hook
+            output = type(module).forward(module, *args)
         # Scattered into a fresh table (permuted[inverse[i]] = x[i], the same values as x[:, forward]),
         # not gathered: a gather fuses into the rotary application's even / odd column masks, and
         # Inductor's C++ backend emits a bounds check there that does not compile (`VecMask<int64_t,2>(bool&)`,
@@ -482,23 +499,36 @@ def _wan_keep_order(state: _State, transformer) -> None:
         def permuted(x):
             table = torch.empty_like(x)
             table[:, order.inverse] = x
+            if parallel is not None:  # Wan's plan splits the rotary outputs along the tokens (dim 1)
+                from diffusers.hooks.context_parallel import EquipartitionSharder
+                table = EquipartitionSharder.shard(table, 1, parallel._flattened_mesh)
             return table
 
         return tuple(permuted(x) for x in output)
 
-    def condition_hook(module, args, output):  # (temb, timestep_proj, text, image)
-        temb, timestep_proj, *rest = output
+    def timestep_hook(module, args, kwargs):  # the transformer's forward, after psa's own pre-hook
+        # Wan2.2 TI2V: a timestep per token [B, L]; in psa's order, its projection and the output norm's
+        # per-token modulation follow the tokens (and diffusers splits it as it splits the tokens).
         if not state.active:
             return None
-        # Per token (Wan2.2 TI2V): [B, L, 6 C]. temb keeps the model's order: it is used after the blocks.
-        if timestep_proj.ndim == 3:
-            timestep_proj = _token_order(state, timestep_proj.device).permute(timestep_proj, dim=1)
-        return (temb, timestep_proj, *rest)
+        timestep = forward_timestep(state.adapter, args, kwargs)
+        if timestep.ndim != 2:
+            return None
+        timestep = _token_order(state, timestep.device).permute(timestep, dim=1)
+        if "timestep" in kwargs:
+            return args, {**kwargs, "timestep": timestep}
+        position = state.adapter.timestep_position
+        return (*args[:position], timestep, *args[position + 1:]), kwargs
+
+    def output_hook(module, args, output):  # proj_out's [B, L, C] (gathered from the ranks in parallel)
+        if not state.active:
+            return None
+        return _token_order(state, output.device).unpermute(output, dim=1)
 
     _install_keep_order(state, [transformer.patch_embedding.register_forward_hook(patches_hook),
                                 transformer.rope.register_forward_hook(rope_hook),
-                                transformer.condition_embedder.register_forward_hook(condition_hook),
-                                transformer.norm_out.register_forward_pre_hook(_leave_blocks(state))])
+                                transformer.register_forward_pre_hook(timestep_hook, with_kwargs=True),
+                                transformer.proj_out.register_forward_hook(output_hook)])
 
 
 def _cogvideox_keep_order(state: _State, transformer) -> None:
@@ -576,7 +606,7 @@ def _cogvideox_grid(transformer, hidden):
 
 _ADAPTERS = {
     "WanTransformer3DModel": _Adapter(lambda t: [block.attn1 for block in t.blocks], _wan_grid, 1,
-                                      _route_through_dispatch, _wan_keep_order),
+                                      _route_through_dispatch, _wan_keep_order, keep_order_in_parallel=True),
     "CogVideoXTransformer3DModel": _Adapter(lambda t: [block.attn1 for block in t.transformer_blocks],
                                             _cogvideox_grid, 2, _replace_processor, _cogvideox_keep_order),
     "HunyuanVideoTransformer3DModel": _Adapter(_hunyuan_attentions, _hunyuan_grid, 1, _route_through_dispatch),
@@ -620,10 +650,9 @@ def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] =
     `share_steps_with`: another transformer psa is applied to whose denoising steps this one continues:
     Wan2.2's second expert (`apply(pipe.transformer_2, ..., share_steps_with=pipe.transformer)`), so
     that warm-up counts the pipeline's steps, not each expert's.
-    `keep_order`: hold the blocks' video tokens in `order` from the first block to the last (Wan and
-    CogVideoX, without context parallelism) instead of permuting q, k, v and the output in every psa
-    layer; the result is the same. HunyuanVideo, and any model under context parallelism, permute per
-    layer. Warm-up steps run in the model's own order: pass False when something caches block or
+    `keep_order`: hold the blocks' video tokens in `order` from the first block to the last (Wan, also
+    under context parallelism, and CogVideoX) instead of permuting q, k, v and the output in every psa
+    layer; the result is the same. HunyuanVideo permutes per layer. Warm-up steps run in the model's own order: pass False when something caches block or
     attention outputs across steps (diffusers' cache hooks), so that no cached tensor changes order
     between steps.
     """
@@ -674,9 +703,9 @@ def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] =
         adapter.install(state, attentions[i], configs[i])
     state.hook = transformer.register_forward_pre_hook(_before_forward(state), with_kwargs=True)
     # After psa's own pre-hook, whose grid and step the keep_order hooks read. Under context parallelism
-    # diffusers splits the blocks' input across ranks by its own hooks: a rank holds a slice, not the grid.
+    # diffusers splits the blocks' input across ranks by its own hooks: only Wan's hooks know where.
     if (keep_order and adapter.keep_order is not None and len(attentions) > 0
-            and getattr(transformer, "_parallel_config", None) is None):
+            and (adapter.keep_order_in_parallel or _context_parallel_config(transformer) is None)):
         adapter.keep_order(state, transformer)
     setattr(transformer, _ATTRIBUTE, state)
     return transformer

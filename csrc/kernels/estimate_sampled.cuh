@@ -56,7 +56,7 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
       const int row = c / Shape::kChunks, chunk = c % Shape::kChunks;
       const int block = first_block + row / p.q_samples;
       const bool valid = block < p.n_q;
-      const int offset = clamp_offset(p.q_offsets[row % p.q_samples], p.block_m);
+      const int offset = sample_offset(p.q_offsets, row % p.q_samples, p.block_m, p.default_step);
       const int64_t position = min(block * p.block_m + offset, p.q_len - 1);
       cp_async_16(s_q + Rows::offset(row, chunk),
                   q + (valid ? position * p.q_stride[2] + chunk * 8 : 0), valid);
@@ -74,7 +74,7 @@ __global__ void __launch_bounds__(SampledShape<kHeadDim>::kThreads, SampledShape
       const int column = tile * kTileN + row;
       const bool valid = column < columns;
       const int block = column / p.k_samples;
-      const int offset = clamp_offset(p.k_offsets[column % p.k_samples], p.block_n);
+      const int offset = sample_offset(p.k_offsets, column % p.k_samples, p.block_n, p.default_step);
       const int64_t position = min(block * p.block_n + offset, p.k_len - 1);
       cp_async_16(dst + Rows::offset(row, chunk),
                   k + (valid ? position * p.k_stride[2] + chunk * 8 : 0), valid);

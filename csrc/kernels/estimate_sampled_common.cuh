@@ -17,6 +17,13 @@ __device__ __forceinline__ int clamp_offset(int64_t offset, int block) {
   return static_cast<int>(offset < 0 ? 0 : (offset >= block ? block - 1 : offset));
 }
 
+// The s-th sampled offset into a block: from `offsets` or, where the host passes none (the default offsets,
+// docs/spec.md section 4), every default_step-th token from default_step / 2, computed here rather than read
+// from a tensor the host would have to fill first.
+__device__ __forceinline__ int sample_offset(const int64_t* offsets, int s, int block, int default_step) {
+  return offsets == nullptr ? s * default_step + default_step / 2 : clamp_offset(offsets[s], block);
+}
+
 __device__ __forceinline__ CandidateBlocks sampled_candidates(const SampledParams& p) {
   return CandidateBlocks(p.n_k, p.block_m, p.block_n, p.q_len, p.k_len, p.causal);
 }

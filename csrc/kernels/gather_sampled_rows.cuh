@@ -18,15 +18,15 @@ namespace psa::kernels {
 template <typename T, int kHeadDim>
 __global__ void gather_sampled_rows_kernel(const T* __restrict__ src, int64_t batch_stride, int64_t head_stride,
                                            int64_t token_stride, int heads, int length, int block_size,
-                                           const int64_t* __restrict__ offsets, int samples, int first, int rows,
-                                           T* __restrict__ dst) {
+                                           const int64_t* __restrict__ offsets, int default_step, int samples,
+                                           int first, int rows, T* __restrict__ dst) {
   constexpr int chunks = kHeadDim / 8;
   const int index = blockIdx.y * blockDim.x + threadIdx.x;
   if (index >= rows * chunks) return;
   const int row = index / chunks, chunk = index % chunks, compact_row = first + row;
   const int bh = blockIdx.x, b = bh / heads, h = bh % heads;
   const int64_t position = min(static_cast<int64_t>(compact_row / samples) * block_size +
-                                   clamp_offset(offsets[compact_row % samples], block_size),
+                                   sample_offset(offsets, compact_row % samples, block_size, default_step),
                                static_cast<int64_t>(length) - 1);
   const uint4* from = reinterpret_cast<const uint4*>(src + b * batch_stride + h * head_stride +
                                                      position * token_stride) + chunk;
@@ -46,8 +46,8 @@ cudaError_t launch_gather_sampled_rows(const SampledParams& p, cudaStream_t stre
     const dim3 grid(static_cast<unsigned>(p.batch * heads),
                     static_cast<unsigned>((static_cast<int64_t>(rows) * (kHeadDim / 8) + kThreads - 1) / kThreads));
     gather_sampled_rows_kernel<T, kHeadDim><<<grid, kThreads, 0, stream>>>(
-        static_cast<const T*>(src), stride[0], stride[1], stride[2], heads, length, block_size, offsets, samples,
-        first, rows, static_cast<T*>(dst));
+        static_cast<const T*>(src), stride[0], stride[1], stride[2], heads, length, block_size, offsets,
+        p.default_step, samples, first, rows, static_cast<T*>(dst));
     return cudaGetLastError();
   };
   cudaError_t status = gather(p.q, p.q_stride, p.q_heads, p.q_len, p.block_m, p.q_offsets, p.q_samples, p.n_q,

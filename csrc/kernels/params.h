@@ -79,8 +79,8 @@ struct SampledParams {
   const void* k;                      // [B, Hkv, Lk, D]
   int64_t q_stride[3];
   int64_t k_stride[3];
-  const int64_t* q_offsets;           // [q_samples], offsets into a query block
-  const int64_t* k_offsets;           // [k_samples], offsets into a key block
+  const int64_t* q_offsets;           // [q_samples], offsets into a query block; null: the default offsets
+  const int64_t* k_offsets;           // [k_samples], offsets into a key block; null: the default offsets
   float* scores;                      // [B, Hq, n_q, n_k], contiguous
   float* table;                       // scratch: per CTA, [n_k][rows] block maxima
   // The sm90 kernel takes its table by slot (table_slots.cuh): table_slots tables of [n_k][rows] floats,

@@ -7,14 +7,15 @@ namespace psa {
 namespace {
 
 // block / 4 offsets, evenly strided, each in the middle of its stride (docs/spec.md section 4: deterministic).
-// One arange (a single small kernel on CUDA), not arange * step + step / 2. Blocks are 32, 64 or 128.
-at::Tensor default_sample_offsets(int64_t block, const at::TensorOptions& options) {
-  return at::arange(kDefaultSampleStep / 2, block, kDefaultSampleStep, options.dtype(at::kLong));
+// On the host whatever q's device: the reference backend reads them, the CUDA kernels compute them (a null
+// offsets pointer) and need no kernel of their own to fill a tensor first. Blocks are 32, 64 or 128.
+at::Tensor default_sample_offsets(int64_t block) {
+  return at::arange(kDefaultSampleStep / 2, block, kDefaultSampleStep, at::dtype(at::kLong));
 }
 
 at::Tensor checked_offsets(const char* name, const std::optional<at::Tensor>& offsets, int64_t block,
                            const at::Tensor& q) {
-  if (!offsets.has_value()) return default_sample_offsets(block, q.options());
+  if (!offsets.has_value()) return default_sample_offsets(block);
   const auto& t = *offsets;
   PSA_CHECK(t.scalar_type() == at::kLong && t.dim() == 1 && t.numel() >= 1 && t.numel() <= block,
               "psa.estimate_importance: ", name, " must be a 1-D int64 tensor of 1 to ", block,

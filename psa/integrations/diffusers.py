@@ -476,6 +476,8 @@ def _wan_keep_order(state: _State, transformer) -> None:
     the rotary tables are split inside their module, before a forward hook sees them, so there the
     whole tables are recomputed, permuted and split the way diffusers splits them (rope_hook)."""
     parallel = _context_parallel_config(transformer)
+    if parallel is not None:
+        from diffusers.hooks.context_parallel import EquipartitionSharder
 
     def patches_hook(module, args, output):  # [B, C, F, H, W]: the transformer flattens (F, H, W) into tokens
         if not state.active:
@@ -500,7 +502,6 @@ def _wan_keep_order(state: _State, transformer) -> None:
             table = torch.empty_like(x)
             table[:, order.inverse] = x
             if parallel is not None:  # Wan's plan splits the rotary outputs along the tokens (dim 1)
-                from diffusers.hooks.context_parallel import EquipartitionSharder
                 table = EquipartitionSharder.shard(table, 1, parallel._flattened_mesh)
             return table
 

@@ -97,7 +97,9 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
                             double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets,
                             bool default_q_offsets, bool default_k_offsets) {
   if (!fused_sample_count(q_offsets.numel()) || !fused_sample_count(k_offsets.numel())) {
-    return aten::estimate_sampled(q_in, k_in, block_m, block_n, scale, causal, q_offsets, k_offsets);
+    // (Default offsets, made on the host, always have a fused count: blocks of 32, 64, 128.)
+    return aten::estimate_sampled(q_in, k_in, block_m, block_n, scale, causal, q_offsets.to(q_in.device()),
+                                  k_offsets.to(q_in.device()));
   }
   if (scale < 0) {
     // The fused kernels scale block maxima of raw products, which only a positive factor commutes
@@ -107,6 +109,7 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
   }
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const auto q = rows_16b_aligned(q_in), k = rows_16b_aligned(k_in);
+  // The default offsets stay on the host: the kernels compute them (null pointers).
   const auto q_off = q_offsets.contiguous(), k_off = k_offsets.contiguous();
   const int64_t batch = q.size(0), q_heads = q.size(1), dim = q.size(3);
   const int64_t n_q = ceil_div(q.size(2), block_m), n_k = ceil_div(k.size(2), block_n);
@@ -115,10 +118,11 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
 
   kernels::SampledParams params{};
   fill_common_params(params, q, k, scores, block_m, block_n, scale, causal);
-  params.q_offsets = q_off.data_ptr<int64_t>();
-  params.k_offsets = k_off.data_ptr<int64_t>();
+  params.q_offsets = default_q_offsets ? nullptr : q_off.data_ptr<int64_t>();
+  params.k_offsets = default_k_offsets ? nullptr : k_off.data_ptr<int64_t>();
   params.q_samples = static_cast<int>(q_off.numel());
   params.k_samples = static_cast<int>(k_off.numel());
+  params.default_step = static_cast<int>(kDefaultSampleStep);
   const bool hopper = use_hopper_kernel(kOp, [&] { return sm90_device_unavailable_reason(q.device()); });
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
 
@@ -129,7 +133,6 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
     const int64_t q_compact = n_q * params.q_samples, k_compact = n_k * params.k_samples;
     const int64_t q_begin = first_copied_row(q, default_q_offsets, q_compact, Shape::kRows);
     const int64_t k_begin = first_copied_row(k, default_k_offsets, k_compact, Shape::kTileN);
-    params.default_step = static_cast<int>(kDefaultSampleStep);
     params.q_rows_begin = static_cast<int>(q_begin);
     params.k_rows_begin = static_cast<int>(k_begin);
     q_rows = at::empty({batch, q_heads, q_compact - q_begin, dim}, q.options());

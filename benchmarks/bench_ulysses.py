@@ -61,7 +61,7 @@ def timed_steps(model, inputs, repeats, device, barrier=lambda: None):
 KERNEL_GROUPS = [("nccl", ("nccl",)), ("psa", ("psa::",)),
                  ("dense attention", ("cudnn", "fmha", "flash", "sdpa")),
                  ("gemm", ("gemm", "nvjet", "xmma", "cutlass", "cublas")),
-                 ("copies", ("copy", "gather", "scatter", "index", "cat")),]
+                 ("copies", ("copy", "gather", "scatter", "index", "cat"))]
 
 
 def print_profile(label, model, inputs, device):

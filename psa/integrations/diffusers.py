@@ -321,16 +321,16 @@ def _install_dispatch(module_name: str) -> None:
     module.dispatch_attention_fn = dispatch_attention_fn
 
 
-def _context_parallel_config(transformer):
-    """diffusers' ContextParallelConfig of `transformer` (None without context parallelism)."""
-    parallel = getattr(transformer, "_parallel_config", None)
-    return getattr(parallel, "context_parallel_config", None) if parallel is not None else None
+def _context_parallel_config(parallel_config):
+    """The ContextParallelConfig inside diffusers' ParallelConfig (None without context parallelism):
+    what `dispatch_attention_fn` receives, or a transformer's `_parallel_config`."""
+    return getattr(parallel_config, "context_parallel_config", None) if parallel_config is not None else None
 
 
 def _ulysses_degree(parallel_config) -> int:
     """How many ranks split the sequence under diffusers' context parallelism (1 without it); raises for
     the modes psa cannot run in."""
-    context = getattr(parallel_config, "context_parallel_config", None) if parallel_config is not None else None
+    context = _context_parallel_config(parallel_config)
     if context is None:
         return 1
     if context.ring_degree > 1:
@@ -475,7 +475,7 @@ def _wan_keep_order(state: _State, transformer) -> None:
     transformer's), so a rank's slice and the all-to-all's whole sequence are in psa's order too; only
     the rotary tables are split inside their module, before a forward hook sees them, so there the
     whole tables are recomputed, permuted and split the way diffusers splits them (rope_hook)."""
-    parallel = _context_parallel_config(transformer)
+    parallel = _context_parallel_config(getattr(transformer, "_parallel_config", None))
     if parallel is not None:
         from diffusers.hooks.context_parallel import EquipartitionSharder
 
@@ -653,9 +653,9 @@ def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] =
     that warm-up counts the pipeline's steps, not each expert's.
     `keep_order`: hold the blocks' video tokens in `order` from the first block to the last (Wan, also
     under context parallelism, and CogVideoX) instead of permuting q, k, v and the output in every psa
-    layer; the result is the same. HunyuanVideo permutes per layer. Warm-up steps run in the model's own order: pass False when something caches block or
-    attention outputs across steps (diffusers' cache hooks), so that no cached tensor changes order
-    between steps.
+    layer; the result is the same. HunyuanVideo permutes per layer. Warm-up steps run in the model's
+    own order: pass False when something caches block or attention outputs across steps (diffusers'
+    cache hooks), so that no cached tensor changes order between steps.
     """
     config = PSAConfig() if config is None else config
     per_layer = dict(config) if isinstance(config, Mapping) else None
@@ -706,7 +706,8 @@ def apply(transformer, config: Union[None, PSAConfig, Mapping[int, PSAConfig]] =
     # After psa's own pre-hook, whose grid and step the keep_order hooks read. Under context parallelism
     # diffusers splits the blocks' input across ranks by its own hooks: only Wan's hooks know where.
     if (keep_order and adapter.keep_order is not None and len(attentions) > 0
-            and (adapter.keep_order_in_parallel or _context_parallel_config(transformer) is None)):
+            and (adapter.keep_order_in_parallel
+                 or _context_parallel_config(getattr(transformer, "_parallel_config", None)) is None)):
         adapter.keep_order(state, transformer)
     setattr(transformer, _ATTRIBUTE, state)
     return transformer

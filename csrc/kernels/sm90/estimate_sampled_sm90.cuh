@@ -3,7 +3,7 @@
 // Same results as the portable kernel (../estimate_sampled.cuh); see there for the algorithm.
 //
 // Why it is shaped this way: the work is a GEMM with a short inner dimension (head_dim), so what
-// bounds it is feeding the tensor cores, not the math. Every tile of sampled rows is one TMA box, so the
+// bounds it is the work around the MMAs (feeding the tensor cores, the epilogue), not the math. Every tile of sampled rows is one TMA box, so the
 // mainloop computes no gather addresses: with the default offsets (every 4th token) a box of a strided map
 // reads them from Q and K in place, and only what that cannot express (the last, partial block, whose
 // offsets clamp to its last token; any other offsets) is first copied into compact tensors
@@ -12,17 +12,28 @@
 // each 128-key tile (32 KiB at head_dim 128) feeds 8.4 MFLOP of wgmma: about 2.5 TB/s of L2 traffic at
 // the GEMM peak, well inside what L2 delivers.
 //   - Warpgroup 0 is the producer: one thread issues the TMA loads (Q once, then K tiles).
-//   - Warpgroups 1 and 2 each own 128 rows as two m64 tiles. Per key tile a consumer issues the MMAs of
-//     m tile 0, then of m tile 1, and reduces m tile 0 while m tile 1 runs; the other warpgroup's MMAs
-//     cover the epilogue of m tile 1. (Also issuing the next key tile's m tile 0 before reducing m
-//     tile 1 makes ptxas serialize every wgmma, warning C7514: the schedule has to keep that
-//     warning away, see NOTES.md.)
-//   - Epilogue: per row and key block, the max over the block's kKeySamples columns. A quad of
-//     threads holds a row's 128 columns; a butterfly reduce-scatter (two shuffle rounds) leaves each
-//     thread the maxima of different key blocks (3 shuffles per row at 32 samples, instead of 8), and
-//     the scale is applied after the max (multiplication by a positive constant commutes with max
-//     exactly). Maxima go to a global [n_k][kRows] table, as in the sm80 kernel, and
-//     write_sampled_scores turns that into scores, its peaks kept in the operand tiles' shared memory.
+//   - Warpgroups 1 and 2 each own 128 rows as two m64 tiles, held in registers once Q has landed (RS
+//     wgmma: the MMAs read only K from shared memory; 1% faster at head_dim 128, the same at 64). Per
+//     key tile a consumer issues the MMAs of m tile 0, then of m tile 1, and reduces m tile 0 while m
+//     tile 1 runs; the other warpgroup's MMAs cover the epilogue of m tile 1. (Also issuing the next key
+//     tile's m tile 0 before reducing m tile 1 makes ptxas serialize every wgmma, warning C7514; two
+//     key tiles per iteration, all groups waited for within it, compile clean but ran 8% slower at
+//     head_dim 128: NOTES.md.)
+//   - Epilogue: per row and key block, the max over the block's kKeySamples columns, and the scale is
+//     applied after the max (multiplication by a positive constant commutes with max exactly). Maxima
+//     go to a global [n_k][kRows] table, as in the sm80 kernel, and write_sampled_scores turns that into
+//     scores, its peaks kept in the operand tiles' shared memory. At head_dim 64 the epilogue's maxima,
+//     not the MMAs, bound the mainloop (ncu, cogvideox: the consumer warps spend a sixth of it waiting
+//     on wgmma and the rest issuing or waiting on their own FMNMX chains; taking 16 of its 271
+//     instructions per tile away took 3.7% off the kernel), so its instruction count is what to cut:
+//     - At 32 samples per key block (block_n 128) the key tiles are loaded with their rows transposed
+//       (encode_row_transposed_map): accumulator column 8 j + 2 t + e then holds tile row
+//       32 t + 16 e + j, so all 32 columns a thread holds of a row are samples of key block t, and a
+//       row's block maximum is 31 FMNMX in one thread, no shuffles. (Which sample lands in which column
+//       does not matter to a max.)
+//     - At 16 or 8 samples (whose transposed box would need a sixth dimension) a quad of threads holds a
+//       row's 128 columns; a butterfly reduce-scatter (two shuffle rounds) leaves each thread the maxima
+//       of different key blocks.
 //   - The table is the CTA's for its lifetime only: a CTA takes one of the host's per-SM table slots
 //     (../table_slots.cuh), so one launch covers every head (no head chunks sized to a memory cap, each
 //     ending in a partial wave) and the scratch is SMs x kRows x n_k floats whatever the batch.
@@ -47,6 +58,7 @@ namespace psa::kernels::sm90 {
 
 // SampledParams plus the TMA descriptors of the sampled rows: read in place (compact rows before
 // p.q_rows_begin / p.k_rows_begin) and copied (p.q_rows, p.k_rows). A map with no rows to read is left unset.
+// At 32 samples per key block both key maps are row-transposed (encode_row_transposed_map).
 struct SampledSm90Params {
   SampledParams base;
   CUtensorMap q_in_place_map;  // q from token default_step / 2, every default_step-th token; box kRows x 64
@@ -54,6 +66,9 @@ struct SampledSm90Params {
   CUtensorMap q_copy_map;      // [B, Hq, n_q * q_samples - q_rows_begin, D], box kRows x 64
   CUtensorMap k_copy_map;      // [B, Hkv, n_k * k_samples - k_rows_begin, D], box kTileN x 64
 };
+
+// Whether the key tiles come row-transposed (see the header comment): the kernel's loads and the host's maps.
+constexpr bool transposed_key_tiles(int key_samples) { return key_samples == 32; }
 
 template <typename T, int kHeadDim>
 struct SampledSm90Operands {
@@ -146,8 +161,17 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
       TxBarrier::expect_transaction(&smem.full[stage], static_cast<uint32_t>(sizeof(smem.operands.k[0])));
 #pragma unroll
       for (int panel = 0; panel < kPanels; ++panel) {
-        load_rows(params.k_in_place_map, params.k_copy_map, p.k_rows_begin, tile * kTileN, &smem.full[stage],
-                  &smem.operands.k[stage][panel][0][0], panel * kPanelColumns, kv_head, b);
+        T* destination = &smem.operands.k[stage][panel][0][0];
+        if constexpr (transposed_key_tiles(kKeySamples)) {
+          static_assert(kTileN == 128, "a transposed box is 8 x 16 rows");
+          const bool copied = tile * kTileN >= p.k_rows_begin;
+          const int first_row = copied ? tile * kTileN - p.k_rows_begin : tile * kTileN;
+          cute::SM90_TMA_LOAD_5D::copy(copied ? &params.k_copy_map : &params.k_in_place_map, &smem.full[stage], 0,
+                                       destination, panel * kPanelColumns, first_row / 16, 0, kv_head, b);
+        } else {
+          load_rows(params.k_in_place_map, params.k_copy_map, p.k_rows_begin, tile * kTileN, &smem.full[stage],
+                    destination, panel * kPanelColumns, kv_head, b);
+        }
       }
       Barrier::arrive(&smem.full[stage]);
     }
@@ -176,19 +200,33 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
 
   using Accumulator = float[kTileN / 2];  // m64n128: column of element 4j + e is 8j + 2t + (e & 1)
   Accumulator acc[kMTiles];
-  // Operand descriptors built once; per MMA only the start address moves (SmemDescriptor::at).
-  const auto q_desc = SmemDescriptor::of(&smem.operands.q[0][consumer * 64 * kMTiles][0], 16, kSwizzleAtomBytes);
+  // K's descriptor built once; per MMA only the start address moves (SmemDescriptor::at).
   const auto k_desc = SmemDescriptor::of(&smem.operands.k[0][0][0][0], 16, kSwizzleAtomBytes);
   constexpr uint32_t kStageBytes = sizeof(smem.operands.k[0]);
+  // The warp's 16 rows of each m tile in registers, as the m64k16 A fragments of RS wgmma: the MMAs then
+  // read only K from shared memory. ldmatrix lane l reads row l % 16, 16-byte chunk l / 16 of a k16 step,
+  // where the 128-byte swizzle put it (chunk ^ row % 8).
+  uint32_t q_fragments[kMTiles][kHeadDim / 16][4];
+  const auto load_q = [&] {
+#pragma unroll
+    for (int mt = 0; mt < kMTiles; ++mt) {
+      const int row = consumer * 64 * kMTiles + mt * 64 + warp_in_group * 16 + (lane & 15);
+#pragma unroll
+      for (int kk = 0; kk < kHeadDim / 16; ++kk) {
+        const int chunk = (kk % 4) * 2 + (lane >> 4);
+        ldmatrix_x4(q_fragments[mt][kk],
+                    &smem.operands.q[kk / 4][row][((chunk ^ (row & 7)) * 16) / static_cast<int>(sizeof(T))]);
+      }
+    }
+  };
   // Issues S[m tile mt] = Q K^T for the key tile in `stage` (asynchronous; one commit group).
   auto issue = [&](int mt, int stage) {
     fence_registers(acc[mt]);
     cute::warpgroup_arrive();
 #pragma unroll
     for (int kk = 0; kk < kHeadDim / 16; ++kk) {
-      const uint32_t q_offset = k_major_step_offset(kk, kRows) + mt * 64 * kPanelRowBytes;
       const uint32_t k_offset = stage * kStageBytes + k_major_step_offset(kk, kTileN);
-      mma_ss<T, kTileN>(q_desc.at(q_offset), k_desc.at(k_offset), acc[mt], kk > 0);
+      mma_rs_k_major<T, kTileN>(q_fragments[mt][kk], k_desc.at(k_offset), acc[mt], kk > 0);
     }
     cute::warpgroup_commit_batch();
   };
@@ -197,19 +235,32 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
     fence_registers(acc[mt]);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float groups[kGroups];
+      float owned[kGroups / 4];  // the maxima of key blocks 4 m + t of the tile, unscaled
+      if constexpr (transposed_key_tiles(kKeySamples)) {
+        // All 32 of the row's columns here are key block t's: a pairwise tree, 5 deep.
+        float level[16];
 #pragma unroll
-      for (int group = 0; group < kGroups; ++group) {
-        float m = -INFINITY;
+        for (int j = 0; j < 16; ++j) level[j] = max_nan(acc[mt][4 * j + 2 * r], acc[mt][4 * j + 2 * r + 1]);
 #pragma unroll
-        for (int c = 0; c < kGroupChunks; ++c) {
-          const int j = group * kGroupChunks + c;
-          m = max_nan(m, max_nan(acc[mt][4 * j + 2 * r], acc[mt][4 * j + 2 * r + 1]));
+        for (int j = 0; j < 8; ++j) level[j] = max_nan(level[j], level[j + 8]);
+#pragma unroll
+        for (int j = 0; j < 4; ++j) level[j] = max_nan(level[j], level[j + 4]);
+        owned[0] = max_nan(max_nan(level[0], level[2]), max_nan(level[1], level[3]));
+      } else {
+        float groups[kGroups];
+#pragma unroll
+        for (int group = 0; group < kGroups; ++group) {
+          float m = max_nan(acc[mt][4 * group * kGroupChunks + 2 * r],
+                            acc[mt][4 * group * kGroupChunks + 2 * r + 1]);
+#pragma unroll
+          for (int c = 1; c < kGroupChunks; ++c) {
+            const int j = group * kGroupChunks + c;
+            m = max_nan(m, max_nan(acc[mt][4 * j + 2 * r], acc[mt][4 * j + 2 * r + 1]));
+          }
+          groups[group] = m;
         }
-        groups[group] = m;
+        quad_reduce_scatter(groups, owned, t, [](float a, float b) { return max_nan(a, b); });
       }
-      float owned[kGroups / 4];
-      quad_reduce_scatter(groups, owned, t, [](float a, float b) { return max_nan(a, b); });
       const int slot = 2 * mt + r;
 #pragma unroll
       for (int m = 0; m < kGroups / 4; ++m) {
@@ -222,7 +273,10 @@ __global__ void __launch_bounds__(SampledSm90Shape<kHeadDim>::kThreads, 1)
   };
   static_assert(kMTiles == 2, "the mainloop overlaps one m tile's epilogue with the other's MMAs");
 
-  if (n_tiles > 0) Barrier::wait(&smem.q_full, 0);
+  if (n_tiles > 0) {
+    Barrier::wait(&smem.q_full, 0);
+    load_q();
+  }
   for (int tile = 0; tile < n_tiles; ++tile) {
     const int stage = tile % kStages;
     Barrier::wait(&smem.full[stage], (tile / kStages) & 1);
@@ -266,17 +320,22 @@ cudaError_t launch_estimate_sampled_sm90(const SampledParams& p, cudaStream_t st
   // every default_step tokens from token default_step / 2), the rest from the copy.
   const auto encode_maps = [&](CUtensorMap* in_place, CUtensorMap* copy, const void* input,
                                const int64_t (&stride)[3], int heads, int in_place_rows, int64_t rows,
-                               const void* copied, int box_rows) {
+                               const void* copied, int box_rows, bool transposed = false) {
+    // Row counts are multiples of 16 here: in-place rows of the box height, copied rows of whole blocks.
+    const auto encode = [&](CUtensorMap* map, const void* data, int64_t map_rows, const int64_t (&strides)[3]) {
+      return transposed ? encode_row_transposed_map(map, data, kBf16, p.batch, heads, map_rows, kHeadDim, strides)
+                        : encode_bhld_map(map, data, kBf16, p.batch, heads, map_rows, kHeadDim, strides, box_rows);
+    };
     cudaError_t status = cudaSuccess;
     if (in_place_rows > 0) {
       const int64_t row_stride[3] = {stride[0], stride[1], stride[2] * p.default_step};
-      const T* first = static_cast<const T*>(input) + p.default_step / 2 * stride[2];
-      status = encode_bhld_map(in_place, first, kBf16, p.batch, heads, in_place_rows, kHeadDim, row_stride, box_rows);
+      status = encode(in_place, static_cast<const T*>(input) + p.default_step / 2 * stride[2], in_place_rows,
+                      row_stride);
     }
     const int64_t copied_rows = rows - in_place_rows;
     if (status == cudaSuccess && copied_rows > 0) {
       const int64_t copy_stride[3] = {heads * copied_rows * kHeadDim, copied_rows * kHeadDim, kHeadDim};
-      status = encode_bhld_map(copy, copied, kBf16, p.batch, heads, copied_rows, kHeadDim, copy_stride, box_rows);
+      status = encode(copy, copied, copied_rows, copy_stride);
     }
     return status;
   };
@@ -284,7 +343,8 @@ cudaError_t launch_estimate_sampled_sm90(const SampledParams& p, cudaStream_t st
                                    p.q_rows_begin, static_cast<int64_t>(p.n_q) * p.q_samples, p.q_rows, Shape::kRows);
   if (status == cudaSuccess) {
     status = encode_maps(&params.k_in_place_map, &params.k_copy_map, p.k, p.k_stride, p.kv_heads, p.k_rows_begin,
-                         static_cast<int64_t>(p.n_k) * p.k_samples, p.k_rows, Shape::kTileN);
+                         static_cast<int64_t>(p.n_k) * p.k_samples, p.k_rows, Shape::kTileN,
+                         transposed_key_tiles(p.k_samples));
   }
   if (status != cudaSuccess) return status;
   // The host gives the kernel one table slot per SM (table_slots.cuh): sound only while a CTA's shared

@@ -54,4 +54,35 @@ inline cudaError_t encode_bhld_map(CUtensorMap* map, const void* data, bool is_b
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }
 
+// A 5-D map over 128-row tiles of `rows` rows of a [B, H, rows, D] tensor (strides: batch, head and row, in
+// elements) whose box lands in shared memory with its row order transposed as a 16 x 8 matrix: tile row
+// 16 i + c (i < 8, c < 16) becomes shared row i + 8 c, in the same 128-byte swizzle as encode_bhld_map's.
+// Dimensions, innermost first: D, row / 16 (stride 16 rows: i, and the tile through it), row % 16
+// (stride 1 row: c), H, B; a tile's box starts at (column, 8 * tile, 0, head, batch). Rows past `rows`
+// (a multiple of 16) read zeros. The sampled estimator loads its key tiles this way: see
+// estimate_sampled_sm90.cuh for why.
+inline cudaError_t encode_row_transposed_map(CUtensorMap* map, const void* data, bool is_bf16, int64_t batch,
+                                             int64_t heads, int64_t rows, int64_t head_dim,
+                                             const int64_t (&strides)[3]) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorSymbolNotFound;
+  if (rows % 16 != 0) return cudaErrorInvalidValue;  // the extent counts whole groups of 16 rows
+  constexpr int64_t kElementBytes = 2;
+  const cuuint64_t dims[5] = {static_cast<cuuint64_t>(head_dim), static_cast<cuuint64_t>(rows / 16), 16,
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  auto stride_bytes = [&](int64_t size, int64_t stride) {  // as in encode_bhld_map
+    return static_cast<cuuint64_t>((size == 1 ? head_dim : stride) * kElementBytes);
+  };
+  const cuuint64_t byte_strides[4] = {static_cast<cuuint64_t>(16 * strides[2] * kElementBytes),
+                                      static_cast<cuuint64_t>(strides[2] * kElementBytes),
+                                      stride_bytes(heads, strides[1]), stride_bytes(batch, strides[0])};
+  const cuuint32_t box[5] = {64, 8, 16, 1, 1};
+  const cuuint32_t element_strides[5] = {1, 1, 1, 1, 1};
+  const CUresult result = encode(map, is_bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 5,
+                                 const_cast<void*>(data), dims, byte_strides, box, element_strides,
+                                 CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
 }  // namespace psa::kernels::sm90

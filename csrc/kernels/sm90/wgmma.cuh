@@ -78,6 +78,10 @@ template <> struct AtomRS<__nv_bfloat16, 64> { using Op = gmma::MMA_64x64x16_F32
 template <> struct AtomRS<__nv_bfloat16, 128> { using Op = gmma::MMA_64x128x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>; };
 template <> struct AtomRS<__half, 64> { using Op = gmma::MMA_64x64x16_F32F16F16_RS<gmma::Major::K, gmma::Major::MN>; };
 template <> struct AtomRS<__half, 128> { using Op = gmma::MMA_64x128x16_F32F16F16_RS<gmma::Major::K, gmma::Major::MN>; };
+// RS with B K-major (B's rows are the N dimension: Q K^T with Q in registers).
+template <typename T, int N> struct AtomRSK;
+template <> struct AtomRSK<__nv_bfloat16, 128> { using Op = gmma::MMA_64x128x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::K>; };
+template <> struct AtomRSK<__half, 128> { using Op = gmma::MMA_64x128x16_F32F16F16_RS<gmma::Major::K, gmma::Major::K>; };
 
 namespace detail {
 template <typename Op, size_t... I>
@@ -85,8 +89,9 @@ __device__ __forceinline__ void mma_ss(uint64_t a, uint64_t b, float* d, gmma::S
   Op::fma(a, b, d[I]..., scale);
 }
 template <typename Op, size_t... I>
-__device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float* d, std::index_sequence<I...>) {
-  Op::fma(a[0], a[1], a[2], a[3], b, d[I]..., gmma::ScaleOut::One);
+__device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float* d, std::index_sequence<I...>,
+                                       gmma::ScaleOut scale = gmma::ScaleOut::One) {
+  Op::fma(a[0], a[1], a[2], a[3], b, d[I]..., scale);
 }
 }  // namespace detail
 
@@ -101,6 +106,15 @@ __device__ __forceinline__ void mma_ss(SmemDescriptor a, SmemDescriptor b, float
 template <typename T, int N>
 __device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], SmemDescriptor b, float (&d)[N / 2]) {
   detail::mma_rs<typename AtomRS<T, N>::Op>(a, b.word(), d, std::make_index_sequence<N / 2>{});
+}
+
+// A in registers (the m64k16 fragment of ldmatrix_x4), B K-major in shared memory; `accumulate` false
+// overwrites d.
+template <typename T, int N>
+__device__ __forceinline__ void mma_rs_k_major(const uint32_t (&a)[4], SmemDescriptor b, float (&d)[N / 2],
+                                               bool accumulate) {
+  detail::mma_rs<typename AtomRSK<T, N>::Op>(a, b.word(), d, std::make_index_sequence<N / 2>{},
+                                             accumulate ? gmma::ScaleOut::One : gmma::ScaleOut::Zero);
 }
 
 // Keeps the compiler from moving reads or writes of accumulator registers across the asynchronous

@@ -17,6 +17,7 @@ density 0.15 / 0.30 / 1.0 (all level 1) it prints:
 
 Before that, per shape, the cost of each stage at the default config as a share of dense cuDNN:
 pyramid, estimate with each estimator (sampled, pooled, antidiagonal), assign, the attention kernel.
+The pooled estimate is timed as sparse_attention runs it: reading the pyramid's k8, not k.
 
 Usage: python benchmarks/bench_attention.py [--shapes wan1.3b_480p,...] [--densities 0.15,0.3,1.0]
            [--estimators sampled,pooled,antidiagonal] [--no-stages] [--no-densities] [--kernels] [--site DIR]
@@ -35,6 +36,7 @@ FlexAttention's block-sparse forward + backward at psa's measured density (its t
 
 import argparse
 import datetime
+import functools
 import os
 import site
 import sys
@@ -172,11 +174,13 @@ def print_stage_table(shapes, estimators, kernels=False):
         scores = psa.estimate_importance(q, k, config)
         levels = psa.assign_levels(scores, config, k=k, q_len=shape.tokens)
         times = [bench(lambda: psa.kv_pyramid(k, v))]
-        for estimator in estimators:
-            estimator_config = psa.PSAConfig(estimator=estimator)
-            times.append(bench(lambda: psa.estimate_importance(q, k, estimator_config)))
-        times.append(bench(lambda: psa.assign_levels(scores, config, k=k, q_len=shape.tokens)))
         pyramid = psa.kv_pyramid(k, v)
+        for estimator in estimators:
+            # As in sparse_attention: the pooled estimator reads the pyramid's k8 rather than k.
+            estimate = functools.partial(psa.estimate_importance, q, k, psa.PSAConfig(estimator=estimator),
+                                         k8=pyramid[8][0] if estimator == "pooled" else None)
+            times.append(bench(estimate))
+        times.append(bench(lambda: psa.assign_levels(scores, config, k=k, q_len=shape.tokens)))
         times.append(bench(lambda: psa.attention_over_pyramid(q, pyramid, levels, block_m=config.block_m,
                                                               block_n=config.block_n)))
         times.append(bench(lambda: psa.sparse_attention(q, k, v, config)))
@@ -184,8 +188,9 @@ def print_stage_table(shapes, estimators, kernels=False):
         if kernels:
             print_kernel_times("pyramid", lambda: psa.kv_pyramid(k, v))
             for estimator in estimators:
-                estimator_config = psa.PSAConfig(estimator=estimator)
-                print_kernel_times(estimator, lambda: psa.estimate_importance(q, k, estimator_config))
+                print_kernel_times(estimator, functools.partial(
+                    psa.estimate_importance, q, k, psa.PSAConfig(estimator=estimator),
+                    k8=pyramid[8][0] if estimator == "pooled" else None))
             print_kernel_times("assign", lambda: psa.assign_levels(scores, config, k=k, q_len=shape.tokens))
         q = k = v = scores = levels = pyramid = None
         torch.cuda.empty_cache()

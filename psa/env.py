@@ -69,7 +69,7 @@ def report() -> str:
         "  estimate_importance sampled: " + (
             "row gather + TMA/wgmma GEMM (sm90) for 8, 16 or 32 offsets per block" if hopper
             else "mma.sync kernel (sm80) for 8, 16 or 32 offsets per block") + "; other counts: ATen (cuBLAS)",
-        "  estimate_importance pooled: CUDA block means + scores kernels",
+        "  estimate_importance pooled: CUDA block means (keys from kv_pyramid's k8 if given), 3xTF32 mma.sync scores",
         "  estimate_importance antidiagonal: " + (
             "TMA/wgmma kernel (sm90)" if hopper else "mma.sync kernel (sm80)") +
         " where block_m / stride divides 64 and block_n / stride is 8 to 64; otherwise ATen (cuBLAS, chunked)",

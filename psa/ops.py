@@ -102,20 +102,22 @@ def kv_pyramid(k: torch.Tensor, v: torch.Tensor) -> Dict[int, Tuple[torch.Tensor
 
 
 def estimate_importance(q: torch.Tensor, k: torch.Tensor, config: Optional[PSAConfig] = None, *,
-                        scale: Optional[float] = None,
-                        generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                        scale: Optional[float] = None, generator: Optional[torch.Generator] = None,
+                        k8: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Block scores, float32 `[B, Hq, n_q, n_k]`; rows sum to 1 over their candidate blocks.
 
     `generator` (sampled estimator only) draws the sampled offsets; without it they are evenly strided,
-    so the same inputs always give the same scores.
+    so the same inputs always give the same scores. `k8` (pooled estimator only) is `kv_pyramid(k, v)[8][0]`
+    when you have it: the key means are then taken from it instead of from a pass over `k` (the same
+    scores, docs/spec.md section 4), as `sparse_attention` does.
     """
     c = _config(config)
     _check_generator(generator, c)
-    _check_same_device(q=q, k=k)
+    _check_same_device(q=q, k=k, k8=k8)
     return _ops.estimate_importance(
         q, k, block_m=c.block_m, block_n=c.block_n, method=c.estimator, scale=scale, causal=c.causal,
         stride=c.stride, q_offsets=_sample_offsets(c.block_m, generator, q.device),
-        k_offsets=_sample_offsets(c.block_n, generator, q.device))
+        k_offsets=_sample_offsets(c.block_n, generator, q.device), k8=k8)
 
 
 def assign_levels(scores: torch.Tensor, config: Optional[PSAConfig] = None, *, k: Optional[torch.Tensor] = None,
@@ -230,8 +232,8 @@ def _kv_pyramid_backward_fake(dk2, dv2, dk4, dv4, dk8, dv8, *, k_len):
 
 
 @torch.library.register_fake("psa::estimate_importance")
-def _estimate_importance_fake(q, k, q_offsets=None, k_offsets=None, *, block_m, block_n, method, scale=None,
-                              causal=False, stride=8):
+def _estimate_importance_fake(q, k, q_offsets=None, k_offsets=None, k8=None, *, block_m, block_n, method,
+                              scale=None, causal=False, stride=8):
     return q.new_empty(q.shape[0], q.shape[1], _ceil_div(q.shape[2], block_m), _ceil_div(k.shape[2], block_n),
                        dtype=torch.float32)
 

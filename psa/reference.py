@@ -225,12 +225,27 @@ def _block_means(x: torch.Tensor, block: int) -> torch.Tensor:
     return pool_tokens(x.double() if x.dtype == torch.float64 else x.float(), block)
 
 
+def key_block_means(k: torch.Tensor, block_n: int, dtype: torch.dtype) -> torch.Tensor:
+    """`kbar_j` of the pooled estimator in `dtype`: key block `j`'s level-8 pooled keys (rounded to
+    `k.dtype`), each weighted by how many keys it covers."""
+    k_len = k.shape[-2]
+    k8 = pool_tokens(k, 8).to(dtype)
+    counts = pool_counts(k_len, 8, k.device).to(dtype)
+    per_block = block_n // 8
+    n_k = num_blocks(k_len, block_n)
+    weighted = torch.nn.functional.pad(k8 * counts[:, None], (0, 0, 0, n_k * per_block - k8.shape[-2]))
+    sums = weighted.unflatten(-2, (n_k, per_block)).sum(-2)
+    return sums / pool_counts(k_len, block_n, k.device).to(dtype)[:, None]
+
+
 def estimate_pooled(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: int,
                     scale: Optional[float] = None, causal: bool = False) -> torch.Tensor:
+    """`k` may be of a lower precision than `q`: its level-8 keys are rounded to `k.dtype` (the
+    kernels' bfloat16 / float16), everything after that is computed in `q`'s precision."""
     q_len, k_len, head_dim = q.shape[-2], k.shape[-2], q.shape[-1]
     scale = head_dim ** -0.5 if scale is None else scale
     q_mean = _block_means(q, block_m)
-    k_mean = _block_means(repeat_kv_heads(k, q.shape[1]), block_n)
+    k_mean = key_block_means(repeat_kv_heads(k, q.shape[1]), block_n, q_mean.dtype)
     logits = torch.matmul(q_mean, k_mean.transpose(-1, -2)) * scale
     candidates = candidate_blocks(q_len, k_len, block_m, block_n, causal, q.device)
     logits = logits.masked_fill(~candidates, float("-inf"))

@@ -30,6 +30,9 @@ def main():
                                        sim_thresholds=(0.0, -0.1, -0.2))
                 out, levels = psa.sparse_attention(q, k, v, config, force_keys=range(290, 301), return_levels=True)
                 assert torch.isfinite(out).all()
+            # The pooled estimator pooling k itself (sparse_attention hands it the pyramid's k8).
+            psa.estimate_importance(q, k, psa.PSAConfig(block_m=block_m, block_n=block_n, estimator="pooled",
+                                                        causal=causal))
             # The backward kernels (dq query-major, dK / dV key-major per level) through autograd.
             leaves = [x.detach().requires_grad_(True) for x in (q, k, v)]
             out = psa.attention_with_levels(*leaves, levels, block_m=block_m, block_n=block_n, causal=causal)
@@ -40,6 +43,12 @@ def main():
         config = psa.PSAConfig(estimator="antidiagonal", causal=causal)
         psa.estimate_importance(rand(1, 2, 2100, 128, dtype=torch.bfloat16), rand(1, 1, 4500, 128, dtype=torch.bfloat16),
                                 config)
+    # The pooled kernels over several CTAs and key stages (35 query blocks, 32 a CTA; 80 key blocks, 64 a stage).
+    for causal in (False, True):
+        q, k = rand(1, 2, 1100, 128, dtype=torch.float16), rand(1, 1, 2555, 128, dtype=torch.float16)
+        config = psa.PSAConfig(block_m=32, block_n=32, estimator="pooled", causal=causal)
+        psa.estimate_importance(q, k, config)
+        psa.estimate_importance(q, k, config, k8=psa.kv_pyramid(k, k)[8][0])
     # The sampled kernels over several CTAs and key tiles: on Hopper, rows read in place (default offsets)
     # beside the copied rows of the partial last blocks.
     for causal in (False, True):

@@ -12,8 +12,10 @@ pytestmark = [pytest.mark.cuda, requires_cuda]
 
 def check_scores(scores, q, k, causal, **kwargs):
     """Scores against the float64 reference on the same (rounded) inputs: the kernels multiply
-    bf16/fp16 values exactly and sum in fp32, so only fp32 rounding separates them."""
-    expected = reference.estimate_importance(q.double().cpu(), k.double().cpu(), causal=causal, **kwargs).double()
+    bf16/fp16 values exactly and sum in fp32, so only fp32 rounding separates them. The pooled
+    estimator's reference takes k in its dtype, to round the level-8 keys as the kernels do."""
+    k_ref = k.cpu() if kwargs["method"] == "pooled" else k.double().cpu()
+    expected = reference.estimate_importance(q.double().cpu(), k_ref, causal=causal, **kwargs).double()
     assert scores.is_cuda and scores.dtype == torch.float32 and scores.shape == expected.shape
     torch.testing.assert_close(scores.cpu().double(), expected, atol=2e-5, rtol=1e-3)
     candidates = reference.candidate_blocks(q.shape[2], k.shape[2], kwargs["block_m"], kwargs["block_n"], causal)
@@ -109,6 +111,23 @@ def test_pooled_many_blocks(rng, causal, head_dim):
     config = PSAConfig(block_m=64, block_n=32, estimator="pooled", causal=causal)
     scores = psa.estimate_importance(q, k, config)
     check_scores(scores, q, k, causal, method="pooled", block_m=64, block_n=32)
+
+
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_m,block_n", [(128, 128), (64, 32), (32, 64)])
+def test_pooled_from_the_pyramids_k8(rng, dtype, head_dim, causal, block_m, block_n):
+    # The pipeline's path: key means from kv_pyramid's k8 (the CUDA pyramid kernel) are those the
+    # estimator takes by pooling k itself, bit for bit, and both match the reference; odd lengths (a
+    # partial group of 8 keys, partial blocks), GQA, a [B, L, H, D] view.
+    q = randn(rng, 2, 333, 4, head_dim, dtype=dtype, device="cuda").transpose(1, 2)
+    k = randn(rng, 2, 301, 2, head_dim, dtype=dtype, device="cuda").transpose(1, 2)
+    k8 = psa.kv_pyramid(k, k)[8][0]
+    config = PSAConfig(block_m=block_m, block_n=block_n, estimator="pooled", causal=causal)
+    scores = psa.estimate_importance(q, k, config, k8=k8)
+    assert torch.equal(scores, psa.estimate_importance(q, k, config))
+    check_scores(scores, q, k, causal, method="pooled", block_m=block_m, block_n=block_n)
 
 
 @pytest.mark.parametrize("mode", ["topk", "threshold"])

@@ -114,6 +114,13 @@ def test_bad_op_arguments():
         torch.ops.psa.estimate_importance(q, k, block_m=64, block_n=64, method="antidiagonal", stride=3)
     with pytest.raises(RuntimeError, match=r"q_offsets must lie in \[0, 64\)"):
         torch.ops.psa.estimate_importance(q, k, torch.tensor([70]), block_m=64, block_n=64, method="sampled")
+    k8 = psa.kv_pyramid(k, k)[8][0]
+    with pytest.raises(RuntimeError, match="k8 applies to the 'pooled' method only, got method 'sampled'"):
+        torch.ops.psa.estimate_importance(q, k, k8=k8, block_m=64, block_n=64, method="sampled")
+    with pytest.raises(RuntimeError, match=r"k8 must have shape \[B, Hkv, ceil\(Lk/8\), D\] = \[1, 2, 13, 32\]"):
+        torch.ops.psa.estimate_importance(q, k, k8=k8[:, :, :12], block_m=64, block_n=64, method="pooled")
+    with pytest.raises(RuntimeError, match="k8 must have the same dtype as k"):
+        torch.ops.psa.estimate_importance(q, k, k8=k8.double(), block_m=64, block_n=64, method="pooled")
     scores = torch.rand(1, 4, 2, 2)
     common = dict(block_m=64, block_n=64, q_len=100, k_len=100)
     with pytest.raises(RuntimeError, match="mode must be 'topk' or 'threshold'"):

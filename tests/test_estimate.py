@@ -39,6 +39,18 @@ def naive_pooled(q, k, block_m, block_n, scale):
     return torch.softmax(scale * q_means @ k_means.T, -1)
 
 
+def naive_pooled_rounded(q, k, block_m, block_n, scale):
+    """Spec section 4 'pooled' for 16-bit k, one block at a time: each key block's mean over its level-8
+    keys (the mean of up to 8 keys in float32, rounded to k's dtype), weighted by the keys each covers."""
+    q_means = torch.stack([q[i:i + block_m].double().mean(0) for i in range(0, q.shape[0], block_m)])
+    k_means = []
+    for j in range(0, k.shape[0], block_n):
+        groups = [k[t:min(t + 8, j + block_n)] for t in range(j, min(j + block_n, k.shape[0]), 8)]
+        pooled = [(g.float().sum(0) / g.shape[0]).to(k.dtype).double() * g.shape[0] for g in groups]
+        k_means.append(sum(pooled) / sum(g.shape[0] for g in groups))
+    return torch.softmax(scale * q_means @ torch.stack(k_means).T, -1)
+
+
 def naive_antidiagonal(q, k, block_m, block_n, scale, stride):
     """Non-causal antidiagonal scores from the full Q K^T, summing each tile's antidiagonal."""
     q_len, k_len = q.shape[0], k.shape[0]
@@ -94,6 +106,31 @@ def test_pooled_and_antidiagonal_match_literal_spec(rng):
     anti = psa.estimate_importance(q, k, PSAConfig(block_m=64, block_n=32, estimator="antidiagonal", stride=4))
     torch.testing.assert_close(anti[0, 0].double(), naive_antidiagonal(q[0, 0], k[0, 0], 64, 32, 0.25, 4),
                                atol=1e-6, rtol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_pooled_key_means_are_taken_over_the_level8_keys(rng, dtype):
+    # 16-bit keys: the level-8 rounding shows in the scores (8e-5 here, 80 times the tolerance, which is
+    # float32's); 301 keys end in a partial group of 5 and a partial block.
+    q = randn(rng, 1, 1, 150, 16, dtype=dtype)
+    k = (4 * randn(rng, 1, 1, 301, 16)).to(dtype)
+    pooled = psa.estimate_importance(q, k, PSAConfig(block_m=64, block_n=32, estimator="pooled"))
+    expected = naive_pooled_rounded(q[0, 0], k[0, 0], 64, 32, 0.25)
+    torch.testing.assert_close(pooled[0, 0].double(), expected, atol=1e-6, rtol=1e-5)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("causal", [False, True])
+def test_pooled_reads_the_pyramids_k8_to_the_same_scores(rng, device, dtype, causal):
+    # sparse_attention hands the pooled estimator the pyramid's k8: the scores are those of pooling k,
+    # bit for bit (the same level-8 values, added in the same order). [B, L, H, D] views, GQA.
+    # (test_cuda_estimate_assign.py holds the CUDA kernels to the same.)
+    q = randn(rng, 2, 333, 4, 64, dtype=dtype, device=device).transpose(1, 2)
+    k = randn(rng, 2, 301, 2, 64, dtype=dtype, device=device).transpose(1, 2)
+    config = PSAConfig(block_m=64, block_n=32, estimator="pooled", causal=causal)
+    k8 = psa.kv_pyramid(k, k)[8][0]
+    assert torch.equal(psa.estimate_importance(q, k, config, k8=k8), psa.estimate_importance(q, k, config))
 
 
 @pytest.mark.parametrize("method", METHODS)

@@ -26,7 +26,8 @@ def samples(device, dtype=torch.float32):
         "kv_pyramid_backward": [(tuple(torch.ops.psa.kv_pyramid(k, v)), dict(k_len=90))],
         "estimate_importance": [
             ((q, k), dict(block_m=64, block_n=32, method=method, causal=causal))
-            for method in ("sampled", "antidiagonal", "pooled") for causal in (False, True)],
+            for method in ("sampled", "antidiagonal", "pooled") for causal in (False, True)] + [
+            ((q, k, None, None, torch.ops.psa.kv_pyramid(k, v)[4]), dict(block_m=64, block_n=32, method="pooled"))],
         "assign_levels": [
             ((scores,), dict(mode="topk", bounds=[0.2, 0.4, 0.6, 0.8], block_m=64, block_n=32, q_len=100, k_len=90)),
             ((scores, keys, None, k), dict(mode="threshold", bounds=[0.5, 0.6, 0.7, 0.8], block_m=64, block_n=32,

@@ -8,6 +8,7 @@
 
 #include "device_utils.cuh"
 #include "params.h"
+#include "pyramid_group.cuh"
 
 namespace psa::kernels {
 
@@ -34,12 +35,7 @@ __global__ void __launch_bounds__(kPyramidThreads) kv_pyramid_kernel(PyramidPara
     float x[8];
 #pragma unroll
     for (int t = 0; t < 8; ++t) x[t] = t < real ? to_float(row[t * stride[2]]) : 0.f;
-    float s2[4], s4[2];
-#pragma unroll
-    for (int t = 0; t < 4; ++t) s2[t] = x[2 * t] + x[2 * t + 1];
-    s4[0] = s2[0] + s2[1];
-    s4[1] = s2[2] + s2[3];
-    const float s8 = s4[0] + s4[1];
+    const PyramidGroupSums sums = pyramid_group_sums(x);
 
     void* const* out = tensor == 0 ? p.k_out : p.v_out;
     const int64_t head_base = static_cast<int64_t>(bh);
@@ -51,14 +47,14 @@ __global__ void __launch_bounds__(kPyramidThreads) kv_pyramid_kernel(PyramidPara
 #pragma unroll
     for (int t = 0; t < 4; ++t) {
       const int count = min(2, real - 2 * t);
-      if (count > 0) out2[t * p.head_dim] = from_float<T>(s2[t] / count);
+      if (count > 0) out2[t * p.head_dim] = from_float<T>(pooled_mean(sums.s2[t], count));
     }
 #pragma unroll
     for (int t = 0; t < 2; ++t) {
       const int count = min(4, real - 4 * t);
-      if (count > 0) out4[t * p.head_dim] = from_float<T>(s4[t] / count);
+      if (count > 0) out4[t * p.head_dim] = from_float<T>(pooled_mean(sums.s4[t], count));
     }
-    out8[0] = from_float<T>(s8 / real);
+    out8[0] = from_float<T>(pooled_mean(sums.s8, real));
   }
 }
 

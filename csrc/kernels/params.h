@@ -127,8 +127,10 @@ struct AntidiagonalParams {
 struct PooledParams {
   const void* q;                      // [B, Hq, Lq, D]
   const void* k;                      // [B, Hkv, Lk, D]
+  const void* k8;                     // [B, Hkv, ceil(Lk/8), D]: the pyramid's level-8 keys, or null (pool k)
   int64_t q_stride[3];
   int64_t k_stride[3];
+  int64_t k8_stride[3];
   float* q_means;                     // scratch [B, Hq, n_q, D]
   float* k_means;                     // scratch [B, Hkv, n_k, D]
   float* scores;                      // [B, Hq, n_q, n_k], contiguous

@@ -104,4 +104,24 @@ struct SampledShape {
 // Largest n_k (key blocks per row) level assignment handles: threads x items of its biggest variant.
 constexpr int kAssignMaxBlocks = 4096;
 
+// The pooled estimator's means (estimate_pooled.cuh): one query block per CTA; key blocks from k8 one
+// (block, 8-column chunk) per thread; key blocks pooled from k one (block, group of 8 keys, chunk) per thread.
+struct PooledMeansShape {
+  static constexpr int kThreads = 256;
+  // A memory-bound pass: enough CTAs resident (each with 32 KiB of loads in flight) to cover DRAM latency.
+  static constexpr int kMinCtasPerSm = 4;
+  static constexpr int key_blocks_per_cta(int head_dim, int block_n, bool from_level8) {
+    return from_level8 ? kThreads / (head_dim / 8)
+                       : (block_n / 8 * (head_dim / 8) >= kThreads ? 1 : kThreads / (block_n / 8 * (head_dim / 8)));
+  }
+};
+
+// The pooled estimator's logits (estimate_pooled.cuh): one m16 tile of query blocks per CTA against n8
+// tiles of key blocks, mma.sync in 3xTF32.
+struct PooledScoresShape {
+  static constexpr int kThreads = 128;
+  static constexpr int kRowsPerCta = 16;   // query blocks: one m16 tile
+  static constexpr int kTilesPerWarp = 4;  // n8 tiles of key blocks a warp takes per pass (128 keys a CTA)
+};
+
 }  // namespace psa::kernels

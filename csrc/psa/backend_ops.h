@@ -34,11 +34,12 @@ struct BackendOps {
 
   static at::Tensor estimate_importance(const at::Tensor& q, const at::Tensor& k,
                                         const std::optional<at::Tensor>& q_offsets,
-                                        const std::optional<at::Tensor>& k_offsets, int64_t block_m, int64_t block_n,
+                                        const std::optional<at::Tensor>& k_offsets,
+                                        const std::optional<at::Tensor>& k8, int64_t block_m, int64_t block_n,
                                         const std::string& method, std::optional<double> scale, bool causal,
                                         int64_t stride) {
     const EstimateArgs args =
-        prepare_estimate_importance(q, k, q_offsets, k_offsets, block_m, block_n, method, scale, stride);
+        prepare_estimate_importance(q, k, q_offsets, k_offsets, block_m, block_n, method, scale, stride, k8);
     switch (args.method) {
       case EstimateMethod::kSampled:
         Backend::check_offsets(args, block_m, block_n);
@@ -47,7 +48,7 @@ struct BackendOps {
       case EstimateMethod::kAntidiagonal:
         return Backend::estimate_antidiagonal(q, k, block_m, block_n, args.scale, causal, stride);
       case EstimateMethod::kPooled:
-        return Backend::estimate_pooled(q, k, block_m, block_n, args.scale, causal);
+        return Backend::estimate_pooled(q, k, args.k8, block_m, block_n, args.scale, causal);
     }
     PSA_CHECK(false, "psa.estimate_importance: unknown method");
   }

@@ -135,16 +135,16 @@ void check_level_values(const char* op, const at::Tensor& levels) {
             std::get<0>(at::_unique(levels.masked_select(valid.logical_not()))));
 }
 
+void check_pooled_keys(const char* op, const char* name, const at::Tensor& t, const at::Tensor& k, int64_t level) {
+  check_tensor(op, name, t, "k", k);
+  const std::vector<int64_t> expected = {k.size(0), k.size(1), ceil_div(k.size(2), level), k.size(3)};
+  PSA_CHECK(t.sizes() == at::IntArrayRef(expected), op, ": ", name, " must have shape [B, Hkv, ceil(Lk/", level,
+            "), D] = ", expected, " (kv_pyramid's output for k and v), got ", t.sizes());
+}
+
 void check_pyramid(const char* op, const at::Tensor& k, const std::vector<at::Tensor>& pooled) {
   static const char* const kNames[] = {"k2", "v2", "k4", "v4", "k8", "v8"};
-  for (size_t i = 0; i < pooled.size(); ++i) {
-    const at::Tensor& t = pooled[i];
-    const int64_t level = int64_t{2} << (i / 2);
-    check_tensor(op, kNames[i], t, "k", k);
-    const std::vector<int64_t> expected = {k.size(0), k.size(1), ceil_div(k.size(2), level), k.size(3)};
-    PSA_CHECK(t.sizes() == at::IntArrayRef(expected), op, ": ", kNames[i], " must have shape [B, Hkv, ceil(Lk/",
-              level, "), D] = ", expected, " (kv_pyramid's output for k and v), got ", t.sizes());
-  }
+  for (size_t i = 0; i < pooled.size(); ++i) check_pooled_keys(op, kNames[i], pooled[i], k, int64_t{2} << (i / 2));
 }
 
 void check_pyramid_gradients(const char* op, const std::vector<at::Tensor>& d_pooled, int64_t k_len) {

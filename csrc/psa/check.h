@@ -67,6 +67,8 @@ double check_attention_inputs(const char* op, const at::Tensor& q, const at::Ten
 void check_level_values(const char* op, const at::Tensor& levels);
 // The pyramid {k2, v2, k4, v4, k8, v8} of k and v: level l is [B, Hkv, ceil(Lk/l), D], dtype and device of k.
 void check_pyramid(const char* op, const at::Tensor& k, const std::vector<at::Tensor>& pooled);
+// One pooled tensor of k's pyramid, `name` at level `level`, as check_pyramid checks each.
+void check_pooled_keys(const char* op, const char* name, const at::Tensor& t, const at::Tensor& k, int64_t level);
 // Whether any tensor has symbolic sizes (torch.compile with dynamic shapes traces the composite ops
 // with such tensors; their checks run in the stage ops instead).
 bool any_symbolic(std::initializer_list<at::Tensor> tensors);

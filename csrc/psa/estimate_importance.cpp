@@ -31,13 +31,15 @@ EstimateArgs prepare_estimate_importance(const at::Tensor& q, const at::Tensor& 
                                          const std::optional<at::Tensor>& q_offsets,
                                          const std::optional<at::Tensor>& k_offsets, int64_t block_m,
                                          int64_t block_n, const std::string& method, std::optional<double> scale,
-                                         int64_t stride) {
+                                         int64_t stride, const std::optional<at::Tensor>& k8) {
   constexpr const char* op = "psa.estimate_importance";
   check_qk(op, q, k);
   check_block_sizes(op, block_m, block_n);
   EstimateArgs args;
   args.scale = scale.value_or(1.0 / std::sqrt(static_cast<double>(q.size(3))));
   PSA_CHECK(std::isfinite(args.scale), op, ": scale must be finite, got ", args.scale);
+  PSA_CHECK(!k8.has_value() || method == "pooled", op, ": k8 applies to the 'pooled' method only, got method '",
+            method, "'");
   if (method == "sampled") {
     args.method = EstimateMethod::kSampled;
     args.q_offsets = checked_offsets("q_offsets", q_offsets, block_m, q);
@@ -56,6 +58,10 @@ EstimateArgs prepare_estimate_importance(const at::Tensor& q, const at::Tensor& 
     args.method = EstimateMethod::kAntidiagonal;
   } else {
     args.method = EstimateMethod::kPooled;
+    if (k8.has_value()) {
+      check_pooled_keys(op, "k8", *k8, k, 8);
+      args.k8 = *k8;
+    }
   }
   return args;
 }

@@ -33,12 +33,14 @@ struct EstimateArgs {
   // sampled: the offsets are the default ones (known without reading them), so the CUDA kernel may read
   // the sampled rows of full blocks in place (every kDefaultSampleStep-th token).
   bool default_q_offsets = false, default_k_offsets = false;
+  // pooled: the pyramid's level-8 keys of k (kv_pyramid's k8), or undefined: the backend pools k itself.
+  at::Tensor k8;
 };
 EstimateArgs prepare_estimate_importance(const at::Tensor& q, const at::Tensor& k,
                                          const std::optional<at::Tensor>& q_offsets,
                                          const std::optional<at::Tensor>& k_offsets, int64_t block_m,
                                          int64_t block_n, const std::string& method, std::optional<double> scale,
-                                         int64_t stride);
+                                         int64_t stride, const std::optional<at::Tensor>& k8);
 // CPU only, sampled method: offsets within [0, block) (on the GPU the check would cost a host sync; the
 // kernels clamp).
 void check_offsets_in_block(const EstimateArgs& args, int64_t block_m, int64_t block_n);
@@ -80,7 +82,8 @@ std::tuple<at::Tensor, at::Tensor> attention_with_levels(const at::Tensor& q, co
                                                          int64_t block_m, int64_t block_n,
                                                          std::optional<double> scale, bool causal);
 
-// (out, lse, levels): estimate_importance -> assign_levels -> attention_with_levels.
+// (out, lse, levels): kv_pyramid -> estimate_importance (the pooled estimator reads the pyramid's k8) ->
+// assign_levels -> attention_over_pyramid.
 std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention(
     const at::Tensor& q, const at::Tensor& k, const at::Tensor& v, const std::optional<at::Tensor>& force_keys,
     const std::optional<at::Tensor>& force_queries, const std::optional<at::Tensor>& q_offsets,
@@ -96,12 +99,16 @@ inline PyramidTensors pyramid_tuple(const std::vector<at::Tensor>& t) { return {
 // The estimators as device-generic ATen code (aten/estimators.cpp): the CPU backend's kernels and the
 // CUDA backend's fallback. Inputs arrive validated.
 namespace aten {
+// {x2, x4, x8}: x [B, H, L, D] pooled at levels 2, 4, 8 (docs/spec.md section 2), pairwise fp32 sums
+// (fp64 for fp64) divided by the real count and rounded to x's dtype (aten/pyramid.cpp).
+std::vector<at::Tensor> pool_levels(const at::Tensor& x);
 at::Tensor estimate_sampled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
                             double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets);
 at::Tensor estimate_antidiagonal(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
                                  double scale, bool causal, int64_t stride);
-at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
-                           double scale, bool causal);
+// k8: the pyramid's level-8 keys of k, or undefined (pooled here from k).
+at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k8, int64_t block_m,
+                           int64_t block_n, double scale, bool causal);
 }  // namespace aten
 
 // The CPU reference backend. Inputs arrive prepared.
@@ -143,8 +150,9 @@ std::vector<at::Tensor> kv_pyramid_backward(const std::vector<at::Tensor>& d_poo
 at::Tensor estimate_sampled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
                             double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets,
                             bool default_q_offsets, bool default_k_offsets);
-at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n, double scale,
-                           bool causal);
+// k8: the pyramid's level-8 keys of k, or undefined (the kernel pools k itself, to the same values).
+at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k8, int64_t block_m,
+                           int64_t block_n, double scale, bool causal);
 // The fused kernel where block_m / stride divides 64 and block_n / stride is 8, 16, 32 or 64, else
 // aten::estimate_antidiagonal.
 at::Tensor estimate_antidiagonal(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,

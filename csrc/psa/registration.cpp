@@ -11,8 +11,8 @@ TORCH_LIBRARY(psa, m) {
       "kv_pyramid_backward(Tensor dk2, Tensor dv2, Tensor dk4, Tensor dv4, Tensor dk8, Tensor dv8, *, SymInt k_len) "
       "-> (Tensor dk, Tensor dv)");
   m.def(
-      "estimate_importance(Tensor q, Tensor k, Tensor? q_offsets=None, Tensor? k_offsets=None, *, int block_m, "
-      "int block_n, str method, float? scale=None, bool causal=False, int stride=8) -> Tensor");
+      "estimate_importance(Tensor q, Tensor k, Tensor? q_offsets=None, Tensor? k_offsets=None, Tensor? k8=None, *, "
+      "int block_m, int block_n, str method, float? scale=None, bool causal=False, int stride=8) -> Tensor");
   m.def(
       "assign_levels(Tensor scores, Tensor? force_keys=None, Tensor? force_queries=None, Tensor? k=None, *, "
       "str mode, float[] bounds, int block_m, int block_n, SymInt q_len, SymInt k_len, float min_full=0.06, "

@@ -14,8 +14,8 @@ namespace psa {
 using KvPyramidCall = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
     const at::Tensor&, const at::Tensor&);
 using EstimateImportanceCall = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                          const std::optional<at::Tensor>&, int64_t, int64_t, const std::string&,
-                                          std::optional<double>, bool, int64_t);
+                                          const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
+                                          int64_t, int64_t, const std::string&, std::optional<double>, bool, int64_t);
 using AssignLevelsCall = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
                                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                     const std::string&, at::ArrayRef<double>, int64_t, int64_t, c10::SymInt,

@@ -34,12 +34,28 @@ at::Tensor sample_positions(int64_t length, int64_t block, const at::Tensor& off
   return at::clamp_max(starts.unsqueeze(1) + offsets.unsqueeze(0), length - 1).flatten();
 }
 
+// How many of `length` positions each block of `block` covers (the last block may be partial): [ceil(L/block)].
+at::Tensor block_counts(int64_t length, int64_t block, const at::TensorOptions& options) {
+  return at::clamp_max(length - at::arange(0, length, block, options), block);
+}
+
+// Sums over blocks of `block` consecutive rows: [B, H, ceil(L/block), D].
+at::Tensor block_sums(const at::Tensor& x, int64_t block) {
+  const int64_t length = x.size(2), blocks = ceil_div(length, block);
+  return at::constant_pad_nd(x, {0, 0, 0, blocks * block - length}).unflatten(2, {blocks, block}).sum(3);
+}
+
 // Means over blocks of consecutive rows (real rows only): [B, H, ceil(L/block), D].
 at::Tensor block_means(const at::Tensor& x, int64_t block) {
-  const int64_t length = x.size(2), blocks = ceil_div(length, block);
-  const auto sums = at::constant_pad_nd(x, {0, 0, 0, blocks * block - length}).unflatten(2, {blocks, block}).sum(3);
-  const auto counts = at::clamp_max(length - at::arange(0, length, block, x.options()), block);
-  return sums / counts.unsqueeze(-1);
+  return block_sums(x, block) / block_counts(x.size(2), block, x.options()).unsqueeze(-1);
+}
+
+// The pooled estimator's key means (docs/spec.md section 4): key block j's level-8 keys k8, each
+// weighted by how many of the k_len keys it covers, in `dtype`.
+at::Tensor key_block_means(const at::Tensor& k8, int64_t k_len, int64_t block_n, at::ScalarType dtype) {
+  const auto options = k8.options().dtype(dtype);
+  const auto weighted = k8.to(dtype) * block_counts(k_len, 8, options).unsqueeze(-1);
+  return block_sums(weighted, block_n / 8) / block_counts(k_len, block_n, options).unsqueeze(-1);
 }
 
 // Softmax over the last dim that leaves rows whose logits are all -inf (nothing visible) at zero
@@ -122,11 +138,12 @@ at::Tensor estimate_antidiagonal(const at::Tensor& q, const at::Tensor& k, int64
   return normalize_rows(sums).to(at::kFloat);
 }
 
-at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
-                           double scale, bool causal) {
+at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k8, int64_t block_m,
+                           int64_t block_n, double scale, bool causal) {
   const auto dtype = compute_dtype(q);
   const auto q_mean = block_means(q.to(dtype), block_m);
-  const auto k_mean = repeat_kv_heads(block_means(k.to(dtype), block_n), q.size(1));
+  const auto level8 = k8.defined() ? k8 : pool_levels(k)[2];
+  const auto k_mean = repeat_kv_heads(key_block_means(level8, k.size(2), block_n, dtype), q.size(1));
   auto logits = at::matmul(q_mean, k_mean.transpose(-1, -2)).mul_(scale);
   const auto candidates = candidate_blocks(q.size(2), k.size(2), block_m, block_n, causal, q.options());
   logits.masked_fill_(candidates.logical_not(), -std::numeric_limits<double>::infinity());

@@ -2,8 +2,8 @@
 // sm_90 a TMA + wgmma GEMM over the sampled rows, read in place for the default offsets and gathered into
 // compact tensors where that cannot be done; else the portable mma.sync kernel), the ATen path for other
 // counts. Antidiagonal: a fused kernel (anti-logits reduced in registers to block sums of their softmax;
-// TMA + wgmma on sm_90, else mma.sync) where the block sizes allow, else the ATen path. Pooled: block
-// means, then one small kernel for the logits and the softmax.
+// TMA + wgmma on sm_90, else mma.sync) where the block sizes allow, else the ATen path. Pooled: the block
+// means (the keys' from the pyramid's k8 when given), then one small kernel for the logits and the softmax.
 #include <algorithm>
 #include <string>
 
@@ -221,15 +221,17 @@ at::Tensor estimate_antidiagonal(const at::Tensor& q_in, const at::Tensor& k_in,
   return scores;
 }
 
-at::Tensor estimate_pooled(const at::Tensor& q_in, const at::Tensor& k_in, int64_t block_m, int64_t block_n,
-                           double scale, bool causal) {
+at::Tensor estimate_pooled(const at::Tensor& q_in, const at::Tensor& k_in, const at::Tensor& k8_in, int64_t block_m,
+                           int64_t block_n, double scale, bool causal) {
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const auto q = rows_16b_aligned(q_in), k = rows_16b_aligned(k_in);
+  const auto k8 = k8_in.defined() ? rows_16b_aligned(k8_in) : k8_in;
   const int64_t batch = q.size(0), q_heads = q.size(1), dim = q.size(3);
   const int64_t n_q = ceil_div(q.size(2), block_m), n_k = ceil_div(k.size(2), block_n);
-  // Blocks index gridDim.y.
-  PSA_CHECK(std::max(n_q, n_k) <= 65535, kOp,
-            ": the pooled estimator takes at most 65535 blocks per sequence on CUDA, got ", std::max(n_q, n_k));
+  // Groups of kRowsPerCta query blocks index gridDim.y.
+  constexpr int64_t kMaxQueryBlocks = int64_t{65535} * kernels::PooledScoresShape::kRowsPerCta;
+  PSA_CHECK(n_q <= kMaxQueryBlocks, kOp, ": the pooled estimator takes at most ", kMaxQueryBlocks,
+            " query blocks on CUDA, got ", n_q);
   auto scores = at::empty({batch, q_heads, n_q, n_k}, q.options().dtype(at::kFloat));
   if (scores.numel() == 0) return scores;
   auto q_means = at::empty({batch, q_heads, n_q, dim}, scores.options());
@@ -239,6 +241,10 @@ at::Tensor estimate_pooled(const at::Tensor& q_in, const at::Tensor& k_in, int64
   fill_common_params(params, q, k, scores, block_m, block_n, scale, causal);
   params.q_means = q_means.data_ptr<float>();
   params.k_means = k_means.data_ptr<float>();
+  if (k8.defined()) {
+    params.k8 = k8.data_ptr();
+    set_strides(params.k8_stride, k8);
+  }
   const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   check_launch(kOp, dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {
     using T = decltype(tag);

@@ -1,0 +1,23 @@
+// The pyramid's pooling (docs/spec.md section 2) as device-generic ATen code: the CPU backend's
+// kv_pyramid and the pooled estimator's level-8 keys where no pyramid is given (on the CPU; the CUDA
+// kernels compute the same sums in the same order, so both round the same fp32 value).
+#include "../ops.h"
+
+namespace psa::aten {
+
+std::vector<at::Tensor> pool_levels(const at::Tensor& x) {
+  const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t length = x.size(2);
+  const int64_t padded_length = (length + 7) / 8 * 8;
+  auto sums = at::constant_pad_nd(x.to(acc_dtype), {0, 0, 0, padded_length - length});
+  std::vector<at::Tensor> pooled;
+  for (int64_t level = 2; level <= 8; level *= 2) {
+    sums = sums.unflatten(2, {sums.size(2) / 2, 2}).sum(3);
+    const int64_t tokens = (length + level - 1) / level;
+    auto counts = at::clamp_max(length - at::arange(0, length, level, x.options().dtype(acc_dtype)), level);
+    pooled.push_back((sums.narrow(2, 0, tokens) / counts.unsqueeze(-1)).to(x.scalar_type()));
+  }
+  return pooled;
+}
+
+}  // namespace psa::aten

@@ -104,10 +104,10 @@ def test_sampled_default_offsets_read_in_place(rng, monkeypatch, family, causal,
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
 def test_pooled_many_blocks(rng, causal, head_dim):
-    # More query blocks than one CTA takes (16) and more key blocks than one shared-memory stage (32),
-    # with a strided [B, L, H, D] view and GQA.
+    # More query blocks than one scores CTA takes (32 against 16) and more key blocks than one pass of
+    # its MMAs (141 against 128), with a strided [B, L, H, D] view and GQA.
     q = randn(rng, 1, 2001, 4, head_dim, dtype=torch.float16, device="cuda").transpose(1, 2)
-    k = randn(rng, 1, 3000, 2, head_dim, dtype=torch.float16, device="cuda").transpose(1, 2)
+    k = randn(rng, 1, 4500, 2, head_dim, dtype=torch.float16, device="cuda").transpose(1, 2)
     config = PSAConfig(block_m=64, block_n=32, estimator="pooled", causal=causal)
     scores = psa.estimate_importance(q, k, config)
     check_scores(scores, q, k, causal, method="pooled", block_m=64, block_n=32)

@@ -96,8 +96,8 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention(
 using PyramidTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
 inline PyramidTensors pyramid_tuple(const std::vector<at::Tensor>& t) { return {t[0], t[1], t[2], t[3], t[4], t[5]}; }
 
-// The estimators as device-generic ATen code (aten/estimators.cpp): the CPU backend's kernels and the
-// CUDA backend's fallback. Inputs arrive validated.
+// The estimators and the pyramid's pooling as device-generic ATen code (aten/): the CPU backend's kernels
+// and the CUDA backend's fallback. Inputs arrive validated.
 namespace aten {
 // {x2, x4, x8}: x [B, H, L, D] pooled at levels 2, 4, 8 (docs/spec.md section 2), pairwise fp32 sums
 // (fp64 for fp64) divided by the real count and rounded to x's dtype (aten/pyramid.cpp).

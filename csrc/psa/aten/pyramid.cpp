@@ -1,6 +1,6 @@
 // The pyramid's pooling (docs/spec.md section 2) as device-generic ATen code: the CPU backend's
-// kv_pyramid and the pooled estimator's level-8 keys where no pyramid is given (on the CPU; the CUDA
-// kernels compute the same sums in the same order, so both round the same fp32 value).
+// kv_pyramid and its pooled estimator's level-8 keys where no pyramid is given. The CUDA kernels add in
+// the same pairs (kernels/pyramid_group.cuh); their division of a partial group's sum is fast-math's.
 #include "../ops.h"
 
 namespace psa::aten {

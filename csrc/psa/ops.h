@@ -102,6 +102,9 @@ namespace aten {
 // {x2, x4, x8}: x [B, H, L, D] pooled at levels 2, 4, 8 (docs/spec.md section 2), pairwise fp32 sums
 // (fp64 for fp64) divided by the real count and rounded to x's dtype (aten/pyramid.cpp).
 std::vector<at::Tensor> pool_levels(const at::Tensor& x);
+// How many of `length` positions each consecutive group of `group` covers (the last may be partial):
+// [ceil(length / group)] with `options` (a pooled token's count, a block's real rows).
+at::Tensor group_counts(int64_t length, int64_t group, const at::TensorOptions& options);
 at::Tensor estimate_sampled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
                             double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets);
 at::Tensor estimate_antidiagonal(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,

@@ -34,11 +34,6 @@ at::Tensor sample_positions(int64_t length, int64_t block, const at::Tensor& off
   return at::clamp_max(starts.unsqueeze(1) + offsets.unsqueeze(0), length - 1).flatten();
 }
 
-// How many of `length` positions each block of `block` covers (the last block may be partial): [ceil(L/block)].
-at::Tensor block_counts(int64_t length, int64_t block, const at::TensorOptions& options) {
-  return at::clamp_max(length - at::arange(0, length, block, options), block);
-}
-
 // Sums over blocks of `block` consecutive rows: [B, H, ceil(L/block), D].
 at::Tensor block_sums(const at::Tensor& x, int64_t block) {
   const int64_t length = x.size(2), blocks = ceil_div(length, block);
@@ -47,15 +42,15 @@ at::Tensor block_sums(const at::Tensor& x, int64_t block) {
 
 // Means over blocks of consecutive rows (real rows only): [B, H, ceil(L/block), D].
 at::Tensor block_means(const at::Tensor& x, int64_t block) {
-  return block_sums(x, block) / block_counts(x.size(2), block, x.options()).unsqueeze(-1);
+  return block_sums(x, block) / group_counts(x.size(2), block, x.options()).unsqueeze(-1);
 }
 
 // The pooled estimator's key means (docs/spec.md section 4): key block j's level-8 keys k8, each
 // weighted by how many of the k_len keys it covers, in `dtype`.
 at::Tensor key_block_means(const at::Tensor& k8, int64_t k_len, int64_t block_n, at::ScalarType dtype) {
   const auto options = k8.options().dtype(dtype);
-  const auto weighted = k8.to(dtype) * block_counts(k_len, 8, options).unsqueeze(-1);
-  return block_sums(weighted, block_n / 8) / block_counts(k_len, block_n, options).unsqueeze(-1);
+  const auto weighted = k8.to(dtype) * group_counts(k_len, 8, options).unsqueeze(-1);
+  return block_sums(weighted, block_n / 8) / group_counts(k_len, block_n, options).unsqueeze(-1);
 }
 
 // Softmax over the last dim that leaves rows whose logits are all -inf (nothing visible) at zero

@@ -5,6 +5,10 @@
 
 namespace psa::aten {
 
+at::Tensor group_counts(int64_t length, int64_t group, const at::TensorOptions& options) {
+  return at::clamp_max(length - at::arange(0, length, group, options), group);
+}
+
 std::vector<at::Tensor> pool_levels(const at::Tensor& x) {
   const auto acc_dtype = x.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t length = x.size(2);
@@ -14,7 +18,7 @@ std::vector<at::Tensor> pool_levels(const at::Tensor& x) {
   for (int64_t level = 2; level <= 8; level *= 2) {
     sums = sums.unflatten(2, {sums.size(2) / 2, 2}).sum(3);
     const int64_t tokens = (length + level - 1) / level;
-    auto counts = at::clamp_max(length - at::arange(0, length, level, x.options().dtype(acc_dtype)), level);
+    const auto counts = group_counts(length, level, x.options().dtype(acc_dtype));
     pooled.push_back((sums.narrow(2, 0, tokens) / counts.unsqueeze(-1)).to(x.scalar_type()));
   }
   return pooled;

@@ -18,7 +18,7 @@ std::vector<at::Tensor> kv_pyramid_backward(const std::vector<at::Tensor>& d_poo
     at::Tensor total;
     for (int64_t index = 0, level = 2; level <= 8; ++index, level *= 2) {
       const at::Tensor& grad = d_pooled[2 * index + slot];
-      auto counts = at::clamp_max(k_len - at::arange(0, k_len, level, grad.options().dtype(acc_dtype)), level);
+      const auto counts = aten::group_counts(k_len, level, grad.options().dtype(acc_dtype));
       auto spread = (grad.to(acc_dtype) / counts.unsqueeze(-1)).repeat_interleave(level, 2).narrow(2, 0, k_len);
       total = total.defined() ? total + spread : spread;
     }

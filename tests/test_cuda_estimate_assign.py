@@ -105,7 +105,7 @@ def test_sampled_default_offsets_read_in_place(rng, monkeypatch, family, causal,
 @pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
 def test_pooled_many_blocks(rng, causal, head_dim):
     # More query blocks than one scores CTA takes (32 against 16) and more key blocks than one pass of
-    # its MMAs (141 against 128), with a strided [B, L, H, D] view and GQA.
+    # its MMAs (141 against 64), with a strided [B, L, H, D] view and GQA.
     q = randn(rng, 1, 2001, 4, head_dim, dtype=torch.float16, device="cuda").transpose(1, 2)
     k = randn(rng, 1, 4500, 2, head_dim, dtype=torch.float16, device="cuda").transpose(1, 2)
     config = PSAConfig(block_m=64, block_n=32, estimator="pooled", causal=causal)

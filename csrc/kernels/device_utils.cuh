@@ -119,11 +119,14 @@ __device__ __forceinline__ void mma_1688_tf32(float (&c)[4], uint32_t a0, uint32
       : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
       : "r"(a0), "r"(a1), "r"(a2), "r"(a3), "r"(b0), "r"(b1));
 }
-// c += A B for an m16n8k8 step of fp32 operands split into tf32 pairs (A fragment a[0..3], B b0, b1).
-__device__ __forceinline__ void mma_1688_3xtf32(float (&c)[4], const Tf32Pair (&a)[4], Tf32Pair b0, Tf32Pair b1) {
-  mma_1688_tf32(c, a[0].lo, a[1].lo, a[2].lo, a[3].lo, b0.hi, b1.hi);
-  mma_1688_tf32(c, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b0.lo, b1.lo);
-  mma_1688_tf32(c, a[0].hi, a[1].hi, a[2].hi, a[3].hi, b0.hi, b1.hi);
+// c += A B for an m16n8k8 step of fp32 operands split into tf32 pairs (A fragment a[0..3], B b0, b1), the
+// three products into three accumulators (c[0] lo*hi, c[1] hi*lo, c[2] hi*hi; the product is their sum):
+// no MMA of a step waits for another, so a loop of steps runs three dependency chains, not one.
+__device__ __forceinline__ void mma_1688_3xtf32(float (&c)[3][4], const Tf32Pair (&a)[4], Tf32Pair b0,
+                                                Tf32Pair b1) {
+  mma_1688_tf32(c[0], a[0].lo, a[1].lo, a[2].lo, a[3].lo, b0.hi, b1.hi);
+  mma_1688_tf32(c[1], a[0].hi, a[1].hi, a[2].hi, a[3].hi, b0.lo, b1.lo);
+  mma_1688_tf32(c[2], a[0].hi, a[1].hi, a[2].hi, a[3].hi, b0.hi, b1.hi);
 }
 
 // A shared-memory tile of rows of kHeadDim 16-bit values, stored with the 16-byte chunks of row r

@@ -7,7 +7,7 @@
 // launches, no host synchronisation:
 //   - pooled_means_kernel: the fp32 means of every query block and every key block, one launch for
 //     both (a CTA takes whole blocks of one side). Memory-bound on q: a CTA per query block, every
-//     thread's loads issued before its first add (32 KiB in flight a CTA).
+//     thread's loads issued before its first add (one block, up to 32 KiB, in flight a CTA).
 //   - pooled_scores_kernel: the logits of 16 query blocks per CTA against every key block on the
 //     tensor cores (3xTF32 mma.sync: fp32 operands split into two tf32 values each, about fp32's
 //     precision), each row's softmax kept online per lane and combined over the CTA, so no pass walks a
@@ -154,8 +154,9 @@ __device__ __forceinline__ void key_block_means_from_keys(const PooledParams& p,
   }
 }
 
-// CTAs [0, q_ctas) average one query block each, the rest key blocks (from k8 when kKeysFromLevel8, else
-// from k): one launch for both sides.
+// CTAs [0, key_ctas) average key blocks (from k8 when kKeysFromLevel8, else from k), the rest one query
+// block each: one launch for both sides. The key CTAs go first: each thread's loads are a few dependent
+// batches, longer than a query CTA's one, so at the end of the grid they would be its tail.
 template <typename T, int kHeadDim, bool kKeysFromLevel8>
 __global__ void __launch_bounds__(PooledMeansShape::kThreads, PooledMeansShape::kMinCtasPerSm)
     pooled_means_kernel(const PooledParams p) {
@@ -163,16 +164,17 @@ __global__ void __launch_bounds__(PooledMeansShape::kThreads, PooledMeansShape::
   // The query path's [row groups][kHeadDim + 1] or the key path's [items][8].
   constexpr int kRowGroupFloats = Shape::kThreads / (kHeadDim / 8) * (kHeadDim + 1);
   __shared__ __align__(16) float partial[Shape::kThreads * 8 > kRowGroupFloats ? Shape::kThreads * 8 : kRowGroupFloats];
-  const int64_t q_ctas = static_cast<int64_t>(p.batch) * p.q_heads * p.n_q;
-  const int64_t cta = blockIdx.x;
-  if (cta < q_ctas) {
-    query_block_mean<T, kHeadDim>(p, static_cast<int>(cta / p.n_q), static_cast<int>(cta % p.n_q), partial);
-    return;
-  }
   const int per_cta = Shape::key_blocks_per_cta(kHeadDim, p.block_n, kKeysFromLevel8);
   const int per_head = (p.n_k + per_cta - 1) / per_cta;
-  const int bh = static_cast<int>((cta - q_ctas) / per_head);
-  const int first_block = static_cast<int>((cta - q_ctas) % per_head) * per_cta;
+  const int64_t key_ctas = static_cast<int64_t>(p.batch) * p.kv_heads * per_head;
+  const int64_t cta = blockIdx.x;
+  if (cta >= key_ctas) {
+    const int64_t query_cta = cta - key_ctas;
+    query_block_mean<T, kHeadDim>(p, static_cast<int>(query_cta / p.n_q), static_cast<int>(query_cta % p.n_q),
+                                  partial);
+    return;
+  }
+  const int bh = static_cast<int>(cta / per_head), first_block = static_cast<int>(cta % per_head) * per_cta;
   if constexpr (kKeysFromLevel8) {
     key_block_means_from_level8<T, kHeadDim>(p, bh, first_block);
   } else {
@@ -183,7 +185,10 @@ __global__ void __launch_bounds__(PooledMeansShape::kThreads, PooledMeansShape::
 // scores[bh][i][j] for the CTA's 16 query blocks i (non-candidates 0; a row with no candidate all 0): the
 // logits of the fp32 means on the tensor cores (mma.sync m16n8k8 in 3xTF32, about fp32's precision), the
 // query means as the A operand (split once, held in registers), each warp taking kTilesPerWarp n8 tiles
-// of keys per pass, their B fragments loaded straight from k_means. The k order of the MMAs is a
+// of keys per pass, their B fragments loaded straight from k_means, all before the pass's first MMA. A
+// tile's three 3xTF32 products go to three accumulators, so the warp runs 3 kTilesPerWarp independent
+// MMA chains: with one accumulator a tile, its 48 MMAs (head_dim 128) were one dependent chain, and the
+// kernel was bound by their latency (18.5 -> 16.4 us on wan1.3b, H200). The k order of the MMAs is a
 // permutation of the columns: lane (g, t) feeds columns 16 c + 4 t + {0, 1} to k step 2 c and
 // 16 c + 4 t + {2, 3} to k step 2 c + 1, the same for A and B, so each of its loads is one float4. A
 // lane keeps the online softmax (max, rescaled sum) of its two rows over the keys it saw; the CTA
@@ -205,8 +210,6 @@ __global__ void __launch_bounds__(PooledScoresShape::kThreads) pooled_scores_ker
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const CandidateBlocks candidates(p.n_k, p.block_m, p.block_n, p.q_len, p.k_len, p.causal);
   const int rows = min(kRows, p.n_q - first_row);
-  int active = 0;  // key blocks any of these rows may see
-  for (int r = 0; r < rows; ++r) active = max(active, candidates.last(first_row + r) + 1);
   if (tid < kRows) row_last[tid] = tid < rows ? candidates.last(first_row + tid) : -1;
   for (int index = tid; index < kRows * kHeadDim / 4; index += Shape::kThreads) {
     const int r = index / (kHeadDim / 4), d = 4 * (index % (kHeadDim / 4));
@@ -228,34 +231,46 @@ __global__ void __launch_bounds__(PooledScoresShape::kThreads) pooled_scores_ker
     a[c][1][2] = split_tf32(top.w), a[c][1][3] = split_tf32(bottom.w);
   }
   const int last[2] = {row_last[g], row_last[g + 8]};  // -1 for rows past `rows`: no candidate
+  int active = 0;  // key blocks any of these rows may see
+#pragma unroll
+  for (int r = 0; r < kRows; ++r) active = max(active, row_last[r] + 1);
   float* scores = p.scores + (static_cast<int64_t>(bh) * p.n_q + first_row) * p.n_k;
   // This lane's softmax state of rows g and g + 8 over the candidates it has seen (log2 domain).
   float peak[2] = {-INFINITY, -INFINITY}, total[2] = {0.f, 0.f};
 
   for (int key_base = 0; key_base < active; key_base += kKeysPerPass) {
+    // Every B fragment of the pass is loaded before the first MMA; then the k steps run across the tiles,
+    // each tile's three products in their own accumulators: 3 kTiles independent MMA chains.
+    float4 b[kTiles][kChunks];
 #pragma unroll
     for (int tile = 0; tile < kTiles; ++tile) {
-      const int first_key = key_base + (warp * kTiles + tile) * 8;
-      const int key = first_key + g;  // this lane's B fragment column
-      float4 b[kChunks];
+      const int key = key_base + (warp * kTiles + tile) * 8 + g;  // this lane's B fragment column
       const float* key_mean = p.k_means + (static_cast<int64_t>(kv_bh) * p.n_k + key) * kHeadDim + 4 * t;
 #pragma unroll
       for (int c = 0; c < kChunks; ++c) {
-        b[c] = key < p.n_k ? *reinterpret_cast<const float4*>(key_mean + 16 * c) : make_float4(0.f, 0.f, 0.f, 0.f);
+        b[tile][c] = key < p.n_k ? *reinterpret_cast<const float4*>(key_mean + 16 * c) : make_float4(0.f, 0.f, 0.f, 0.f);
       }
-      float acc[4] = {0.f, 0.f, 0.f, 0.f};  // rows g, g + 8 x keys first_key + 2 t, + 1
+    }
+    float products[kTiles][3][4] = {};  // rows g, g + 8 x keys first_key + 2 t, + 1; lo*hi, hi*lo, hi*hi
 #pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        mma_1688_3xtf32(acc, a[c][0], split_tf32(b[c].x), split_tf32(b[c].y));
-        mma_1688_3xtf32(acc, a[c][1], split_tf32(b[c].z), split_tf32(b[c].w));
+    for (int c = 0; c < kChunks; ++c) {
+#pragma unroll
+      for (int tile = 0; tile < kTiles; ++tile) {
+        mma_1688_3xtf32(products[tile], a[c][0], split_tf32(b[tile][c].x), split_tf32(b[tile][c].y));
+        mma_1688_3xtf32(products[tile], a[c][1], split_tf32(b[tile][c].z), split_tf32(b[tile][c].w));
       }
+    }
+#pragma unroll
+    for (int tile = 0; tile < kTiles; ++tile) {
+      const int first_key = key_base + (warp * kTiles + tile) * 8;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
           const int j = first_key + 2 * t + e;
           if (j > last[h]) continue;  // past the row's candidates, past n_k, or a row past `rows`
-          const float logit = acc[2 * h + e] * p.scale_log2;
+          const int i = 2 * h + e;
+          const float logit = ((products[tile][0][i] + products[tile][1][i]) + products[tile][2][i]) * p.scale_log2;
           scores[static_cast<int64_t>(g + 8 * h) * p.n_k + j] = logit;
           const float next = max_nan(peak[h], logit);
           const float base = next == -INFINITY ? 0.f : next;  // -inf - -inf would be NaN
@@ -293,31 +308,43 @@ __global__ void __launch_bounds__(PooledScoresShape::kThreads) pooled_scores_ker
     inverse[h] = sum == 0.f ? 0.f : 1.f / sum;  // NaN stays NaN: the row runs dense
   }
 
-  // This lane's entries of every pass, logits to probabilities (loads of a pass in flight at once). A
-  // non-candidate is 0 * inverse: 0, or NaN in a NaN row, as the reference's softmax gives.
-  for (int key_base = 0; key_base < p.n_k; key_base += kKeysPerPass) {
-    float logit[kTiles][2][2];
+  // This lane's entries, logits to probabilities, kPassesPerBatch passes at a time: all loads of a batch
+  // are issued before its first store (the compiler may not sink them, see below), so a batch costs one
+  // round trip to L2, not one per load. A non-candidate is 0 * inverse: 0, or NaN in a NaN row, as the
+  // reference's softmax gives.
+  constexpr int kPassesPerBatch = 4;
+  for (int batch_base = 0; batch_base < p.n_k; batch_base += kPassesPerBatch * kKeysPerPass) {
+    float logit[kPassesPerBatch][kTiles][2][2];
 #pragma unroll
-    for (int tile = 0; tile < kTiles; ++tile) {
+    for (int pass = 0; pass < kPassesPerBatch; ++pass) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int tile = 0; tile < kTiles; ++tile) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = key_base + (warp * kTiles + tile) * 8 + 2 * t + e;
-          logit[tile][h][e] = j <= last[h] ? scores[static_cast<int64_t>(g + 8 * h) * p.n_k + j] : 0.f;
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int j = batch_base + pass * kKeysPerPass + (warp * kTiles + tile) * 8 + 2 * t + e;
+            logit[pass][tile][h][e] = j <= last[h] ? scores[static_cast<int64_t>(g + 8 * h) * p.n_k + j] : 0.f;
+          }
         }
       }
     }
+    // Without this the compiler interleaved loads and stores whose addresses it could tell apart, and
+    // each load's wait held up the rest (a third of the kernel's stall samples, ncu on the H200).
+    asm volatile("" ::: "memory");
 #pragma unroll
-    for (int tile = 0; tile < kTiles; ++tile) {
+    for (int pass = 0; pass < kPassesPerBatch; ++pass) {
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int tile = 0; tile < kTiles; ++tile) {
 #pragma unroll
-        for (int e = 0; e < 2; ++e) {
-          const int j = key_base + (warp * kTiles + tile) * 8 + 2 * t + e;
-          if (g + 8 * h < rows && j < p.n_k) {
-            scores[static_cast<int64_t>(g + 8 * h) * p.n_k + j] =
-                (j <= last[h] ? exp2f(logit[tile][h][e] - base[h]) : 0.f) * inverse[h];
+        for (int h = 0; h < 2; ++h) {
+#pragma unroll
+          for (int e = 0; e < 2; ++e) {
+            const int j = batch_base + pass * kKeysPerPass + (warp * kTiles + tile) * 8 + 2 * t + e;
+            if (g + 8 * h < rows && j < p.n_k) {
+              scores[static_cast<int64_t>(g + 8 * h) * p.n_k + j] =
+                  (j <= last[h] ? exp2f(logit[pass][tile][h][e] - base[h]) : 0.f) * inverse[h];
+            }
           }
         }
       }

@@ -16,11 +16,12 @@ density 0.15 / 0.30 / 1.0 (all level 1) it prints:
     dense and flex at their own density) and speedups over cuDNN.
 
 Before that, per shape, the cost of each stage at the default config as a share of dense cuDNN:
-pyramid, estimate with each estimator (sampled, pooled, antidiagonal), assign, the attention kernel.
+pyramid, estimate with each estimator (sampled, pooled, antidiagonal; antidiagonal-fp8 with FP8 scoring on
+request), assign, the attention kernel.
 The pooled estimate is timed as sparse_attention runs it: reading the pyramid's k8, not k.
 
 Usage: python benchmarks/bench_attention.py [--shapes wan1.3b_480p,...] [--densities 0.15,0.3,1.0]
-           [--estimators sampled,pooled,antidiagonal] [--no-stages] [--no-densities] [--kernels] [--site DIR]
+           [--estimators sampled,pooled,antidiagonal[,antidiagonal-fp8]] [--no-stages] [--no-densities] [--kernels] [--site DIR]
            [--backward]
 
 --site adds a site directory before looking for FA4 (benchmarks/fa4_wheels.sh installs it into one on a
@@ -159,6 +160,12 @@ def print_kernel_times(label, fn, repeats=20):
     print(f"  {label}: {total:.4f} ms  device time per call, all kernels")
 
 
+def estimator_config(name: str) -> psa.PSAConfig:
+    """`sampled`, `pooled`, `antidiagonal`, or `antidiagonal-fp8` (FP8 scoring, estimate_precision="fp8")."""
+    estimator, _, precision = name.partition("-")
+    return psa.PSAConfig(estimator=estimator, estimate_precision=precision or "full")
+
+
 def print_stage_table(shapes, estimators, kernels=False):
     """Per shape: each stage of the default config (topk, density ~0.15) in ms and in % of dense cuDNN."""
     header = ["shape", "cudnn ms", "pyramid"] + [f"est {e}" for e in estimators] + ["assign", "kernel", "psa total"]
@@ -177,7 +184,7 @@ def print_stage_table(shapes, estimators, kernels=False):
         pyramid = psa.kv_pyramid(k, v)
         for estimator in estimators:
             # As in sparse_attention: the pooled estimator reads the pyramid's k8 rather than k.
-            estimate = functools.partial(psa.estimate_importance, q, k, psa.PSAConfig(estimator=estimator),
+            estimate = functools.partial(psa.estimate_importance, q, k, estimator_config(estimator),
                                          k8=pyramid[8][0] if estimator == "pooled" else None)
             times.append(bench(estimate))
         times.append(bench(lambda: psa.assign_levels(scores, config, k=k, q_len=shape.tokens)))
@@ -189,7 +196,7 @@ def print_stage_table(shapes, estimators, kernels=False):
             print_kernel_times("pyramid", lambda: psa.kv_pyramid(k, v))
             for estimator in estimators:
                 print_kernel_times(estimator, functools.partial(
-                    psa.estimate_importance, q, k, psa.PSAConfig(estimator=estimator),
+                    psa.estimate_importance, q, k, estimator_config(estimator),
                     k8=pyramid[8][0] if estimator == "pooled" else None))
             print_kernel_times("assign", lambda: psa.assign_levels(scores, config, k=k, q_len=shape.tokens))
         q = k = v = scores = levels = pyramid = None

@@ -13,7 +13,12 @@ and, at densities 0.10 / 0.15 / 0.25, evaluates (psa.tools.evaluate) against den
 Prints one Markdown table (relative L2 error and cosine similarity vs dense, mean over heads and
 layers, worst head).
 
-Usage: python benchmarks/fidelity.py [--frames 12] [--device cpu|cuda]
+With --fp8-scoring it prints instead, per layer, how the antidiagonal estimator's FP8 scoring
+(`estimate_precision="fp8"`) compares with full precision at density 0.15 (topk): the share of level-map
+entries that agree, and the attention error of each map against dense attention (tokens in the captured
+order).
+
+Usage: python benchmarks/fidelity.py [--frames 12] [--device cpu|cuda] [--fp8-scoring]
 Needs `pip install av` (PyAV, to decode the clip) and apt-get (to fetch it).
 """
 
@@ -57,10 +62,35 @@ def configs_for(density, captures, base):
     return configs
 
 
+def relative_l2(out: torch.Tensor, dense: torch.Tensor) -> float:
+    return ((out.double() - dense.double()).norm() / dense.double().norm()).item()
+
+
+def print_fp8_scoring_table(captures, density=0.15):
+    """Antidiagonal estimator at full precision and with FP8 scoring, same config otherwise, per layer."""
+    default = psa.PSAConfig()
+    bounds = tuple(min(1.0, b * density / default.nominal_density) for b in default.bounds)
+    full = psa.PSAConfig(block_m=128, block_n=128, estimator="antidiagonal", bounds=bounds)
+    configs = {"full": full, "fp8": dataclasses.replace(full, estimate_precision="fp8")}
+    print("| layer | level entries equal | density full / fp8 | rel L2 full | rel L2 fp8 |")
+    print("|---|---|---|---|---|")
+    for c in captures:
+        dense = torch.nn.functional.scaled_dot_product_attention(c.q, c.k, c.v)
+        levels = {name: psa.estimate_levels(c.q, c.k, config) for name, config in configs.items()}
+        errors = {name: relative_l2(psa.attention_with_levels(c.q, c.k, c.v, level_map, block_m=128, block_n=128),
+                                    dense) for name, level_map in levels.items()}
+        agree = (levels["full"] == levels["fp8"]).double().mean().item()
+        densities = [psa.level_stats(levels[name])["density"] for name in configs]
+        print(f"| {c.layer} | {100 * agree:.2f}% | {densities[0]:.3f} / {densities[1]:.3f} | {errors['full']:.4f} | "
+              f"{errors['fp8']:.4f} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--frames", type=int, default=12, help="held-out frames per clip (576 tokens each)")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    parser.add_argument("--fp8-scoring", action="store_true",
+                        help="compare the antidiagonal estimator's FP8 scoring with full precision instead")
     args = parser.parse_args()
     dtype = torch.bfloat16 if args.device == "cuda" else torch.float32
 
@@ -76,6 +106,9 @@ def main():
     print(f"# psa fidelity on cockatoo.mp4 frames {HELD_OUT_FRAMES.start}-{HELD_OUT_FRAMES.start + len(frames) - 1}"
           f" ({grid[0]}x{grid[1]}x{grid[2]} = {grid[0] * grid[1] * grid[2]} tokens, {len(captures)} layers),"
           f" {args.device}, {dtype}, {datetime.date.today().isoformat()}; model training: {training}")
+    if args.fp8_scoring:
+        print_fp8_scoring_table(captures)
+        return
     base = psa.PSAConfig(block_m=128, block_n=128)
     print("| target | config | variant | density | coverage | rel L2 mean | rel L2 worst | cosine mean |")
     print("|---|---|---|---|---|---|---|---|")

@@ -10,6 +10,7 @@ from typing import Optional, Tuple
 BLOCK_SIZES = (32, 64, 128)
 MODES = ("topk", "threshold")
 ESTIMATORS = ("sampled", "antidiagonal", "pooled")
+ESTIMATE_PRECISIONS = ("full", "fp8")
 LEVELS = (1, 2, 4, 8)
 
 
@@ -35,6 +36,10 @@ class PSAConfig:
     sink: bool = True
     # Antidiagonal estimator only: side of the tiles whose antidiagonals are summed.
     stride: int = 8
+    # Antidiagonal estimator only: "fp8" quantizes Q and K to float8 e4m3 (a scale per group of `stride`
+    # tokens) before the anti-logits, an opt-in approximation for the FP8 tensor cores (docs/spec.md
+    # section 4); "full" computes them at the inputs' precision.
+    estimate_precision: str = "full"
 
     def __post_init__(self) -> None:
         for name in ("block_m", "block_n"):
@@ -60,6 +65,12 @@ class PSAConfig:
         for name in ("causal", "sink"):
             if not isinstance(getattr(self, name), bool):
                 raise ValueError(f"PSAConfig.{name} must be a bool, got {getattr(self, name)!r}")
+        if self.estimate_precision not in ESTIMATE_PRECISIONS:
+            raise ValueError(f"PSAConfig.estimate_precision must be one of {ESTIMATE_PRECISIONS}, "
+                             f"got {self.estimate_precision!r}")
+        if self.estimate_precision != "full" and self.estimator != "antidiagonal":
+            raise ValueError(f"PSAConfig.estimate_precision {self.estimate_precision!r} applies to the "
+                             f"'antidiagonal' estimator only, got estimator {self.estimator!r}")
         smallest_block = min(self.block_m, self.block_n)
         if (isinstance(self.stride, bool) or not isinstance(self.stride, int) or self.stride < 1
                 or smallest_block % self.stride != 0):

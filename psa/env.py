@@ -71,7 +71,8 @@ def report() -> str:
             else "mma.sync kernel (sm80) for 8, 16 or 32 offsets per block") + "; other counts: ATen (cuBLAS)",
         "  estimate_importance pooled: CUDA block means (keys from kv_pyramid's k8 if given), 3xTF32 mma.sync scores",
         "  estimate_importance antidiagonal: " + (
-            "TMA/wgmma kernel (sm90)" if hopper else "mma.sync kernel (sm80)") +
+            "TMA/wgmma kernel (sm90; estimate_precision='fp8': quantization, then FP8 wgmma)" if hopper
+            else "mma.sync kernel (sm80; estimate_precision='fp8' takes the ATen path)") +
         " where block_m / stride divides 64 and block_n / stride is 8 to 64; otherwise ATen (cuBLAS, chunked)",
         "  assign_levels: CUDA, one CTA per row (n_k <= 4096)",
         "  attention_over_pyramid (attention_with_levels = kv_pyramid + it): " + (

@@ -116,7 +116,7 @@ def estimate_importance(q: torch.Tensor, k: torch.Tensor, config: Optional[PSACo
     _check_same_device(q=q, k=k, k8=k8)
     return _ops.estimate_importance(
         q, k, block_m=c.block_m, block_n=c.block_n, method=c.estimator, scale=scale, causal=c.causal,
-        stride=c.stride, q_offsets=_sample_offsets(c.block_m, generator, q.device),
+        stride=c.stride, precision=c.estimate_precision, q_offsets=_sample_offsets(c.block_m, generator, q.device),
         k_offsets=_sample_offsets(c.block_n, generator, q.device), k8=k8)
 
 
@@ -204,7 +204,7 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config: 
         q, k, v, block_m=c.block_m, block_n=c.block_n, mode=c.mode, bounds=list(c.bounds),
         estimator=c.estimator, min_full=c.min_full,
         sim_thresholds=None if c.sim_thresholds is None else list(c.sim_thresholds), causal=c.causal,
-        sink=c.sink, stride=c.stride, scale=scale,
+        sink=c.sink, stride=c.stride, scale=scale, precision=c.estimate_precision,
         force_keys=_position_mask("force_keys", force_keys, k.shape[-2], q.device),
         force_queries=_position_mask("force_queries", force_queries, q.shape[-2], q.device),
         q_offsets=_sample_offsets(c.block_m, generator, q.device),
@@ -233,7 +233,7 @@ def _kv_pyramid_backward_fake(dk2, dv2, dk4, dv4, dk8, dv8, *, k_len):
 
 @torch.library.register_fake("psa::estimate_importance")
 def _estimate_importance_fake(q, k, q_offsets=None, k_offsets=None, k8=None, *, block_m, block_n, method,
-                              scale=None, causal=False, stride=8):
+                              scale=None, causal=False, stride=8, precision="full"):
     return q.new_empty(q.shape[0], q.shape[1], _ceil_div(q.shape[2], block_m), _ceil_div(k.shape[2], block_n),
                        dtype=torch.float32)
 

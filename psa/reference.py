@@ -191,21 +191,47 @@ def estimate_sampled(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n:
     return _normalize_rows(relative.amax(-2)).float()
 
 
+FP8_E4M3_MAX = 448.0
+ESTIMATE_PRECISIONS = ("full", "fp8")
+
+
+def quantize_anti_rows(x: torch.Tensor, stride: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """`(x8, scales)`: `x` quantized to float8 e4m3 per group of `stride` tokens (docs/spec.md section 4,
+    FP8 scoring), `x8` as float32 values `[B, H, L, D]`, `scales` float32 `[B, H, ceil(L / stride)]`."""
+    length = x.shape[-2]
+    groups = num_blocks(length, stride)
+    padded = torch.nn.functional.pad(x.float(), (0, 0, 0, groups * stride - length)).unflatten(2, (groups, stride))
+    peak = padded.abs().amax(dim=(3, 4))
+    scales = torch.where(peak == 0, torch.ones_like(peak), peak / FP8_E4M3_MAX)
+    x8 = (padded / scales[..., None, None]).to(torch.float8_e4m3fn).float()
+    return x8.flatten(2, 3)[:, :, :length], scales
+
+
 def estimate_antidiagonal(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: int,
                           scale: Optional[float] = None, causal: bool = False,
-                          stride: int = 8) -> torch.Tensor:
+                          stride: int = 8, precision: str = "full") -> torch.Tensor:
     batch, q_heads, q_len, head_dim = q.shape
     k_len = k.shape[-2]
     scale = head_dim ** -0.5 if scale is None else scale
-    k = repeat_kv_heads(k, q_heads)
     q_tiles, k_tiles = num_blocks(q_len, stride), num_blocks(k_len, stride)
+    if precision not in ESTIMATE_PRECISIONS:
+        raise ValueError(f"unknown estimate precision {precision!r}")
+    if precision == "fp8":
+        (q8, q_scales), (k8, k_scales) = quantize_anti_rows(q, stride), quantize_anti_rows(k, stride)
+        q, k = q8.to(q.dtype), k8.to(k.dtype)  # e4m3 values are exact in every floating dtype psa takes
+        wide = torch.promote_types(q.dtype, torch.float32)  # the scales are float32 values
+        tile_scales = q_scales[..., :, None].to(wide) * repeat_kv_heads(k_scales, q_heads)[..., None, :].to(wide)
+    k = repeat_kv_heads(k, q_heads)
     q_pad = torch.nn.functional.pad(q, (0, 0, 0, q_tiles * stride - q_len))
     k_pad = torch.nn.functional.pad(k, (0, 0, 0, k_tiles * stride - k_len))
     # Row i' of q_anti is q[S*i' + S-1-t] for t = 0..S-1 side by side, row j' of k_anti is
     # k[S*j' + t]: their dot product is the sum of the antidiagonal of tile (i', j') of Q K^T.
     q_anti = q_pad.unflatten(2, (q_tiles, stride)).flip(3).flatten(3)
     k_anti = k_pad.unflatten(2, (k_tiles, stride)).flatten(3)
-    logits = torch.matmul(q_anti, k_anti.transpose(-1, -2)) * (scale / stride)
+    logits = torch.matmul(q_anti, k_anti.transpose(-1, -2))
+    if precision == "fp8":
+        logits = logits * tile_scales
+    logits = logits * (scale / stride)
     if causal:
         last_query = torch.clamp(torch.arange(1, q_tiles + 1, device=q.device) * stride, max=q_len) - 1
         first_key = torch.arange(k_tiles, device=q.device) * stride
@@ -256,12 +282,14 @@ def estimate_pooled(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n: 
 def estimate_importance(q: torch.Tensor, k: torch.Tensor, *, method: str, block_m: int, block_n: int,
                         scale: Optional[float] = None, causal: bool = False, stride: int = 8,
                         q_offsets: Optional[torch.Tensor] = None,
-                        k_offsets: Optional[torch.Tensor] = None) -> torch.Tensor:
+                        k_offsets: Optional[torch.Tensor] = None, precision: str = "full") -> torch.Tensor:
     common = dict(block_m=block_m, block_n=block_n, scale=scale, causal=causal)
+    if precision != "full" and method != "antidiagonal":
+        raise ValueError(f"estimate precision {precision!r} applies to the antidiagonal estimator only")
     if method == "sampled":
         return estimate_sampled(q, k, q_offsets=q_offsets, k_offsets=k_offsets, **common)
     if method == "antidiagonal":
-        return estimate_antidiagonal(q, k, stride=stride, **common)
+        return estimate_antidiagonal(q, k, stride=stride, precision=precision, **common)
     if method == "pooled":
         return estimate_pooled(q, k, **common)
     raise ValueError(f"unknown estimator {method!r}")
@@ -380,7 +408,8 @@ def sparse_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, config, 
     c = config
     scores = estimate_importance(q, k, method=c.estimator, block_m=c.block_m, block_n=c.block_n,
                                  scale=scale, causal=c.causal, stride=c.stride,
-                                 q_offsets=q_offsets, k_offsets=k_offsets)
+                                 q_offsets=q_offsets, k_offsets=k_offsets,
+                                 precision=c.estimate_precision)
     levels = assign_levels(scores, mode=c.mode, bounds=c.bounds, block_m=c.block_m, block_n=c.block_n,
                            q_len=q.shape[-2], k_len=k.shape[-2], min_full=c.min_full, causal=c.causal,
                            sink=c.sink, force_keys=force_keys, force_queries=force_queries, k=k,

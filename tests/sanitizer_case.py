@@ -43,6 +43,11 @@ def main():
         config = psa.PSAConfig(estimator="antidiagonal", causal=causal)
         psa.estimate_importance(rand(1, 2, 2100, 128, dtype=torch.bfloat16), rand(1, 1, 4500, 128, dtype=torch.bfloat16),
                                 config)
+    # FP8 scoring: the quantization kernel and the Hopper kernel on FP8 wgmma (two column tiles).
+    for causal in (False, True):
+        config = psa.PSAConfig(estimator="antidiagonal", causal=causal, estimate_precision="fp8")
+        psa.estimate_importance(rand(1, 2, 2100, 128, dtype=torch.bfloat16), rand(1, 1, 4500, 128, dtype=torch.bfloat16),
+                                config)
     # The pooled kernels over several CTAs and passes (35 query blocks, 16 a CTA; 141 key blocks, 64 a pass).
     for causal in (False, True):
         q, k = rand(1, 2, 1100, 128, dtype=torch.float16), rand(1, 1, 4500, 128, dtype=torch.float16)

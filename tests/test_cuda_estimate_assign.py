@@ -35,6 +35,30 @@ def test_estimators_match_reference(rng, method, dtype, head_dim, causal, block_
     check_scores(scores, q, k, causal, method=method, block_m=block_m, block_n=block_n)
 
 
+@pytest.mark.parametrize("dtype", CUDA_DTYPES)
+@pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("block_m,block_n,stride", [(128, 128, 8), (64, 32, 4), (32, 64, 8), (64, 64, 2)])
+def test_fp8_antidiagonal_matches_reference(rng, dtype, head_dim, causal, block_m, block_n, stride):
+    # FP8 scoring: on Hopper quantize_anti_rows and the sm90 kernel on FP8 wgmma (stride * head_dim a
+    # multiple of 128; off Hopper the ATen path, which test_estimate.py also runs on CUDA at head_dim 32). The
+    # quantized values are the reference's bit for bit (IEEE quotients, e4m3 rounding to nearest even);
+    # FP8 wgmma sums their products with less than fp32's precision, hence a looser tolerance than
+    # check_scores'. 2300 keys: two or more 256-column tiles; GQA; odd lengths.
+    q = randn(rng, 2, 4, 777, head_dim, dtype=dtype, device="cuda")
+    k = randn(rng, 2, 2, 2300, head_dim, dtype=dtype, device="cuda")
+    config = PSAConfig(block_m=block_m, block_n=block_n, estimator="antidiagonal", causal=causal, stride=stride,
+                       estimate_precision="fp8")
+    scores = psa.estimate_importance(q, k, config)
+    expected = reference.estimate_importance(q.double().cpu(), k.double().cpu(), method="antidiagonal",
+                                             block_m=block_m, block_n=block_n, causal=causal, stride=stride,
+                                             precision="fp8").double()
+    assert scores.is_cuda and scores.dtype == torch.float32 and scores.shape == expected.shape
+    torch.testing.assert_close(scores.cpu().double(), expected, atol=5e-4, rtol=1e-2)
+    candidates = reference.candidate_blocks(777, 2300, block_m, block_n, causal)
+    assert (scores.cpu()[..., ~candidates] == 0).all()
+
+
 @pytest.mark.parametrize("causal", [False, True])
 def test_sampled_with_drawn_offsets_and_the_aten_fallback(rng, causal):
     q = randn(rng, 1, 2, 700, 128, dtype=torch.bfloat16, device="cuda")

@@ -121,6 +121,11 @@ def test_bad_op_arguments():
         torch.ops.psa.estimate_importance(q, k, k8=k8[:, :, :12], block_m=64, block_n=64, method="pooled")
     with pytest.raises(RuntimeError, match="k8 must have the same dtype as k"):
         torch.ops.psa.estimate_importance(q, k, k8=k8.double(), block_m=64, block_n=64, method="pooled")
+    with pytest.raises(RuntimeError, match="precision must be 'full' or 'fp8', got 'fp16'"):
+        torch.ops.psa.estimate_importance(q, k, block_m=64, block_n=64, method="antidiagonal", precision="fp16")
+    with pytest.raises(RuntimeError, match="precision 'fp8' applies to the 'antidiagonal' method only, got method "
+                                           "'pooled'"):
+        torch.ops.psa.estimate_importance(q, k, block_m=64, block_n=64, method="pooled", precision="fp8")
     scores = torch.rand(1, 4, 2, 2)
     common = dict(block_m=64, block_n=64, q_len=100, k_len=100)
     with pytest.raises(RuntimeError, match="mode must be 'topk' or 'threshold'"):
@@ -231,6 +236,9 @@ def test_level_stats_rejects_what_is_not_a_level_map():
     ("block_m", 64.0, r"PSAConfig.block_m must be an int, one of \(32, 64, 128\), got 64.0"),
     ("block_n", "64", r"PSAConfig.block_n must be an int, one of \(32, 64, 128\), got '64'"),
     ("bounds", "0.1", r"PSAConfig.bounds must be a sequence of 4 finite numbers"),
+    ("estimate_precision", "bf16", r"PSAConfig.estimate_precision must be one of \('full', 'fp8'\), got 'bf16'"),
+    ("estimate_precision", "fp8", r"PSAConfig.estimate_precision 'fp8' applies to the 'antidiagonal' estimator "
+                                  r"only, got estimator 'sampled'"),
 ])
 def test_config_types(field, value, match):
     with pytest.raises(ValueError, match=match):

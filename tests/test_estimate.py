@@ -1,3 +1,4 @@
+import dataclasses
 import math
 
 import pytest
@@ -106,6 +107,65 @@ def test_pooled_and_antidiagonal_match_literal_spec(rng):
     anti = psa.estimate_importance(q, k, PSAConfig(block_m=64, block_n=32, estimator="antidiagonal", stride=4))
     torch.testing.assert_close(anti[0, 0].double(), naive_antidiagonal(q[0, 0], k[0, 0], 64, 32, 0.25, 4),
                                atol=1e-6, rtol=1e-6)
+
+
+def round_to_e4m3(x):
+    """float8 e4m3 rounding written out (float64 in and out): 3 mantissa bits, ties to even, exponents down
+    to -6 with subnormals below (steps of 2^-9); |x| <= 448 here."""
+    out = torch.zeros_like(x)
+    nonzero = x != 0
+    exponent = torch.floor(torch.log2(x[nonzero].abs())).clamp(min=-6)
+    step = torch.exp2(exponent - 3)
+    out[nonzero] = torch.round(x[nonzero] / step) * step  # torch.round: half to even
+    return out
+
+
+def naive_fp8_groups(x, stride):
+    """docs/spec.md section 4, FP8 scoring, one group of `stride` tokens at a time: the dequantized values
+    (float64), i.e. e4m3(fp32(x) / s) * s with s = fp32(max |x| / 448)."""
+    out = torch.zeros(x.shape, dtype=torch.float64)
+    for first in range(0, x.shape[0], stride):
+        group = x[first:first + stride].float()
+        peak = group.abs().max()
+        scale = torch.ones((), dtype=torch.float32) if peak == 0 else peak / 448.0
+        out[first:first + stride] = round_to_e4m3((group / scale).double()) * scale.double()
+    return out
+
+
+@pytest.mark.parametrize("stride", [4, 8])
+def test_fp8_antidiagonal_matches_literal_spec(rng, stride):
+    # 150 and 170 tokens end in partial groups; k's entries span 2^-12 .. 2^4 so some groups reach
+    # e4m3's subnormals.
+    q = randn(rng, 1, 1, 150, 16, dtype=torch.float64)
+    k = randn(rng, 1, 1, 170, 16, dtype=torch.float64) * torch.exp2(torch.linspace(-12, 4, 170))[:, None]
+    config = PSAConfig(block_m=64, block_n=32, estimator="antidiagonal", stride=stride, estimate_precision="fp8")
+    anti = psa.estimate_importance(q, k, config)
+    expected = naive_antidiagonal(naive_fp8_groups(q[0, 0], stride), naive_fp8_groups(k[0, 0], stride), 64, 32,
+                                  0.25, stride)
+    torch.testing.assert_close(anti[0, 0].double(), expected, atol=1e-6, rtol=1e-6)
+    full = psa.estimate_importance(q, k, dataclasses.replace(config, estimate_precision="full"))
+    assert not torch.allclose(anti, full, atol=1e-6, rtol=1e-6)  # the quantization shows
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
+def test_fp8_antidiagonal_matches_reference(rng, device, causal, dtype):
+    # Both sides quantize to the same e4m3 values, so only the sums' rounding separates them, whatever the
+    # input dtype. GQA, odd lengths, Lq != Lk.
+    q = randn(rng, 2, 4, 333, 32, dtype=dtype, device=device)
+    k = randn(rng, 2, 2, 301, 32, dtype=dtype, device=device)
+    config = PSAConfig(block_m=64, block_n=32, estimator="antidiagonal", causal=causal, estimate_precision="fp8")
+    scores = psa.estimate_importance(q, k, config)
+    expected = reference.estimate_importance(q.double().cpu(), k.double().cpu(), method="antidiagonal", block_m=64,
+                                             block_n=32, causal=causal, precision="fp8")
+    assert scores.shape == (2, 4, 6, 10) and scores.dtype == torch.float32
+    torch.testing.assert_close(scores.cpu().double(), expected.double(), atol=1e-5, rtol=1e-5)
+    # An approximation of the full-precision scores: close, on inputs whose scores are not flat.
+    sharp_q, sharp_k = 3 * q, 3 * k
+    fp8 = psa.estimate_importance(sharp_q, sharp_k, config)
+    full = psa.estimate_importance(sharp_q, sharp_k, dataclasses.replace(config, estimate_precision="full"))
+    assert ((fp8 - full).abs().sum() / full.abs().sum()).item() < 0.05
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])

@@ -27,7 +27,8 @@ def samples(device, dtype=torch.float32):
         "estimate_importance": [
             ((q, k), dict(block_m=64, block_n=32, method=method, causal=causal))
             for method in ("sampled", "antidiagonal", "pooled") for causal in (False, True)] + [
-            ((q, k, None, None, torch.ops.psa.kv_pyramid(k, v)[4]), dict(block_m=64, block_n=32, method="pooled"))],
+            ((q, k, None, None, torch.ops.psa.kv_pyramid(k, v)[4]), dict(block_m=64, block_n=32, method="pooled")),
+            ((q, k), dict(block_m=64, block_n=32, method="antidiagonal", causal=True, precision="fp8"))],
         "assign_levels": [
             ((scores,), dict(mode="topk", bounds=[0.2, 0.4, 0.6, 0.8], block_m=64, block_n=32, q_len=100, k_len=90)),
             ((scores, keys, None, k), dict(mode="threshold", bounds=[0.5, 0.6, 0.7, 0.8], block_m=64, block_n=32,
@@ -50,6 +51,9 @@ def samples(device, dtype=torch.float32):
             ((q, k, v, keys), dict(block_m=64, block_n=32, mode="topk", bounds=[0.2, 0.4, 0.6, 0.8],
                                    estimator="sampled", min_full=0.06, sim_thresholds=None, causal=False, sink=True,
                                    stride=8)),
+            ((q, k, v), dict(block_m=64, block_n=32, mode="topk", bounds=[0.2, 0.4, 0.6, 0.8],
+                             estimator="antidiagonal", min_full=0.06, sim_thresholds=None, causal=True, sink=True,
+                             stride=8, precision="fp8")),
         ],
     }
 

@@ -41,6 +41,22 @@ def test_pipeline_levels_match_reference_in_float64(rng):
     torch.testing.assert_close(lse, ref_lse)
 
 
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("causal", [False, True])
+def test_pipeline_with_fp8_antidiagonal_scores_matches_reference(rng, device, causal):
+    # estimate_precision reaches the estimator through the composite op: its levels are the reference's
+    # with FP8 scoring (float64 inputs: both quantize the same values), and differ from full precision's.
+    q, k, v = (randn(rng, 1, 2, 700, 32, dtype=torch.float64, device=device) for _ in range(3))
+    config = PSAConfig(block_m=32, block_n=32, estimator="antidiagonal", causal=causal, estimate_precision="fp8")
+    out, lse, levels = psa.sparse_attention(q, k, v, config, return_lse=True, return_levels=True)
+    ref_out, ref_lse, ref_levels = reference.sparse_attention(q.cpu(), k.cpu(), v.cpu(), config)
+    assert torch.equal(levels.cpu(), ref_levels)
+    torch.testing.assert_close(out.cpu(), ref_out)
+    assert torch.equal(levels, psa.estimate_levels(q, k, config))
+    assert not torch.equal(levels, psa.estimate_levels(q, k, PSAConfig(block_m=32, block_n=32, causal=causal,
+                                                                       estimator="antidiagonal")))
+
+
 def test_keeping_every_block_equals_sdpa(rng):
     q, k, v = (randn(rng, 1, 2, 300, 32, dtype=torch.float64) for _ in range(3))
     config = PSAConfig(bounds=(1.0, 1.0, 1.0, 1.0), block_m=64, block_n=64)
@@ -90,6 +106,7 @@ def test_config_round_trips_through_json():
     ("bounds", (0.1, 0.2, 0.3)), ("bounds", (0.3, 0.2, 0.4, 0.5)), ("bounds", (0.1, 0.2, 0.3, 1.5)),
     ("bounds", "abcd"), ("min_full", -0.1), ("min_full", float("nan")), ("sim_thresholds", (0.7, 0.6)),
     ("sim_thresholds", (0.7, 0.6, 2.0)), ("causal", 1), ("sink", None), ("stride", 3), ("stride", 0),
+    ("estimate_precision", "fp16"), ("estimate_precision", "fp8"),
 ])
 def test_config_rejects_bad_fields(field, value):
     with pytest.raises(ValueError, match=field):

@@ -48,7 +48,10 @@ KERNELS = {
     "estimate_sampled_sm90": ("sm90/estimate_sampled_sm90.cuh", "sm90::launch_estimate_sampled_sm90",
                               "SampledParams", [INPUT_DTYPES, HEAD_DIMS]),
     "estimate_antidiagonal_sm90": ("sm90/estimate_antidiagonal_sm90.cuh", "sm90::launch_estimate_antidiagonal_sm90",
-                                   "AntidiagonalParams", [INPUT_DTYPES, HEAD_DIMS]),
+                                   "AntidiagonalParams", [{**INPUT_DTYPES, "fp8": "__nv_fp8_e4m3"}, HEAD_DIMS]),
+    # FP8 scoring's input for the kernel above: plain CUDA.
+    "quantize_anti_rows": ("quantize_anti_rows.cuh", "launch_quantize_anti_rows", "QuantizeAntiRowsParams",
+                           [INPUT_DTYPES]),
     "assign_levels": ("assign_levels.cuh", "launch_assign_levels", "AssignParams", [SCORE_DTYPES]),
 }
 

@@ -68,10 +68,16 @@ namespace sm90 {
 template <typename T, int kHeadDim>
 cudaError_t launch_estimate_sampled_sm90(const SampledParams& params, cudaStream_t stream);
 // The Hopper antidiagonal estimator: same contract as launch_estimate_antidiagonal, with the table sized
-// by AntidiagonalSm90Shape; needs stride <= 8 and both lengths >= stride.
+// by AntidiagonalSm90Shape; needs stride <= 8 and both lengths >= stride. T = __nv_fp8_e4m3: FP8 scoring
+// of the rows launch_quantize_anti_rows wrote (params.q / k, q_scales / k_scales; stride * kHeadDim a
+// multiple of 128).
 template <typename T, int kHeadDim>
 cudaError_t launch_estimate_antidiagonal_sm90(const AntidiagonalParams& params, cudaStream_t stream);
 }  // namespace sm90
+
+// FP8 scoring's quantization for the Hopper antidiagonal kernel (quantize_anti_rows.cuh); T: the input's.
+template <typename T>
+cudaError_t launch_quantize_anti_rows(const QuantizeAntiRowsParams& params, cudaStream_t stream);
 
 template <typename T, int kHeadDim>
 cudaError_t launch_estimate_pooled(const PooledParams& params, cudaStream_t stream);

@@ -121,6 +121,26 @@ struct AntidiagonalParams {
   int q_tiles, k_tiles;               // ceil(Lq / S), ceil(Lk / S)
   float scale_log2;                   // scale * log2(e) / S: anti-logits in the exp2 domain
   bool causal;
+  // FP8 scoring (docs/spec.md section 4), Hopper kernel only: q and k are then the quantized anti-rows
+  // [B, Hq, q_tiles, S*D] and anti-columns [B, Hkv, k_tiles, S*D] (e4m3 bytes, contiguous) that
+  // launch_quantize_anti_rows writes, and these their groups' scales, [B * Hq][q_tiles] and
+  // [B * Hkv][k_scale_stride] (k's rows padded with 1 to whole 256-column tiles); null at full precision.
+  const float* q_scales;
+  const float* k_scales;
+  int k_scale_stride;
+};
+
+// FP8 scoring's quantization (docs/spec.md section 4): every group of S tokens of x [B, H, L, D] becomes
+// one row of S * D e4m3 bytes of out [B, H, groups, S * D] (contiguous), its tokens in order, or reversed
+// for queries (an anti-row then lies in memory as the anti-logits' GEMM reads it), and its float32 scale
+// scales[b * H + h][group]; groups in [ceil(L / S), scale_stride) get scale 1 and no row.
+struct QuantizeAntiRowsParams {
+  const void* x;
+  int64_t x_stride[3];
+  uint8_t* out;
+  float* scales;
+  int batch, heads, length, head_dim, stride, scale_stride;
+  bool reverse_tokens;
 };
 
 // The pooled estimator (docs/spec.md section 4, "pooled").

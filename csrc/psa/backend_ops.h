@@ -37,16 +37,16 @@ struct BackendOps {
                                         const std::optional<at::Tensor>& k_offsets,
                                         const std::optional<at::Tensor>& k8, int64_t block_m, int64_t block_n,
                                         const std::string& method, std::optional<double> scale, bool causal,
-                                        int64_t stride) {
-    const EstimateArgs args =
-        prepare_estimate_importance(q, k, q_offsets, k_offsets, block_m, block_n, method, scale, stride, k8);
+                                        int64_t stride, const std::string& precision) {
+    const EstimateArgs args = prepare_estimate_importance(q, k, q_offsets, k_offsets, block_m, block_n, method,
+                                                          scale, stride, k8, precision);
     switch (args.method) {
       case EstimateMethod::kSampled:
         Backend::check_offsets(args, block_m, block_n);
         return Backend::estimate_sampled(q, k, block_m, block_n, args.scale, causal, args.q_offsets, args.k_offsets,
                                          args.default_q_offsets, args.default_k_offsets);
       case EstimateMethod::kAntidiagonal:
-        return Backend::estimate_antidiagonal(q, k, block_m, block_n, args.scale, causal, stride);
+        return Backend::estimate_antidiagonal(q, k, block_m, block_n, args.scale, causal, stride, args.precision);
       case EstimateMethod::kPooled:
         return Backend::estimate_pooled(q, k, args.k8, block_m, block_n, args.scale, causal);
     }

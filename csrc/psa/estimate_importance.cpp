@@ -31,7 +31,8 @@ EstimateArgs prepare_estimate_importance(const at::Tensor& q, const at::Tensor& 
                                          const std::optional<at::Tensor>& q_offsets,
                                          const std::optional<at::Tensor>& k_offsets, int64_t block_m,
                                          int64_t block_n, const std::string& method, std::optional<double> scale,
-                                         int64_t stride, const std::optional<at::Tensor>& k8) {
+                                         int64_t stride, const std::optional<at::Tensor>& k8,
+                                         const std::string& precision) {
   constexpr const char* op = "psa.estimate_importance";
   check_qk(op, q, k);
   check_block_sizes(op, block_m, block_n);
@@ -40,6 +41,11 @@ EstimateArgs prepare_estimate_importance(const at::Tensor& q, const at::Tensor& 
   PSA_CHECK(std::isfinite(args.scale), op, ": scale must be finite, got ", args.scale);
   PSA_CHECK(!k8.has_value() || method == "pooled", op, ": k8 applies to the 'pooled' method only, got method '",
             method, "'");
+  PSA_CHECK(precision == "full" || precision == "fp8", op, ": precision must be 'full' or 'fp8', got '", precision,
+            "'");
+  PSA_CHECK(precision == "full" || method == "antidiagonal", op, ": precision '", precision,
+            "' applies to the 'antidiagonal' method only, got method '", method, "'");
+  args.precision = precision == "fp8" ? EstimatePrecision::kFp8 : EstimatePrecision::kFull;
   if (method == "sampled") {
     args.method = EstimateMethod::kSampled;
     args.q_offsets = checked_offsets("q_offsets", q_offsets, block_m, q);

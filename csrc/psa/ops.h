@@ -23,6 +23,9 @@ void prepare_kv_pyramid(const at::Tensor& k, const at::Tensor& v);
 void prepare_kv_pyramid_backward(const std::vector<at::Tensor>& d_pooled, int64_t k_len);
 
 enum class EstimateMethod { kSampled, kAntidiagonal, kPooled };
+// What the antidiagonal estimator multiplies (docs/spec.md section 4): Q and K at their own precision, or
+// quantized to float8 e4m3 with a scale per group of `stride` tokens (opt-in).
+enum class EstimatePrecision { kFull, kFp8 };
 // The sampled estimator's default offsets (docs/spec.md section 4): block / 4 of them, every
 // kDefaultSampleStep-th token of a block from token kDefaultSampleStep / 2.
 constexpr int64_t kDefaultSampleStep = 4;
@@ -35,12 +38,14 @@ struct EstimateArgs {
   bool default_q_offsets = false, default_k_offsets = false;
   // pooled: the pyramid's level-8 keys of k (kv_pyramid's k8), or undefined: the backend pools k itself.
   at::Tensor k8;
+  EstimatePrecision precision = EstimatePrecision::kFull;  // kFp8 for the antidiagonal method only
 };
 EstimateArgs prepare_estimate_importance(const at::Tensor& q, const at::Tensor& k,
                                          const std::optional<at::Tensor>& q_offsets,
                                          const std::optional<at::Tensor>& k_offsets, int64_t block_m,
                                          int64_t block_n, const std::string& method, std::optional<double> scale,
-                                         int64_t stride, const std::optional<at::Tensor>& k8);
+                                         int64_t stride, const std::optional<at::Tensor>& k8,
+                                         const std::string& precision);
 // CPU only, sampled method: offsets within [0, block) (on the GPU the check would cost a host sync; the
 // kernels clamp).
 void check_offsets_in_block(const EstimateArgs& args, int64_t block_m, int64_t block_n);
@@ -90,7 +95,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention(
     const std::optional<at::Tensor>& k_offsets, int64_t block_m, int64_t block_n, const std::string& mode,
     at::ArrayRef<double> bounds, const std::string& estimator, double min_full,
     std::optional<at::ArrayRef<double>> sim_thresholds, bool causal, bool sink, int64_t stride,
-    std::optional<double> scale);
+    std::optional<double> scale, const std::string& precision);
 
 // Pooled K and V at levels 2, 4, 8 as the ops return them: (k2, v2, k4, v4, k8, v8).
 using PyramidTensors = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -108,7 +113,7 @@ at::Tensor group_counts(int64_t length, int64_t group, const at::TensorOptions& 
 at::Tensor estimate_sampled(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
                             double scale, bool causal, const at::Tensor& q_offsets, const at::Tensor& k_offsets);
 at::Tensor estimate_antidiagonal(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
-                                 double scale, bool causal, int64_t stride);
+                                 double scale, bool causal, int64_t stride, EstimatePrecision precision);
 // k8: the pyramid's level-8 keys of k, or undefined (pooled here from k).
 at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, const at::Tensor& k8, int64_t block_m,
                            int64_t block_n, double scale, bool causal);
@@ -159,7 +164,7 @@ at::Tensor estimate_pooled(const at::Tensor& q, const at::Tensor& k, const at::T
 // The fused kernel where block_m / stride divides 64 and block_n / stride is 8, 16, 32 or 64, else
 // aten::estimate_antidiagonal.
 at::Tensor estimate_antidiagonal(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
-                                 double scale, bool causal, int64_t stride);
+                                 double scale, bool causal, int64_t stride, EstimatePrecision precision);
 // Arguments as cpu::assign_levels.
 at::Tensor assign_levels(const at::Tensor& scores, bool threshold_mode, at::ArrayRef<double> bounds,
                          int64_t block_m, int64_t block_n, int64_t q_len, int64_t k_len, double min_full,

@@ -12,7 +12,8 @@ TORCH_LIBRARY(psa, m) {
       "-> (Tensor dk, Tensor dv)");
   m.def(
       "estimate_importance(Tensor q, Tensor k, Tensor? q_offsets=None, Tensor? k_offsets=None, Tensor? k8=None, *, "
-      "int block_m, int block_n, str method, float? scale=None, bool causal=False, int stride=8) -> Tensor");
+      "int block_m, int block_n, str method, float? scale=None, bool causal=False, int stride=8, "
+      "str precision='full') -> Tensor");
   m.def(
       "assign_levels(Tensor scores, Tensor? force_keys=None, Tensor? force_queries=None, Tensor? k=None, *, "
       "str mode, float[] bounds, int block_m, int block_n, SymInt q_len, SymInt k_len, float min_full=0.06, "
@@ -33,7 +34,7 @@ TORCH_LIBRARY(psa, m) {
       "sparse_attention(Tensor q, Tensor k, Tensor v, Tensor? force_keys=None, Tensor? force_queries=None, "
       "Tensor? q_offsets=None, Tensor? k_offsets=None, *, int block_m, int block_n, str mode, float[] bounds, "
       "str estimator, float min_full, float[]? sim_thresholds, bool causal, bool sink, int stride, "
-      "float? scale=None) -> (Tensor out, Tensor lse, Tensor levels)");
+      "float? scale=None, str precision='full') -> (Tensor out, Tensor lse, Tensor levels)");
 }
 
 // The composite ops: stage ops called through the dispatcher, for every backend (ops.h).

@@ -15,7 +15,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention(
     const std::optional<at::Tensor>& k_offsets, int64_t block_m, int64_t block_n, const std::string& mode,
     at::ArrayRef<double> bounds, const std::string& estimator, double min_full,
     std::optional<at::ArrayRef<double>> sim_thresholds, bool causal, bool sink, int64_t stride,
-    std::optional<double> scale) {
+    std::optional<double> scale, const std::string& precision) {
   // Checked here too, so that errors name the op the user called; the stages check again (the
   // symbolic shapes of a dynamic torch.compile trace only reach the stages).
   if (!any_symbolic({q, k, v})) check_qkv("psa.sparse_attention", q, k, v);
@@ -26,7 +26,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor> sparse_attention(
   const auto [k2, v2, k4, v4, k8, v8] = pyramid.call(k, v);
   const auto scores =
       estimate.call(q, k, q_offsets, k_offsets, estimator == "pooled" ? std::optional<at::Tensor>(k8) : std::nullopt,
-                    block_m, block_n, estimator, scale, causal, stride);
+                    block_m, block_n, estimator, scale, causal, stride, precision);
   const auto levels = assign.call(scores, force_keys, force_queries, k, mode, bounds, block_m, block_n,
                                   q.sym_size(2), k.sym_size(2), min_full, causal, sink, sim_thresholds);
   auto [out, lse] = attend.call(q, k, v, k2, v2, k4, v4, k8, v8, levels, block_m, block_n, scale, causal);

@@ -15,7 +15,8 @@ using KvPyramidCall = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor,
     const at::Tensor&, const at::Tensor&);
 using EstimateImportanceCall = at::Tensor(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                           const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
-                                          int64_t, int64_t, const std::string&, std::optional<double>, bool, int64_t);
+                                          int64_t, int64_t, const std::string&, std::optional<double>, bool, int64_t,
+                                          const std::string&);
 using AssignLevelsCall = at::Tensor(const at::Tensor&, const std::optional<at::Tensor>&,
                                     const std::optional<at::Tensor>&, const std::optional<at::Tensor>&,
                                     const std::string&, at::ArrayRef<double>, int64_t, int64_t, c10::SymInt,

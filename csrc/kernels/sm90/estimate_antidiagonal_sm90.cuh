@@ -17,6 +17,10 @@
 //   - After a tile's S * D / 64 steps a consumer turns its 64 x 256 accumulator into the tile's row maxima
 //     and group sums (a quad reduce-scatter leaves each thread 8 of the 32 groups of a row), writes
 //     them to its CTA's table and moves on; the last pass (write_antidiagonal_scores) is the sm80 one.
+//   - FP8 scoring (T = __nv_fp8_e4m3): Q and K arrive quantized by quantize_anti_rows.cuh as rows of
+//     S * D bytes, one per anti-row or anti-column, so each operand has one plain descriptor and a step
+//     is the next 128 bytes of those rows (S * D / 128 steps a tile, m64n256k32 MMAs at twice the 16-bit
+//     rate); the epilogue multiplies each anti-logit by its row's and column's group scales.
 #pragma once
 
 #include <cfloat>
@@ -36,18 +40,20 @@
 namespace psa::kernels::sm90 {
 
 // AntidiagonalParams plus one descriptor per member t of the groups of S tokens: q_maps[t] reads Q
-// rows S i + t as its row i, k_maps[t] K rows S j + t (box 128 x 64 and 256 x 64).
+// rows S i + t as its row i, k_maps[t] K rows S j + t (box 128 x 64 and 256 x 64). FP8 scoring uses
+// q_maps[0] and k_maps[0] only, over the quantized rows (box 128 x 128 bytes and 256 x 128).
 struct AntidiagonalSm90Params {
   AntidiagonalParams base;
   CUtensorMap q_maps[AntidiagonalSm90Shape<64>::kMaxStride];
   CUtensorMap k_maps[AntidiagonalSm90Shape<64>::kMaxStride];
 };
 
-template <typename T, int kHeadDim>
+// Operand rows are 128-byte swizzled panels whatever the element (64 16-bit values or 128 e4m3 ones).
+template <int kHeadDim>
 struct AntidiagonalSm90Storage {
   using Shape = AntidiagonalSm90Shape<kHeadDim>;
-  alignas(kSwizzleAtomBytes) T q[Shape::kStages][Shape::kRows][kPanelColumns];
-  alignas(kSwizzleAtomBytes) T k[Shape::kStages][Shape::kTileN][kPanelColumns];
+  alignas(kSwizzleAtomBytes) uint8_t q[Shape::kStages][Shape::kRows][kPanelRowBytes];
+  alignas(kSwizzleAtomBytes) uint8_t k[Shape::kStages][Shape::kTileN][kPanelRowBytes];
   float row_max[Shape::kRows];
   float row_sum[Shape::kRows];
   uint64_t full[Shape::kStages];
@@ -59,7 +65,8 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
     estimate_antidiagonal_sm90_kernel(const __grid_constant__ AntidiagonalSm90Params params) {
 #if defined(__CUDA_ARCH_FEAT_SM90_ALL)
   using Shape = AntidiagonalSm90Shape<kHeadDim>;
-  using Storage = AntidiagonalSm90Storage<T, kHeadDim>;
+  using Storage = AntidiagonalSm90Storage<kHeadDim>;
+  constexpr bool kFp8 = std::is_same_v<T, __nv_fp8_e4m3>;
   using Barrier = cutlass::arch::ClusterBarrier;
   using TxBarrier = cutlass::arch::ClusterTransactionBarrier;
   constexpr int kRows = Shape::kRows, kTileN = Shape::kTileN, kStages = Shape::kStages;
@@ -75,7 +82,8 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
   const int S = p.stride;
   const AntidiagonalCta<kRows, kTileN, kGroups> cta(p);
   const int first_row = cta.first_row;
-  const int steps_per_tile = S * kPanels;
+  // 16-bit: member t, panel c of each; FP8: the next 128 bytes of the S * D-byte rows.
+  const int steps_per_tile = kFp8 ? S * kHeadDim / kPanelRowBytes : S * kPanels;
   const int steps = cta.n_tiles * steps_per_tile;
 
   if (tid == 0) {
@@ -98,10 +106,18 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
       const int tile = step / steps_per_tile, member = (step % steps_per_tile) / kPanels, panel = step % kPanels;
       Barrier::wait(&smem.empty[stage], ((step / kStages) & 1) ^ 1);
       TxBarrier::expect_transaction(&smem.full[stage], kStageBytes);
-      cute::SM90_TMA_LOAD_4D::copy(&params.q_maps[S - 1 - member], &smem.full[stage], 0, &smem.q[stage][0][0],
-                                   panel * kPanelColumns, first_row, h, b);
-      cute::SM90_TMA_LOAD_4D::copy(&params.k_maps[member], &smem.full[stage], 0, &smem.k[stage][0][0],
-                                   panel * kPanelColumns, tile * kTileN, kv_head, b);
+      if constexpr (kFp8) {
+        const int column = (step % steps_per_tile) * kPanelRowBytes;
+        cute::SM90_TMA_LOAD_4D::copy(&params.q_maps[0], &smem.full[stage], 0, &smem.q[stage][0][0], column, first_row,
+                                     h, b);
+        cute::SM90_TMA_LOAD_4D::copy(&params.k_maps[0], &smem.full[stage], 0, &smem.k[stage][0][0], column,
+                                     tile * kTileN, kv_head, b);
+      } else {
+        cute::SM90_TMA_LOAD_4D::copy(&params.q_maps[S - 1 - member], &smem.full[stage], 0, &smem.q[stage][0][0],
+                                     panel * kPanelColumns, first_row, h, b);
+        cute::SM90_TMA_LOAD_4D::copy(&params.k_maps[member], &smem.full[stage], 0, &smem.k[stage][0][0],
+                                     panel * kPanelColumns, tile * kTileN, kv_head, b);
+      }
       Barrier::arrive(&smem.full[stage]);
     }
     return;
@@ -114,16 +130,27 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
   // A thread holds rows g and g + 8 of its warp's 16 anti-rows.
   int local_row[2], visible_end[2];  // anti-columns [0, visible_end) are visible to the row
   float run_max[2], run_sum[2];
+  float row_factor[2];  // scale_log2, times the row's group scale under FP8 scoring
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     local_row[r] = consumer * 64 + warp_in_group * 16 + g + 8 * r;
     visible_end[r] = cta.visible_end(first_row + local_row[r]);
     run_max[r] = -INFINITY;
     run_sum[r] = 0.f;
+    row_factor[r] = p.scale_log2;
+    if constexpr (kFp8) {
+      const int row = first_row + local_row[r];
+      if (row < p.q_tiles) row_factor[r] *= __ldg(p.q_scales + static_cast<int64_t>(bh) * p.q_tiles + row);
+    }
   }
+  // FP8 scoring: the tile's column scales, this thread's columns 8j + 2t + {0, 1} as float2 (the rows of
+  // k_scales are padded to whole tiles, so no load needs a bound).
+  const float* column_scales =
+      kFp8 ? p.k_scales + static_cast<int64_t>(b * p.kv_heads + kv_head) * p.k_scale_stride + 2 * t : nullptr;
 
   float acc[kTileN / 2];  // m64n256: column of element 4j + e is 8j + 2t + (e & 1), row g + 8 (e >> 1)
   const auto q_desc = SmemDescriptor::of(&smem.q[0][consumer * 64][0], 16, kSwizzleAtomBytes);
+  // 16-bit: four k16 MMAs per 64-column panel; FP8: four k32 MMAs per 128-byte step. 32 bytes each.
   const auto k_desc = SmemDescriptor::of(&smem.k[0][0][0], 16, kSwizzleAtomBytes);
   constexpr uint32_t kQStageBytes = sizeof(smem.q[0]), kKStageBytes = sizeof(smem.k[0]);
 
@@ -137,10 +164,16 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
     float tile_max[2] = {-INFINITY, -INFINITY};
 #pragma unroll
     for (int j = 0; j < kTileN / 8; ++j) {
+      float2 column_scale = make_float2(1.f, 1.f);
+      if constexpr (kFp8) {
+        column_scale = __ldg(reinterpret_cast<const float2*>(column_scales + tile * kTileN + 8 * j));
+      }
 #pragma unroll
       for (int e = 0; e < 4; ++e) {
         const int r = e >> 1;
-        acc[4 * j + e] = 8 * j + (e & 1) < bound[r] ? acc[4 * j + e] * p.scale_log2 : -INFINITY;
+        float logit = acc[4 * j + e] * row_factor[r];
+        if constexpr (kFp8) logit *= (e & 1) ? column_scale.y : column_scale.x;
+        acc[4 * j + e] = 8 * j + (e & 1) < bound[r] ? logit : -INFINITY;
         tile_max[r] = max_nan(tile_max[r], acc[4 * j + e]);
       }
     }
@@ -175,7 +208,7 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
     Barrier::wait(&smem.full[stage], (step / kStages) & 1);
     cute::warpgroup_arrive();
 #pragma unroll
-    for (int kk = 0; kk < kPanelColumns / 16; ++kk) {
+    for (int kk = 0; kk < kPanelRowBytes / 32; ++kk) {
       mma_ss<T, kTileN>(q_desc.at(stage * kQStageBytes + kk * 32), k_desc.at(stage * kKStageBytes + kk * 32), acc,
                         in_tile > 0 || kk > 0);
     }
@@ -223,7 +256,18 @@ cudaError_t launch_estimate_antidiagonal_sm90(const AntidiagonalParams& p, cudaS
   if (S > Shape::kMaxStride || p.q_len < S || p.k_len < S) return cudaErrorInvalidValue;  // the host checks
   AntidiagonalSm90Params params{};
   params.base = p;
-  for (int member = 0; member < S; ++member) {
+  if constexpr (std::is_same_v<T, __nv_fp8_e4m3>) {
+    // The quantized rows: [B, H, tiles, S * D] bytes, contiguous.
+    const int64_t row_bytes = static_cast<int64_t>(S) * kHeadDim;
+    if (row_bytes % kPanelRowBytes != 0) return cudaErrorInvalidValue;  // the host checks
+    cudaError_t status = encode_byte_rows_map(&params.q_maps[0], p.q, p.batch, p.q_heads, p.q_tiles, row_bytes,
+                                              Shape::kRows);
+    if (status == cudaSuccess) {
+      status = encode_byte_rows_map(&params.k_maps[0], p.k, p.batch, p.kv_heads, p.k_tiles, row_bytes, Shape::kTileN);
+    }
+    if (status != cudaSuccess) return status;
+  }
+  for (int member = 0; member < S && !std::is_same_v<T, __nv_fp8_e4m3>; ++member) {
     // Rows member, member + S, ...: the view from token `member` with S times the token stride.
     const int64_t q_strides[3] = {p.q_stride[0], p.q_stride[1], S * p.q_stride[2]};
     const int64_t k_strides[3] = {p.k_stride[0], p.k_stride[1], S * p.k_stride[2]};
@@ -238,7 +282,7 @@ cudaError_t launch_estimate_antidiagonal_sm90(const AntidiagonalParams& p, cudaS
     if (status != cudaSuccess) return status;
   }
   auto kernel = estimate_antidiagonal_sm90_kernel<T, kHeadDim>;
-  constexpr size_t smem = sizeof(AntidiagonalSm90Storage<T, kHeadDim>) + kSwizzleAtomBytes;  // + alignment slack
+  constexpr size_t smem = sizeof(AntidiagonalSm90Storage<kHeadDim>) + kSwizzleAtomBytes;  // + alignment slack
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem));
   if (status != cudaSuccess) return status;

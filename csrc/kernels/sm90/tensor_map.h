@@ -1,4 +1,5 @@
-// Host side: TMA descriptors (CUtensorMap) for [B, H, L, D] tensors with 16-bit elements.
+// Host side: TMA descriptors (CUtensorMap) for [B, H, L, D] tensors with 16-bit elements (and rows of
+// bytes, for FP8 operands).
 //
 // The driver's encoder is fetched through the runtime (cudaGetDriverEntryPointByVersion), so the
 // extension does not link libcuda itself.
@@ -50,6 +51,25 @@ inline cudaError_t encode_bhld_map(CUtensorMap* map, const void* data, bool is_b
   const CUresult result = encode(map, is_bf16 ? CU_TENSOR_MAP_DATA_TYPE_BFLOAT16 : CU_TENSOR_MAP_DATA_TYPE_FLOAT16, 4,
                                  const_cast<void*>(data), dims, byte_strides, box, element_strides,
                                  CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+                                 CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
+}
+
+// A 4-D map over rows of bytes [B, H, rows, row_bytes] (contiguous), innermost first, whose box is
+// `box_rows` rows x 128 bytes, written with the 128-byte swizzle; rows past `rows` read zeros. The FP8
+// antidiagonal estimator reads its quantized anti-rows and anti-columns this way.
+inline cudaError_t encode_byte_rows_map(CUtensorMap* map, const void* data, int64_t batch, int64_t heads,
+                                        int64_t rows, int64_t row_bytes, int box_rows) {
+  const auto encode = tensor_map_encoder();
+  if (encode == nullptr) return cudaErrorSymbolNotFound;
+  const cuuint64_t dims[4] = {static_cast<cuuint64_t>(row_bytes), static_cast<cuuint64_t>(rows),
+                              static_cast<cuuint64_t>(heads), static_cast<cuuint64_t>(batch)};
+  const cuuint64_t byte_strides[3] = {static_cast<cuuint64_t>(row_bytes), static_cast<cuuint64_t>(rows * row_bytes),
+                                      static_cast<cuuint64_t>(heads * rows * row_bytes)};
+  const cuuint32_t box[4] = {128, static_cast<cuuint32_t>(box_rows), 1, 1};
+  const cuuint32_t element_strides[4] = {1, 1, 1, 1};
+  const CUresult result = encode(map, CU_TENSOR_MAP_DATA_TYPE_UINT8, 4, const_cast<void*>(data), dims, byte_strides,
+                                 box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
                                  CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
   return result == CUDA_SUCCESS ? cudaSuccess : cudaErrorInvalidValue;
 }

@@ -15,6 +15,7 @@
 
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_fp8.h>
 
 #include <cstdint>
 #include <utility>
@@ -74,6 +75,8 @@ template <> struct AtomSS<__half, 64> { using Op = gmma::MMA_64x64x16_F32F16F16_
 template <> struct AtomSS<__half, 128> { using Op = gmma::MMA_64x128x16_F32F16F16_SS<gmma::Major::K, gmma::Major::K>; };
 template <> struct AtomSS<__nv_bfloat16, 256> { using Op = gmma::MMA_64x256x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>; };
 template <> struct AtomSS<__half, 256> { using Op = gmma::MMA_64x256x16_F32F16F16_SS<gmma::Major::K, gmma::Major::K>; };
+// FP8 e4m3 (k32 steps: a step is still 32 bytes of a K-major row; FP8 wgmma takes K-major operands only).
+template <> struct AtomSS<__nv_fp8_e4m3, 256> { using Op = gmma::MMA_64x256x32_F32E4M3E4M3_SS_TN<>; };
 template <> struct AtomRS<__nv_bfloat16, 64> { using Op = gmma::MMA_64x64x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>; };
 template <> struct AtomRS<__nv_bfloat16, 128> { using Op = gmma::MMA_64x128x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>; };
 template <> struct AtomRS<__half, 64> { using Op = gmma::MMA_64x64x16_F32F16F16_RS<gmma::Major::K, gmma::Major::MN>; };
@@ -95,7 +98,8 @@ __device__ __forceinline__ void mma_rs(const uint32_t (&a)[4], uint64_t b, float
 }
 }  // namespace detail
 
-// Issues one asynchronous m64nNk16 MMA; `accumulate` false overwrites d.
+// Issues one asynchronous m64nNk16 MMA (m64nNk32 for FP8: one 32-byte step either way); `accumulate`
+// false overwrites d.
 template <typename T, int N>
 __device__ __forceinline__ void mma_ss(SmemDescriptor a, SmemDescriptor b, float (&d)[N / 2], bool accumulate) {
   detail::mma_ss<typename AtomSS<T, N>::Op>(a.word(), b.word(), d,

@@ -4,6 +4,8 @@
 // nothing here reads a device value on the host, so on CUDA it runs without a synchronisation.
 #include <algorithm>
 #include <limits>
+#include <tuple>
+#include <utility>
 
 #include "../blocks.h"
 #include "../check.h"
@@ -89,17 +91,42 @@ at::Tensor estimate_sampled(const at::Tensor& q, const at::Tensor& k, int64_t bl
   return normalize_rows(relative).to(at::kFloat);
 }
 
-at::Tensor estimate_antidiagonal(const at::Tensor& q, const at::Tensor& k, int64_t block_m, int64_t block_n,
-                                 double scale, bool causal, int64_t stride) {
-  const int64_t batch = q.size(0), q_heads = q.size(1), q_len = q.size(2), k_len = k.size(2);
+// The FP8 scoring's quantization (docs/spec.md section 4): x [B, H, L, D] to float8 e4m3 values with a
+// float32 scale per group of `stride` tokens: (values as `dtype` [B, H, L, D], scales [B, H, ceil(L / S)]).
+// e4m3 values are exact in every floating dtype, 16-bit ones included.
+std::pair<at::Tensor, at::Tensor> quantize_anti_rows(const at::Tensor& x, int64_t stride, at::ScalarType dtype) {
+  constexpr double kE4m3Max = 448.0;
+  const int64_t length = x.size(2), groups = ceil_div(length, stride);
+  const auto padded =
+      at::constant_pad_nd(x.to(at::kFloat), {0, 0, 0, groups * stride - length}).unflatten(2, {groups, stride});
+  const auto peak = padded.abs().amax({3, 4});
+  // A tensor divisor: ATen multiplies by the reciprocal of a host scalar on CUDA, which is not the quotient.
+  const auto scales = at::where(peak == 0, at::ones_like(peak), peak / at::scalar_tensor(kE4m3Max, peak.options()));
+  const auto values = padded.div(scales.unsqueeze(-1).unsqueeze(-1)).to(at::kFloat8_e4m3fn).to(dtype);
+  return {values.flatten(2, 3).narrow(2, 0, length), scales};
+}
+
+at::Tensor estimate_antidiagonal(const at::Tensor& q_in, const at::Tensor& k_in, int64_t block_m, int64_t block_n,
+                                 double scale, bool causal, int64_t stride, EstimatePrecision precision) {
+  const int64_t batch = q_in.size(0), q_heads = q_in.size(1), q_len = q_in.size(2), k_len = k_in.size(2);
   const int64_t n_q = ceil_div(q_len, block_m), n_k = ceil_div(k_len, block_n);
   const int64_t q_tiles = ceil_div(q_len, stride), k_tiles = ceil_div(k_len, stride);
   const int64_t rows_per_block = block_m / stride, cols_per_block = block_n / stride;
-  const auto dtype = compute_dtype(q);
+  const auto dtype = compute_dtype(q_in);
   // On CUDA, 16-bit inputs stay 16-bit for the GEMM, with float32 output: tensor cores multiply them
   // exactly and sum in float32, as the float32 GEMM of the converted values does, at ~10x its rate.
-  const bool half_gemm = q.is_cuda() && (q.scalar_type() == at::kBFloat16 || q.scalar_type() == at::kHalf);
-  const auto gemm_dtype = half_gemm ? q.scalar_type() : dtype;
+  const bool half_gemm = q_in.is_cuda() && (q_in.scalar_type() == at::kBFloat16 || q_in.scalar_type() == at::kHalf);
+  const auto gemm_dtype = half_gemm ? q_in.scalar_type() : dtype;
+  // FP8 scoring: the GEMM multiplies the e4m3 values; the logits take the groups' scales after it.
+  const bool fp8 = precision == EstimatePrecision::kFp8;
+  at::Tensor q = q_in, k = k_in, q_scales, k_scales;
+  if (fp8) {
+    std::tie(q, q_scales) = quantize_anti_rows(q_in, stride, gemm_dtype);
+    std::tie(k, k_scales) = quantize_anti_rows(k_in, stride, gemm_dtype);
+    // Padded tile rows get scale 1 (they see nothing); keys' scales per query head, as k_anti's columns.
+    q_scales = at::constant_pad_nd(q_scales.to(dtype), {0, n_q * rows_per_block - q_tiles}, 1.0);
+    k_scales = repeat_kv_heads(k_scales.to(dtype), q_heads);
+  }
   // Row i' of q_anti holds q[S*i' + S-1-t] for t = 0..S-1 and row j' of k_anti holds k[S*j' + t]: their
   // dot product is the sum of the antidiagonal of tile (i', j') of Q K^T. Zero padding adds nothing.
   const auto q_anti = at::constant_pad_nd(q.to(gemm_dtype), {0, 0, 0, n_q * block_m - q_len})
@@ -118,12 +145,16 @@ at::Tensor estimate_antidiagonal(const at::Tensor& q, const at::Tensor& k, int64
   auto visible = (at::arange(n_q * rows_per_block, tile_index) < q_tiles).unsqueeze(1).expand({-1, k_tiles});
   if (causal) visible = visible & (first_key.unsqueeze(0) <= (last_query + (k_len - q_len)).unsqueeze(1));
 
-  auto sums = at::empty({batch, q_heads, n_q, n_k}, q.options().dtype(dtype));
+  auto sums = at::empty({batch, q_heads, n_q, n_k}, q_in.options().dtype(dtype));
   const int64_t chunk = blocks_per_chunk(rows_per_block, k_tiles, batch * q_heads);
   for (int64_t first = 0; first < n_q; first += chunk) {
     const int64_t blocks = std::min(chunk, n_q - first);
     const int64_t tile_rows = blocks * rows_per_block;
-    auto logits = antidiagonal_sums(q_anti.narrow(2, first * rows_per_block, tile_rows)).mul_(scale / stride);
+    auto logits = antidiagonal_sums(q_anti.narrow(2, first * rows_per_block, tile_rows));
+    if (fp8) {
+      logits.mul_(q_scales.narrow(2, first * rows_per_block, tile_rows).unsqueeze(-1)).mul_(k_scales.unsqueeze(-2));
+    }
+    logits.mul_(scale / stride);
     logits.masked_fill_(visible.narrow(0, first * rows_per_block, tile_rows).logical_not(),
                         -std::numeric_limits<double>::infinity());
     const auto probs = at::constant_pad_nd(masked_softmax(logits), {0, n_k * cols_per_block - k_tiles});

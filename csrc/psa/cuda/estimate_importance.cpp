@@ -2,7 +2,9 @@
 // sm_90 a TMA + wgmma GEMM over the sampled rows, read in place for the default offsets and gathered into
 // compact tensors where that cannot be done; else the portable mma.sync kernel), the ATen path for other
 // counts. Antidiagonal: a fused kernel (anti-logits reduced in registers to block sums of their softmax;
-// TMA + wgmma on sm_90, else mma.sync) where the block sizes allow, else the ATen path. Pooled: the block
+// TMA + wgmma on sm_90, else mma.sync) where the block sizes allow, else the ATen path; FP8 scoring
+// quantizes q and k into rows of anti-row bytes, then runs the Hopper kernel on FP8 wgmma (the ATen path
+// where that kernel does not apply). Pooled: the block
 // means (the keys' from the pyramid's k8 when given), then one small kernel for the logits and the softmax.
 #include <algorithm>
 #include <string>
@@ -11,6 +13,8 @@
 #include "common.h"
 #include "kernels/launchers.h"
 #include "kernels/sm90/shapes_sm90.h"
+
+#include <cuda_fp8.h>
 
 namespace psa::cuda {
 namespace {
@@ -171,14 +175,15 @@ at::Tensor estimate_sampled(const at::Tensor& q_in, const at::Tensor& k_in, int6
 }
 
 at::Tensor estimate_antidiagonal(const at::Tensor& q_in, const at::Tensor& k_in, int64_t block_m, int64_t block_n,
-                                 double scale, bool causal, int64_t stride) {
+                                 double scale, bool causal, int64_t stride, EstimatePrecision precision) {
   // The fused kernels need whole query blocks per CTA (block_m / S dividing 64 anti-rows) and key
-  // blocks of whole groups of 8 anti-columns within a 64-column tile; other strides take the ATen path.
+  // blocks of whole groups of 8 anti-columns within a 64-column tile; other strides take the ATen path
+  // (for FP8 scoring: quantization, then a 16-bit GEMM of the e4m3 values, exact for them).
   const int64_t rows_per_block = block_m / stride, cols_per_block = block_n / stride;
   using Shape = kernels::AntidiagonalShape<64>;  // both head dims share the CTA shape and the table
   const bool fused = block_m % stride == 0 && block_n % stride == 0 && Shape::kRows % rows_per_block == 0 &&
                      cols_per_block % 8 == 0 && Shape::kTileN % cols_per_block == 0;
-  if (!fused) return aten::estimate_antidiagonal(q_in, k_in, block_m, block_n, scale, causal, stride);
+  if (!fused) return aten::estimate_antidiagonal(q_in, k_in, block_m, block_n, scale, causal, stride, precision);
   const c10::cuda::CUDAGuard device_guard(q_in.device());
   const auto q = rows_16b_aligned(q_in), k = rows_16b_aligned(k_in);
   const int64_t batch = q.size(0), q_heads = q.size(1), dim = q.size(3);
@@ -197,19 +202,62 @@ at::Tensor estimate_antidiagonal(const at::Tensor& q_in, const at::Tensor& k_in,
     if (!(tma_compatible(q) && tma_compatible(k))) return "q/k strides are not TMA-compatible";
     return "";
   });
+  // FP8 scoring runs on the Hopper kernel only, whose steps are 128 bytes of an anti-row of S * D.
+  const bool fp8 = precision == EstimatePrecision::kFp8;
+  if (fp8 && !(hopper && (stride * dim) % kernels::sm90::kPanelRowBytes == 0)) {
+    return aten::estimate_antidiagonal(q_in, k_in, block_m, block_n, scale, causal, stride, precision);
+  }
 
   kernels::AntidiagonalParams params{};
   fill_common_params(params, q, k, scores, block_m, block_n, scale / static_cast<double>(stride), causal);
   params.stride = static_cast<int>(stride);
   params.q_tiles = static_cast<int>(ceil_div(q.size(2), stride));
   params.k_tiles = static_cast<int>(ceil_div(k.size(2), stride));
+  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
+  // FP8 scoring: the quantized rows and their scales replace q and k (kernels/quantize_anti_rows.cuh).
+  at::Tensor q_rows, k_rows, q_scales, k_scales;
+  if (fp8) {
+    const int64_t kv_heads = k.size(1), row_bytes = stride * dim;
+    const int64_t k_scale_stride = ceil_div(params.k_tiles, Sm90Shape::kTileN) * Sm90Shape::kTileN;
+    q_rows = at::empty({batch, q_heads, params.q_tiles, row_bytes}, q.options().dtype(at::kByte));
+    k_rows = at::empty({batch, kv_heads, params.k_tiles, row_bytes}, q.options().dtype(at::kByte));
+    q_scales = at::empty({batch * q_heads, params.q_tiles}, q.options().dtype(at::kFloat));
+    k_scales = at::empty({batch * kv_heads, k_scale_stride}, q.options().dtype(at::kFloat));
+    const auto quantize = [&](const at::Tensor& x, const at::Tensor& rows, const at::Tensor& scales, bool reverse) {
+      kernels::QuantizeAntiRowsParams quantize_params{};
+      quantize_params.x = x.data_ptr();
+      set_strides(quantize_params.x_stride, x);
+      quantize_params.out = rows.data_ptr<uint8_t>();
+      quantize_params.scales = scales.data_ptr<float>();
+      quantize_params.batch = static_cast<int>(x.size(0));
+      quantize_params.heads = static_cast<int>(x.size(1));
+      quantize_params.length = static_cast<int>(x.size(2));
+      quantize_params.head_dim = static_cast<int>(dim);
+      quantize_params.stride = static_cast<int>(stride);
+      quantize_params.scale_stride = static_cast<int>(scales.size(1));
+      quantize_params.reverse_tokens = reverse;
+      check_launch(kOp, dispatch_input_dtype(kOp, x.scalar_type(), [&](auto tag) {
+        return kernels::launch_quantize_anti_rows<decltype(tag)>(quantize_params, stream);
+      }));
+    };
+    quantize(q, q_rows, q_scales, /*reverse=*/true);
+    quantize(k, k_rows, k_scales, /*reverse=*/false);
+    params.q = q_rows.data_ptr();
+    params.k = k_rows.data_ptr();
+    params.q_scales = q_scales.data_ptr<float>();
+    params.k_scales = k_scales.data_ptr<float>();
+    params.k_scale_stride = static_cast<int>(k_scale_stride);
+  }
   const int64_t per_head =
       hopper ? Sm90Shape::table_floats_per_head(params.n_q, static_cast<int>(rows_per_block), params.k_tiles)
              : Shape::table_floats_per_head(params.n_q, static_cast<int>(rows_per_block), params.k_tiles);
-  const cudaStream_t stream = c10::cuda::getCurrentCUDAStream();
   launch_over_head_chunks(params, q, per_head, [&](auto tag) {
     using T = decltype(tag);
 #ifdef PSA_WITH_SM90  // else sm90_device_unavailable_reason is never empty
+    if (fp8) {
+      return dim == 128 ? kernels::sm90::launch_estimate_antidiagonal_sm90<__nv_fp8_e4m3, 128>(params, stream)
+                        : kernels::sm90::launch_estimate_antidiagonal_sm90<__nv_fp8_e4m3, 64>(params, stream);
+    }
     if (hopper) {
       return dim == 128 ? kernels::sm90::launch_estimate_antidiagonal_sm90<T, 128>(params, stream)
                         : kernels::sm90::launch_estimate_antidiagonal_sm90<T, 64>(params, stream);

@@ -18,9 +18,12 @@ the estimator on vision-tower features), not a trained model's attention.
 Usage: python benchmarks/bench_prefill.py [--lengths 32768,65536] [--estimators antidiagonal,sampled]
                                           [--frames 128] [--skip-model]
        python benchmarks/bench_prefill.py --tiny   # small shapes on the CPU: checks the script only
+Estimators are named as in bench_attention.py: antidiagonal-fp8 is the antidiagonal estimator with FP8
+scoring (estimate_precision="fp8").
 """
 
 import argparse
+import dataclasses
 import datetime
 import os
 import sys
@@ -32,6 +35,7 @@ import torch.nn.functional as F
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import psa  # noqa: E402
+from bench_attention import estimator_config  # noqa: E402
 
 HEADS, KV_HEADS, HEAD_DIM = 28, 4, 128
 # Token ids of the small model's vocabulary: text below 290, then the vision placeholders.
@@ -188,7 +192,7 @@ def main():
         else:
             cudnn_ms = flash_ms = bench(dense)
         for estimator in args.estimators.split(","):
-            config = psa.PSAConfig(causal=True, estimator=estimator)
+            config = dataclasses.replace(estimator_config(estimator), causal=True)
             scores = psa.estimate_importance(q, k, config)
             levels = psa.assign_levels(scores, config, k=k, q_len=length)
             density = psa.level_stats(levels, causal=True, q_len=length, k_len=length, block_m=config.block_m,

@@ -83,14 +83,19 @@ def test_hopper_key_major_backward_uses_wgmma_and_tma_without_spills(sm90_instru
         assert counts["STL"] == 0 and counts["LDL"] == 0, f"{name}: local memory (register spills)"
 
 
-@pytest.mark.parametrize("estimator,hopper_variants", [("sampled", 12), ("antidiagonal", 4)])
-def test_hopper_estimators_use_wgmma_and_tma_without_spills(sm90_instructions, estimator, hopper_variants):
+@pytest.mark.parametrize("estimator,hopper_variants,fp8_variants", [("sampled", 12, 0), ("antidiagonal", 6, 2)])
+def test_hopper_estimators_use_wgmma_and_tma_without_spills(sm90_instructions, estimator, hopper_variants,
+                                                            fp8_variants):
     hopper = kernels_named(sm90_instructions, rf"estimate_{estimator}_sm90_kernel")
     portable = kernels_named(sm90_instructions, rf"estimate_{estimator}_kernel")
-    # bf16/fp16 x head_dim 64/128 (x 8/16/32 key samples for sampled); the portable kernel: bf16/fp16 x 64/128.
+    # bf16/fp16 x head_dim 64/128 (x 8/16/32 key samples for sampled; antidiagonal also FP8 scoring's e4m3
+    # operands x 64/128); the portable kernel: bf16/fp16 x 64/128.
     assert len(hopper) == hopper_variants and len(portable) == 4, (sorted(hopper), sorted(portable))
+    assert sum("fp8" in name for name in hopper) == fp8_variants, sorted(hopper)
     for name, counts in hopper.items():
-        assert counts["HGMMA"] > 0 and counts["UTMALDG"] > 0, f"{name}: no HGMMA or no TMA loads"
+        # FP8 wgmma is QGMMA in SASS, the 16-bit one HGMMA.
+        mma, other = ("QGMMA", "HGMMA") if "fp8" in name else ("HGMMA", "QGMMA")
+        assert counts[mma] > 0 and counts[other] == 0 and counts["UTMALDG"] > 0, f"{name}: no {mma} or no TMA loads"
         assert counts["STL"] == 0 and counts["LDL"] == 0, f"{name}: local memory (register spills)"
     # The portable kernel, compiled for the same target, stays on mma.sync.
     assert all(counts["HGMMA"] == 0 and counts["HMMA"] > 0 for counts in portable.values())

@@ -150,7 +150,6 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
 
   float acc[kTileN / 2];  // m64n256: column of element 4j + e is 8j + 2t + (e & 1), row g + 8 (e >> 1)
   const auto q_desc = SmemDescriptor::of(&smem.q[0][consumer * 64][0], 16, kSwizzleAtomBytes);
-  // 16-bit: four k16 MMAs per 64-column panel; FP8: four k32 MMAs per 128-byte step. 32 bytes each.
   const auto k_desc = SmemDescriptor::of(&smem.k[0][0][0], 16, kSwizzleAtomBytes);
   constexpr uint32_t kQStageBytes = sizeof(smem.q[0]), kKStageBytes = sizeof(smem.k[0]);
 
@@ -207,6 +206,7 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
     const int stage = step % kStages, in_tile = step % steps_per_tile;
     Barrier::wait(&smem.full[stage], (step / kStages) & 1);
     cute::warpgroup_arrive();
+    // A step's 128-byte rows: four k16 MMAs of 16-bit values or four k32 MMAs of e4m3, 32 bytes each.
 #pragma unroll
     for (int kk = 0; kk < kPanelRowBytes / 32; ++kk) {
       mma_ss<T, kTileN>(q_desc.at(stage * kQStageBytes + kk * 32), k_desc.at(stage * kKStageBytes + kk * 32), acc,

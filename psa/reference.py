@@ -13,6 +13,8 @@ from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 
+from .config import ESTIMATE_PRECISIONS
+
 POOLED_LEVELS = (2, 4, 8)
 LEVEL_VALUES = (0, 1, 2, 4, 8)
 
@@ -192,7 +194,6 @@ def estimate_sampled(q: torch.Tensor, k: torch.Tensor, *, block_m: int, block_n:
 
 
 FP8_E4M3_MAX = 448.0
-ESTIMATE_PRECISIONS = ("full", "fp8")
 
 
 def quantize_anti_rows(x: torch.Tensor, stride: int) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -80,6 +80,8 @@ __global__ void __launch_bounds__(256) quantize_anti_rows_kernel(const QuantizeA
 template <typename T>
 cudaError_t launch_quantize_anti_rows(const QuantizeAntiRowsParams& p, cudaStream_t stream) {
   constexpr int kThreads = 256;
+  // A warp holds one group in registers: at most 32 x kMaxQuantizeChunksPerLane chunks of 8 values.
+  if (p.stride * p.head_dim > 32 * kMaxQuantizeChunksPerLane * 8 || p.head_dim % 8 != 0) return cudaErrorInvalidValue;
   const int64_t warps = static_cast<int64_t>(p.batch) * p.heads * p.scale_stride;
   const dim3 grid(static_cast<unsigned>((warps * 32 + kThreads - 1) / kThreads));
   quantize_anti_rows_kernel<T><<<grid, kThreads, 0, stream>>>(p);

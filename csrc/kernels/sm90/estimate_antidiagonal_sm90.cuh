@@ -266,20 +266,21 @@ cudaError_t launch_estimate_antidiagonal_sm90(const AntidiagonalParams& p, cudaS
       status = encode_byte_rows_map(&params.k_maps[0], p.k, p.batch, p.kv_heads, p.k_tiles, row_bytes, Shape::kTileN);
     }
     if (status != cudaSuccess) return status;
-  }
-  for (int member = 0; member < S && !std::is_same_v<T, __nv_fp8_e4m3>; ++member) {
-    // Rows member, member + S, ...: the view from token `member` with S times the token stride.
-    const int64_t q_strides[3] = {p.q_stride[0], p.q_stride[1], S * p.q_stride[2]};
-    const int64_t k_strides[3] = {p.k_stride[0], p.k_stride[1], S * p.k_stride[2]};
-    const auto* q = static_cast<const T*>(p.q) + member * p.q_stride[2];
-    const auto* k = static_cast<const T*>(p.k) + member * p.k_stride[2];
-    cudaError_t status = encode_bhld_map(&params.q_maps[member], q, kBf16, p.batch, p.q_heads,
-                                         (p.q_len - member + S - 1) / S, kHeadDim, q_strides, Shape::kRows);
-    if (status == cudaSuccess) {
-      status = encode_bhld_map(&params.k_maps[member], k, kBf16, p.batch, p.kv_heads,
-                               (p.k_len - member + S - 1) / S, kHeadDim, k_strides, Shape::kTileN);
+  } else {
+    for (int member = 0; member < S; ++member) {
+      // Rows member, member + S, ...: the view from token `member` with S times the token stride.
+      const int64_t q_strides[3] = {p.q_stride[0], p.q_stride[1], S * p.q_stride[2]};
+      const int64_t k_strides[3] = {p.k_stride[0], p.k_stride[1], S * p.k_stride[2]};
+      const auto* q = static_cast<const T*>(p.q) + member * p.q_stride[2];
+      const auto* k = static_cast<const T*>(p.k) + member * p.k_stride[2];
+      cudaError_t status = encode_bhld_map(&params.q_maps[member], q, kBf16, p.batch, p.q_heads,
+                                           (p.q_len - member + S - 1) / S, kHeadDim, q_strides, Shape::kRows);
+      if (status == cudaSuccess) {
+        status = encode_bhld_map(&params.k_maps[member], k, kBf16, p.batch, p.kv_heads,
+                                 (p.k_len - member + S - 1) / S, kHeadDim, k_strides, Shape::kTileN);
+      }
+      if (status != cudaSuccess) return status;
     }
-    if (status != cudaSuccess) return status;
   }
   auto kernel = estimate_antidiagonal_sm90_kernel<T, kHeadDim>;
   constexpr size_t smem = sizeof(AntidiagonalSm90Storage<kHeadDim>) + kSwizzleAtomBytes;  // + alignment slack

@@ -4,8 +4,8 @@
 // counts. Antidiagonal: a fused kernel (anti-logits reduced in registers to block sums of their softmax;
 // TMA + wgmma on sm_90, else mma.sync) where the block sizes allow, else the ATen path; FP8 scoring
 // quantizes q and k into rows of anti-row bytes, then runs the Hopper kernel on FP8 wgmma (the ATen path
-// where that kernel does not apply). Pooled: the block
-// means (the keys' from the pyramid's k8 when given), then one small kernel for the logits and the softmax.
+// where that kernel does not apply). Pooled: the block means (the keys' from the pyramid's k8 when
+// given), then one small kernel for the logits and the softmax.
 #include <algorithm>
 #include <string>
 

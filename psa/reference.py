@@ -204,7 +204,11 @@ def quantize_anti_rows(x: torch.Tensor, stride: int) -> Tuple[torch.Tensor, torc
     padded = torch.nn.functional.pad(x.float(), (0, 0, 0, groups * stride - length)).unflatten(2, (groups, stride))
     peak = padded.abs().amax(dim=(3, 4))
     scales = torch.where(peak == 0, torch.ones_like(peak), peak / FP8_E4M3_MAX)
-    x8 = (padded / scales[..., None, None]).to(torch.float8_e4m3fn).float()
+    # A tensor numerator: `448 / peak` would be torch's peak.reciprocal() * 448, not the quotient.
+    multipliers = torch.where(peak == 0, torch.ones_like(peak), torch.full_like(peak, FP8_E4M3_MAX) / peak)
+    finite_max = torch.finfo(torch.float32).max
+    multipliers = torch.where(multipliers > finite_max, torch.full_like(peak, finite_max), multipliers)
+    x8 = (padded * multipliers[..., None, None]).to(torch.float8_e4m3fn).float()
     return x8.flatten(2, 3)[:, :, :length], scales
 
 

@@ -122,13 +122,15 @@ def round_to_e4m3(x):
 
 def naive_fp8_groups(x, stride):
     """docs/spec.md section 4, FP8 scoring, one group of `stride` tokens at a time: the dequantized values
-    (float64), i.e. e4m3(fp32(x) / s) * s with s = fp32(max |x| / 448)."""
+    (float64), i.e. e4m3(fp32(x) * r) * s with s = fp32(max |x| / 448) and r = fp32(448 / max |x|)."""
     out = torch.zeros(x.shape, dtype=torch.float64)
     for first in range(0, x.shape[0], stride):
         group = x[first:first + stride].float()
         peak = group.abs().max()
-        scale = torch.ones((), dtype=torch.float32) if peak == 0 else peak / 448.0
-        out[first:first + stride] = round_to_e4m3((group / scale).double()) * scale.double()
+        one = torch.ones((), dtype=torch.float32)
+        scale, multiplier = (one, one) if peak == 0 else (peak / 448.0, 448.0 * one / peak)  # (not a reciprocal)
+        multiplier = multiplier.clamp(max=torch.finfo(torch.float32).max)  # 448 / peak overflows
+        out[first:first + stride] = round_to_e4m3((group * multiplier).double()) * scale.double()
     return out
 
 
@@ -138,10 +140,14 @@ def test_fp8_antidiagonal_matches_literal_spec(rng, stride):
     # e4m3's subnormals.
     q = randn(rng, 1, 1, 150, 16, dtype=torch.float64)
     k = randn(rng, 1, 1, 170, 16, dtype=torch.float64) * torch.exp2(torch.linspace(-12, 4, 170))[:, None]
+    # A group whose 448 / max overflows float32, zeros in it (an infinite multiplier would make them NaN).
+    k[..., 16:24, :] *= 1e-38
+    k[..., 16:24, :4] = 0
     config = PSAConfig(block_m=64, block_n=32, estimator="antidiagonal", stride=stride, estimate_precision="fp8")
     anti = psa.estimate_importance(q, k, config)
     expected = naive_antidiagonal(naive_fp8_groups(q[0, 0], stride), naive_fp8_groups(k[0, 0], stride), 64, 32,
                                   0.25, stride)
+    assert torch.isfinite(anti).all()
     torch.testing.assert_close(anti[0, 0].double(), expected, atol=1e-6, rtol=1e-6)
     full = psa.estimate_importance(q, k, dataclasses.replace(config, estimate_precision="full"))
     assert not torch.allclose(anti, full, atol=1e-6, rtol=1e-6)  # the quantization shows

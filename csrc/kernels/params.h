@@ -130,17 +130,22 @@ struct AntidiagonalParams {
   int k_scale_stride;
 };
 
-// FP8 scoring's quantization (docs/spec.md section 4): every group of S tokens of x [B, H, L, D] becomes
-// one row of S * D e4m3 bytes of out [B, H, groups, S * D] (contiguous), its tokens in order, or reversed
-// for queries (an anti-row then lies in memory as the anti-logits' GEMM reads it), and its float32 scale
-// scales[b * H + h][group]; groups in [ceil(L / S), scale_stride) get scale 1 and no row.
-struct QuantizeAntiRowsParams {
+// FP8 scoring's quantization (docs/spec.md section 4), one launch for Q and K: every group of S tokens
+// of an operand's x [B, H, L, D] becomes one row of S * D e4m3 bytes of its out [B, H, groups, S * D]
+// (contiguous), its tokens in order, or reversed for queries (an anti-row then lies in memory as the
+// anti-logits' GEMM reads it), and its float32 scale scales[b * H + h][group]; groups in
+// [ceil(L / S), scale_stride) get scale 1 and no row.
+struct QuantizeAntiRowsOperand {
   const void* x;
   int64_t x_stride[3];
   uint8_t* out;
   float* scales;
-  int batch, heads, length, head_dim, stride, scale_stride;
+  int heads, length, scale_stride;
   bool reverse_tokens;
+};
+struct QuantizeAntiRowsParams {
+  QuantizeAntiRowsOperand operands[2];  // blockIdx.y: 0 the queries, 1 the keys
+  int batch, head_dim, stride;
 };
 
 // The pooled estimator (docs/spec.md section 4, "pooled").

@@ -100,9 +100,15 @@ std::pair<at::Tensor, at::Tensor> quantize_anti_rows(const at::Tensor& x, int64_
   const auto padded =
       at::constant_pad_nd(x.to(at::kFloat), {0, 0, 0, groups * stride - length}).unflatten(2, {groups, stride});
   const auto peak = padded.abs().amax({3, 4});
-  // A tensor divisor: ATen multiplies by the reciprocal of a host scalar on CUDA, which is not the quotient.
-  const auto scales = at::where(peak == 0, at::ones_like(peak), peak / at::scalar_tensor(kE4m3Max, peak.options()));
-  const auto values = padded.div(scales.unsqueeze(-1).unsqueeze(-1)).to(at::kFloat8_e4m3fn).to(dtype);
+  // Tensor operands: ATen multiplies by the reciprocal of a host scalar divisor on CUDA, which is not
+  // the quotient.
+  const auto e4m3_max = at::scalar_tensor(kE4m3Max, peak.options());
+  const auto one = at::ones_like(peak);
+  const auto scales = at::where(peak == 0, one, peak / e4m3_max);
+  auto multipliers = at::where(peak == 0, one, e4m3_max / peak);
+  const auto finite_max = at::scalar_tensor(std::numeric_limits<float>::max(), peak.options());
+  multipliers = at::where(multipliers > finite_max, finite_max, multipliers);  // NaN stays NaN
+  const auto values = padded.mul(multipliers.unsqueeze(-1).unsqueeze(-1)).to(at::kFloat8_e4m3fn).to(dtype);
   return {values.flatten(2, 3).narrow(2, 0, length), scales};
 }
 

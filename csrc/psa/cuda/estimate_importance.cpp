@@ -194,16 +194,19 @@ at::Tensor estimate_antidiagonal(const at::Tensor& q_in, const at::Tensor& k_in,
   // The Hopper kernel (TMA + wgmma) where it applies: its 128 anti-rows and 256-column tiles hold whole
   // blocks whenever the sm80 kernel's 64 and 64 do; one TMA descriptor per member of a group of S.
   using Sm90Shape = kernels::sm90::AntidiagonalSm90Shape<64>;
+  const bool fp8 = precision == EstimatePrecision::kFp8;
   const bool hopper = use_hopper_kernel(kOp, [&]() -> std::string {
     const std::string device_reason = sm90_device_unavailable_reason(q.device());
     if (!device_reason.empty()) return device_reason;
     if (stride > Sm90Shape::kMaxStride) return "stride must be at most 8";
     if (std::min(q.size(2), k.size(2)) < stride) return "sequences shorter than stride";
-    if (!(tma_compatible(q) && tma_compatible(k))) return "q/k strides are not TMA-compatible";
+    // FP8 scoring's GEMM reads the quantized copies (contiguous); the quantization reads rows of 16 bytes.
+    if (fp8 ? q.stride(3) != 1 || k.stride(3) != 1 : !(tma_compatible(q) && tma_compatible(k))) {
+      return "q/k strides are not TMA-compatible";
+    }
     return "";
   });
   // FP8 scoring runs on the Hopper kernel only, whose steps are 128 bytes of an anti-row of S * D.
-  const bool fp8 = precision == EstimatePrecision::kFp8;
   if (fp8 && !(hopper && (stride * dim) % kernels::sm90::kPanelRowBytes == 0)) {
     return aten::estimate_antidiagonal(q_in, k_in, block_m, block_n, scale, causal, stride, precision);
   }
@@ -223,25 +226,26 @@ at::Tensor estimate_antidiagonal(const at::Tensor& q_in, const at::Tensor& k_in,
     k_rows = at::empty({batch, kv_heads, params.k_tiles, row_bytes}, q.options().dtype(at::kByte));
     q_scales = at::empty({batch * q_heads, params.q_tiles}, q.options().dtype(at::kFloat));
     k_scales = at::empty({batch * kv_heads, k_scale_stride}, q.options().dtype(at::kFloat));
-    const auto quantize = [&](const at::Tensor& x, const at::Tensor& rows, const at::Tensor& scales, bool reverse) {
-      kernels::QuantizeAntiRowsParams quantize_params{};
-      quantize_params.x = x.data_ptr();
-      set_strides(quantize_params.x_stride, x);
-      quantize_params.out = rows.data_ptr<uint8_t>();
-      quantize_params.scales = scales.data_ptr<float>();
-      quantize_params.batch = static_cast<int>(x.size(0));
-      quantize_params.heads = static_cast<int>(x.size(1));
-      quantize_params.length = static_cast<int>(x.size(2));
-      quantize_params.head_dim = static_cast<int>(dim);
-      quantize_params.stride = static_cast<int>(stride);
-      quantize_params.scale_stride = static_cast<int>(scales.size(1));
-      quantize_params.reverse_tokens = reverse;
-      check_launch(kOp, dispatch_input_dtype(kOp, x.scalar_type(), [&](auto tag) {
-        return kernels::launch_quantize_anti_rows<decltype(tag)>(quantize_params, stream);
-      }));
+    kernels::QuantizeAntiRowsParams quantize_params{};
+    const auto set_operand = [&](kernels::QuantizeAntiRowsOperand& operand, const at::Tensor& x,
+                                 const at::Tensor& rows, const at::Tensor& scales, bool reverse) {
+      operand.x = x.data_ptr();
+      set_strides(operand.x_stride, x);
+      operand.out = rows.data_ptr<uint8_t>();
+      operand.scales = scales.data_ptr<float>();
+      operand.heads = static_cast<int>(x.size(1));
+      operand.length = static_cast<int>(x.size(2));
+      operand.scale_stride = static_cast<int>(scales.size(1));
+      operand.reverse_tokens = reverse;
     };
-    quantize(q, q_rows, q_scales, /*reverse=*/true);
-    quantize(k, k_rows, k_scales, /*reverse=*/false);
+    set_operand(quantize_params.operands[0], q, q_rows, q_scales, /*reverse=*/true);
+    set_operand(quantize_params.operands[1], k, k_rows, k_scales, /*reverse=*/false);
+    quantize_params.batch = static_cast<int>(batch);
+    quantize_params.head_dim = static_cast<int>(dim);
+    quantize_params.stride = static_cast<int>(stride);
+    check_launch(kOp, dispatch_input_dtype(kOp, q.scalar_type(), [&](auto tag) {
+      return kernels::launch_quantize_anti_rows<decltype(tag)>(quantize_params, stream);
+    }));
     params.q = q_rows.data_ptr();
     params.k = k_rows.data_ptr();
     params.q_scales = q_scales.data_ptr<float>();

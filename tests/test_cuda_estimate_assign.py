@@ -229,16 +229,20 @@ def test_estimators_carry_nan_as_the_cpu_does(rng, monkeypatch, method, family, 
     torch.testing.assert_close(scores[finite], expected[finite], atol=2e-5, rtol=1e-3)
 
 
-@pytest.mark.parametrize("method", ["sampled", "pooled", "antidiagonal"])
+@pytest.mark.parametrize("method", ["sampled", "pooled", "antidiagonal", "antidiagonal-fp8"])
 @pytest.mark.parametrize("family", ["auto", "sm80"])
-def test_estimators_take_a_negative_scale(rng, monkeypatch, method, family):
-    # SDPA takes any finite scale; a kernel that scales maxima of raw products would get a negative one wrong.
+@pytest.mark.parametrize("scale", [-0.2, 0.0])
+def test_estimators_take_a_negative_or_zero_scale(rng, monkeypatch, method, family, scale):
+    # SDPA takes any finite scale; a kernel that scales maxima of raw products would get a negative one
+    # wrong, and one that multiplies a masked -inf by the scale would make NaN of a zero one.
     monkeypatch.setenv("PSA_CUDA_KERNEL", family)
     q = randn(rng, 1, 2, 700, 128, dtype=torch.bfloat16, device="cuda")
     k = randn(rng, 1, 2, 650, 128, dtype=torch.bfloat16, device="cuda")
-    config = PSAConfig(block_m=128, block_n=128, estimator=method)
-    scores = psa.estimate_importance(q, k, config, scale=-0.2)
-    check_scores(scores, q, k, False, method=method, block_m=128, block_n=128, scale=-0.2)
+    estimator, _, precision = method.partition("-")
+    config = PSAConfig(block_m=128, block_n=128, estimator=estimator, estimate_precision=precision or "full")
+    scores = psa.estimate_importance(q, k, config, scale=scale)
+    check_scores(scores, q, k, False, method=estimator, block_m=128, block_n=128, scale=scale,
+                 precision=precision or "full")
 
 
 def use_kernel_family(monkeypatch, family):

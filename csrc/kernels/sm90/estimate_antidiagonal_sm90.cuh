@@ -130,18 +130,22 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
   // A thread holds rows g and g + 8 of its warp's 16 anti-rows.
   int local_row[2], visible_end[2];  // anti-columns [0, visible_end) are visible to the row
   float run_max[2], run_sum[2];
-  float row_factor[2];  // scale_log2, times the row's group scale under FP8 scoring
+  // |scale_log2|, times the row's group scale under FP8 scoring; FLT_MIN for 0 (a zero softmax scale):
+  // an exponent |acc| * FLT_MIN is then below float32's resolution of 1, as acc * 0 is, and -inf stays
+  // -inf.
+  float row_magnitude[2];
 #pragma unroll
   for (int r = 0; r < 2; ++r) {
     local_row[r] = consumer * 64 + warp_in_group * 16 + g + 8 * r;
     visible_end[r] = cta.visible_end(first_row + local_row[r]);
     run_max[r] = -INFINITY;
     run_sum[r] = 0.f;
-    row_factor[r] = p.scale_log2;
+    row_magnitude[r] = fabsf(p.scale_log2);
     if constexpr (kFp8) {
       const int row = first_row + local_row[r];
-      if (row < p.q_tiles) row_factor[r] *= __ldg(p.q_scales + static_cast<int64_t>(bh) * p.q_tiles + row);
+      if (row < p.q_tiles) row_magnitude[r] *= __ldg(p.q_scales + static_cast<int64_t>(bh) * p.q_tiles + row);
     }
+    row_magnitude[r] = fmaxf(row_magnitude[r], FLT_MIN);
   }
   // FP8 scoring: the tile's column scales, this thread's columns 8j + 2t + {0, 1} as float2 (the rows of
   // k_scales are padded to whole tiles, so no load needs a bound).
@@ -153,34 +157,43 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
   const auto k_desc = SmemDescriptor::of(&smem.k[0][0][0], 16, kSwizzleAtomBytes);
   constexpr uint32_t kQStageBytes = sizeof(smem.q[0]), kKStageBytes = sizeof(smem.k[0]);
 
-  // The tile's anti-logits are complete in acc: mask, online softmax, group sums into the table.
+  // The tile's anti-logits are complete in acc: mask, online softmax, group sums into the table. An
+  // anti-logit is acc * column scale * row factor: acc is multiplied by the column's scale and the
+  // softmax scale's sign (uniform over the kernel), the row maxima are taken over that and multiplied by
+  // |row factor| once, and each exponent is one FFMA. Only a tile that reaches past one of the thread's
+  // rows' visible end masks (to -inf; row_magnitude is never 0, so no -inf * 0 in the FFMA).
+  const bool negative_scale = p.scale_log2 < 0.f;
   const auto reduce_tile = [&](int tile) {
-    // Column 8j + 2t + (e & 1) of the tile is visible to row r if it is below visible_end[r]: one
-    // compare of a constant against a per-row bound per element.
-    int bound[2];
+    if constexpr (kFp8) {
+#pragma unroll
+      for (int j = 0; j < kTileN / 8; ++j) {
+        float2 column_scale = __ldg(reinterpret_cast<const float2*>(column_scales + tile * kTileN + 8 * j));
+        if (negative_scale) column_scale = make_float2(-column_scale.x, -column_scale.y);
+#pragma unroll
+        for (int e = 0; e < 4; ++e) acc[4 * j + e] *= (e & 1) ? column_scale.y : column_scale.x;
+      }
+    } else if (negative_scale) {
+#pragma unroll
+      for (int i = 0; i < kTileN / 2; ++i) acc[i] = -acc[i];
+    }
+    int bound[2];  // column 8j + 2t + (e & 1) of the tile is visible to row r if 8j + (e & 1) < bound[r]
 #pragma unroll
     for (int r = 0; r < 2; ++r) bound[r] = visible_end[r] - tile * kTileN - 2 * t;
-    float tile_max[2] = {-INFINITY, -INFINITY};
+    if (min(bound[0], bound[1]) <= kTileN - 7) {  // some column 8j + (e & 1) <= kTileN - 7 is not visible
 #pragma unroll
-    for (int j = 0; j < kTileN / 8; ++j) {
-      float2 column_scale = make_float2(1.f, 1.f);
-      if constexpr (kFp8) {
-        column_scale = __ldg(reinterpret_cast<const float2*>(column_scales + tile * kTileN + 8 * j));
-      }
+      for (int j = 0; j < kTileN / 8; ++j) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        const int r = e >> 1;
-        float logit = acc[4 * j + e] * row_factor[r];
-        if constexpr (kFp8) logit *= (e & 1) ? column_scale.y : column_scale.x;
-        acc[4 * j + e] = 8 * j + (e & 1) < bound[r] ? logit : -INFINITY;
-        tile_max[r] = max_nan(tile_max[r], acc[4 * j + e]);
+        for (int e = 0; e < 4; ++e) acc[4 * j + e] = 8 * j + (e & 1) < bound[e >> 1] ? acc[4 * j + e] : -INFINITY;
       }
     }
+    float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+    for (int i = 0; i < kTileN / 2; ++i) tile_max[(i >> 1) & 1] = max_nan(tile_max[(i >> 1) & 1], acc[i]);
     float base[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float new_max = max_nan(run_max[r], quad_max(tile_max[r]));  // a NaN logit poisons its row
-      base[r] = new_max == -INFINITY ? 0.f : new_max;
+      const float new_max = max_nan(run_max[r], quad_max(tile_max[r]) * row_magnitude[r]);
+      base[r] = new_max == -INFINITY ? 0.f : new_max;  // a NaN logit poisons its row
       run_sum[r] *= exp2f(run_max[r] - base[r]);
       run_max[r] = new_max;
     }
@@ -189,7 +202,8 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
       float groups[kGroups];
 #pragma unroll
       for (int j = 0; j < kGroups; ++j) {
-        groups[j] = exp2f(acc[4 * j + 2 * r] - base[r]) + exp2f(acc[4 * j + 2 * r + 1] - base[r]);
+        groups[j] = exp2f(fmaf(acc[4 * j + 2 * r], row_magnitude[r], -base[r])) +
+                    exp2f(fmaf(acc[4 * j + 2 * r + 1], row_magnitude[r], -base[r]));
         run_sum[r] += groups[j];
       }
       float owned[kGroups / 4];

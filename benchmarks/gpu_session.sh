@@ -17,7 +17,8 @@
 #                           diffusers from .whl_e2e/ as e2e does)
 #   rowcost [args...]       benchmarks/bench_row_cost.py (the attention kernel's fixed cost per row)
 #   ncu [args...]           Nsight Compute on one attention launch (benchmarks/profile_attention.py args;
-#                           with --estimator X and NCU_KERNEL=estimate_, on one estimator launch):
+#                           with --estimator X and NCU_KERNEL=estimate_, on one estimator launch; the
+#                           second call's, or NCU_COUNT launches after NCU_SKIP matching ones):
 #                           the report, its per-SASS-instruction source page as CSV and the details
 #                           page into $OUT; the headline metrics printed
 #   train [args...]         benchmarks/train_with_psa.py (fine-tuning through psa vs dense); needs .whl_demo/
@@ -89,7 +90,7 @@ run_step() {
       # clocks stay as they are (device METHOD.md).
       name=$(echo "attention ${args[*]:-}" | tr -cs 'A-Za-z0-9.' '_' | sed 's/_*$//')
       $limit ncu --clock-control none --set full --import-source no -k "regex:${NCU_KERNEL:-attention_with_levels}" \
-        --launch-skip 1 --launch-count 1 -f -o "$log_dir/$name" \
+        --launch-skip "${NCU_SKIP:-1}" --launch-count "${NCU_COUNT:-1}" -f -o "$log_dir/$name" \
         python3 benchmarks/profile_attention.py "${args[@]}" 2>&1 | tail -3
       ncu -i "$log_dir/$name.ncu-rep" --page source --print-source sass --csv >"$log_dir/${name}_sass.csv" 2>&1
       ncu -i "$log_dir/$name.ncu-rep" --page details >"$log_dir/${name}_details.txt" 2>&1

@@ -10,11 +10,12 @@ twice on the same shape (from SITE, where benchmarks/fa4_wheels.sh installs it; 
 compare its SASS and stalls with psa's kernel at --map 1.
 
 Usage: python benchmarks/profile_attention.py [--shape wan1.3b_480p] [--map 1|2|4|8|psa]
-       python benchmarks/profile_attention.py --estimator antidiagonal|sampled|pooled [--causal]
+       python benchmarks/profile_attention.py --estimator antidiagonal|antidiagonal-fp8|sampled|pooled [--causal]
        python benchmarks/profile_attention.py --fa4 /tmp/fa4site
 """
 
 import argparse
+import dataclasses
 import math
 import os
 import sys
@@ -24,6 +25,7 @@ import torch
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
 import psa  # noqa: E402
+from bench_attention import estimator_config  # noqa: E402
 from shapes import SHAPES  # noqa: E402
 
 BLOCK = 128
@@ -33,7 +35,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--shape", default="wan1.3b_480p", choices=sorted(SHAPES))
     parser.add_argument("--map", default="1", choices=["1", "2", "4", "8", "psa"])
-    parser.add_argument("--estimator", choices=["antidiagonal", "sampled", "pooled"])
+    parser.add_argument("--estimator", choices=["antidiagonal", "antidiagonal-fp8", "sampled", "pooled"],
+                        help="antidiagonal-fp8: FP8 scoring (quantize_anti_rows, then the FP8 GEMM)")
     parser.add_argument("--causal", action="store_true", help="with --estimator: causal scores")
     parser.add_argument("--fa4", metavar="SITE", help="profile FlashAttention-4's dense forward from this site dir")
     args = parser.parse_args()
@@ -52,7 +55,7 @@ def main():
         print(f"profiled {args.shape}, FA4 dense")
         return
     if args.estimator:
-        config = psa.PSAConfig(estimator=args.estimator, causal=args.causal)
+        config = dataclasses.replace(estimator_config(args.estimator), causal=args.causal)
         for _ in range(2):
             psa.estimate_importance(q, k, config)
         torch.cuda.synchronize()

@@ -42,7 +42,8 @@ def test_estimators_match_reference(rng, method, dtype, head_dim, causal, block_
 def test_fp8_antidiagonal_matches_reference(rng, dtype, head_dim, causal, block_m, block_n, stride):
     # FP8 scoring: on Hopper quantize_anti_rows and the sm90 kernel on FP8 wgmma (stride * head_dim a
     # multiple of 128; off Hopper the ATen path, which test_estimate.py also runs on CUDA at head_dim 32). The
-    # quantized values are the reference's bit for bit (IEEE quotients, e4m3 rounding to nearest even);
+    # quantized values are the reference's bit for bit (IEEE quotient and product, e4m3 rounding to nearest
+    # even);
     # FP8 wgmma sums their products with less than fp32's precision, hence a looser tolerance than
     # check_scores'. 2300 keys: two or more 256-column tiles; GQA; odd lengths.
     q = randn(rng, 2, 4, 777, head_dim, dtype=dtype, device="cuda")
@@ -279,6 +280,25 @@ def test_antidiagonal_fused_kernel_strides_layouts_and_head_dim_64(rng, monkeypa
     config = PSAConfig(block_m=128, block_n=128, estimator="antidiagonal", causal=causal, stride=stride)
     scores = psa.estimate_importance(q, k, config)
     check_scores(scores, q, k, causal, method="antidiagonal", block_m=128, block_n=128, stride=stride)
+
+
+@pytest.mark.parametrize("precision", ["full", "fp8"])
+@pytest.mark.parametrize("causal", [False, True])
+def test_hopper_antidiagonal_runs_on_across_work_items(rng, monkeypatch, precision, causal):
+    # The Hopper kernel is persistent: a CTA per SM walks items of 128 anti-rows of one head. More items
+    # than SMs (96 heads x 3 = 288) make CTAs run on from one item to the next, through the stage ring,
+    # the finisher warps' row buffers and the FP8 scales' buffers (3 column tiles an item: an odd count,
+    # so the tile parity carries across items).
+    use_kernel_family(monkeypatch, "sm90")
+    q = randn(rng, 1, 96, 2100, 64, dtype=torch.bfloat16, device="cuda")
+    k = randn(rng, 1, 32, 4500, 64, dtype=torch.bfloat16, device="cuda")
+    config = PSAConfig(block_m=128, block_n=128, estimator="antidiagonal", causal=causal,
+                       estimate_precision=precision)
+    scores = psa.estimate_importance(q, k, config)
+    expected = reference.estimate_importance(q.double().cpu(), k.double().cpu(), method="antidiagonal", block_m=128,
+                                             block_n=128, causal=causal, precision=precision).double()
+    atol, rtol = (5e-4, 1e-2) if precision == "fp8" else (2e-5, 1e-3)
+    torch.testing.assert_close(scores.cpu().double(), expected, atol=atol, rtol=rtol)
 
 
 def test_antidiagonal_forced_onto_hopper_names_why_it_cannot_run(monkeypatch):

@@ -27,9 +27,11 @@
 
 namespace psa::kernels {
 
-// What one CTA of the antidiagonal kernels works on, shared by both: kRows anti-rows from blockIdx.x * kRows
-// (whole query blocks), the anti-columns any of them sees in tiles of kTileN, and its slice of the scratch
-// table (group sums [tiles_total * kGroups][kRows], then tile maxima [tiles_total][kRows]).
+// What one CTA of the antidiagonal kernels works on, shared by both: kRows anti-rows from row_cta * kRows
+// (whole query blocks) of head slot head_slot (bh_begin + head_slot), the anti-columns any of them sees
+// in tiles of kTileN, and its slice of the scratch table (group sums [tiles_total * kGroups][kRows], then
+// tile maxima [tiles_total][kRows]). The sm80 kernel takes it from its CTA's position in the grid, the
+// persistent Hopper kernel from its work item.
 template <int kRows, int kTileN, int kGroups>
 struct AntidiagonalCta {
   const AntidiagonalParams& p;
@@ -38,15 +40,18 @@ struct AntidiagonalCta {
   float* group_sums;
   float* tile_maxima;
 
-  __device__ explicit AntidiagonalCta(const AntidiagonalParams& params) : p(params) {
-    first_row = blockIdx.x * kRows;
+  __device__ explicit AntidiagonalCta(const AntidiagonalParams& params)
+      : AntidiagonalCta(params, blockIdx.x, blockIdx.y, gridDim.x) {}
+  __device__ AntidiagonalCta(const AntidiagonalParams& params, int row_cta, int head_slot, int ctas_per_head)
+      : p(params) {
+    first_row = row_cta * kRows;
     first_block = first_row / (p.block_m / p.stride);
     const int last_row = min(first_row + kRows, p.q_tiles) - 1;  // its last real anti-row
     const int limit = last_row >= first_row ? last_key_of_row(last_row) : -1;
     columns = limit < 0 ? 0 : min(p.k_tiles, limit / p.stride + 1);
     n_tiles = (columns + kTileN - 1) / kTileN;
     const int tiles_total = (p.k_tiles + kTileN - 1) / kTileN;
-    group_sums = p.table + (static_cast<int64_t>(blockIdx.y) * gridDim.x + blockIdx.x) * static_cast<int64_t>(kRows) *
+    group_sums = p.table + (static_cast<int64_t>(head_slot) * ctas_per_head + row_cta) * static_cast<int64_t>(kRows) *
                                tiles_total * (kGroups + 1);
     tile_maxima = group_sums + static_cast<int64_t>(tiles_total) * kGroups * kRows;
   }

@@ -16,13 +16,18 @@
 //     MMAs; a stage is released when the MMAs of the next one have been issued and it is done.
 //   - After a tile's S * D / 64 steps a consumer turns its 64 x 256 accumulator into the tile's row maxima
 //     and group sums (a quad reduce-scatter leaves each thread 8 of the 32 groups of a row), writes
-//     them to its CTA's table and moves on; the last pass (write_antidiagonal_scores) is the sm80 one.
+//     them to its item's table and moves on; the last pass (write_antidiagonal_scores) is the sm80 one.
+//   - Persistent: one CTA per SM walks work items (128 anti-rows of one head), the stage ring running on
+//     from one item to the next. The last pass of an item runs on the producer warpgroup's three idle
+//     warps while the consumers compute the next item: in a CTA per item it held the tensor cores idle
+//     for about a fifth of the kernel (ncu, NOTES.md), the pipeline's refill after it too.
 //   - FP8 scoring (T = __nv_fp8_e4m3): Q and K arrive quantized by quantize_anti_rows.cuh as rows of
 //     S * D bytes, one per anti-row or anti-column, so each operand has one plain descriptor and a step
 //     is the next 128 bytes of those rows (S * D / 128 steps a tile, m64n256k32 MMAs at twice the 16-bit
 //     rate); the epilogue multiplies each anti-logit by its row's and column's group scales.
 #pragma once
 
+#include <algorithm>
 #include <cfloat>
 #include <type_traits>
 
@@ -54,10 +59,13 @@ struct AntidiagonalSm90Storage {
   using Shape = AntidiagonalSm90Shape<kHeadDim>;
   alignas(kSwizzleAtomBytes) uint8_t q[Shape::kStages][Shape::kRows][kPanelRowBytes];
   alignas(kSwizzleAtomBytes) uint8_t k[Shape::kStages][Shape::kTileN][kPanelRowBytes];
-  float row_max[Shape::kRows];
-  float row_sum[Shape::kRows];
+  float row_max[2][Shape::kRows];  // an item's rows' final maxima and sums, for the finisher warps
+  float row_sum[2][Shape::kRows];
   uint64_t full[Shape::kStages];
   uint64_t empty[Shape::kStages];
+  float column_scales[Shape::kConsumers][2][Shape::kTileN];  // FP8 scoring: a tile's key group scales
+  uint64_t rows_ready[2];  // row_max / row_sum[slot] written (consumers) and read (finishers)
+  uint64_t rows_free[2];
 };
 
 template <typename T, int kHeadDim>
@@ -77,14 +85,21 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
   Storage& smem = aligned_shared<Storage, kSwizzleAtomBytes>(smem_unaligned);
 
   const int tid = threadIdx.x, warp = tid >> 5, lane = tid & 31;
-  const int bh = p.bh_begin + blockIdx.y, b = bh / p.q_heads, h = bh % p.q_heads;
-  const int kv_head = h / (p.q_heads / p.kv_heads);
   const int S = p.stride;
-  const AntidiagonalCta<kRows, kTileN, kGroups> cta(p);
-  const int first_row = cta.first_row;
   // 16-bit: member t, panel c of each; FP8: the next 128 bytes of the S * D-byte rows.
   const int steps_per_tile = kFp8 ? S * kHeadDim / kPanelRowBytes : S * kPanels;
-  const int steps = cta.n_tiles * steps_per_tile;
+  // Work items: (row CTA, head slot), handed out round-robin over the resident CTAs, row CTAs from the
+  // last down. Without a mask head by head: the CTAs at work at once read the K of a few heads, which
+  // stays in L2 (every head's last row CTA first made it 20-25% slower). Under a causal mask, whose
+  // items grow with the row, every head's last row CTA first, so that each CTA gets a like mix of long
+  // and short items (head by head it took 1.5x as long at 64k tokens).
+  const int ctas_per_head = (p.n_q * (p.block_m / S) + kRows - 1) / kRows;  // Shape::ctas_per_head
+  const int items = ctas_per_head * p.bh_count;
+  const auto item_head_slot = [&](int item) { return p.causal ? item % p.bh_count : item / ctas_per_head; };
+  const auto item_cta = [&](int item) {
+    const int row_cta = ctas_per_head - 1 - (p.causal ? item / p.bh_count : item % ctas_per_head);
+    return AntidiagonalCta<kRows, kTileN, kGroups>(p, row_cta, item_head_slot(item), ctas_per_head);
+  };
 
   if (tid == 0) {
 #pragma unroll
@@ -92,33 +107,66 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
       Barrier::init(&smem.full[s], 1);                       // the producer's arrive (+ TMA bytes)
       Barrier::init(&smem.empty[s], Shape::kConsumers * 4);  // one arrive per consumer warp
     }
+#pragma unroll
+    for (int slot = 0; slot < 2; ++slot) {
+      Barrier::init(&smem.rows_ready[slot], Shape::kConsumers * 128);  // every consumer thread
+      Barrier::init(&smem.rows_free[slot], Shape::kFinisherThreads);   // every finisher thread
+    }
     cutlass::arch::fence_barrier_init();
   }
   __syncthreads();
 
   if (warp < 4) {
-    // ================= Producer warpgroup =================
     cutlass::arch::warpgroup_reg_dealloc<Shape::kProducerRegisters>();
-    if (tid != 0) return;
-    constexpr uint32_t kStageBytes = sizeof(smem.q[0]) + sizeof(smem.k[0]);
-    for (int step = 0; step < steps; ++step) {
-      const int stage = step % kStages;
-      const int tile = step / steps_per_tile, member = (step % steps_per_tile) / kPanels, panel = step % kPanels;
-      Barrier::wait(&smem.empty[stage], ((step / kStages) & 1) ^ 1);
-      TxBarrier::expect_transaction(&smem.full[stage], kStageBytes);
-      if constexpr (kFp8) {
-        const int column = (step % steps_per_tile) * kPanelRowBytes;
-        cute::SM90_TMA_LOAD_4D::copy(&params.q_maps[0], &smem.full[stage], 0, &smem.q[stage][0][0], column, first_row,
-                                     h, b);
-        cute::SM90_TMA_LOAD_4D::copy(&params.k_maps[0], &smem.full[stage], 0, &smem.k[stage][0][0], column,
-                                     tile * kTileN, kv_head, b);
-      } else {
-        cute::SM90_TMA_LOAD_4D::copy(&params.q_maps[S - 1 - member], &smem.full[stage], 0, &smem.q[stage][0][0],
-                                     panel * kPanelColumns, first_row, h, b);
-        cute::SM90_TMA_LOAD_4D::copy(&params.k_maps[member], &smem.full[stage], 0, &smem.k[stage][0][0],
-                                     panel * kPanelColumns, tile * kTileN, kv_head, b);
+    if (warp > 0) {
+      // ================= Finisher warps (1-3) =================
+      // The last pass of each item, under the consumers' mainloop of the next: its rows' final maxima
+      // and sums arrive in row_max / row_sum[slot] with rows_ready, the group sums and tile maxima in
+      // the table (global; rows_ready's arrive releases them).
+      const int thread = tid - 32;
+      const auto finishers_sync = [] { cutlass::arch::NamedBarrier::sync(Shape::kFinisherThreads, 1); };
+      int local = 0;
+      for (int item = blockIdx.x; item < items; item += gridDim.x, ++local) {
+        const int slot = local & 1;
+        const auto cta = item_cta(item);
+        Barrier::wait(&smem.rows_ready[slot], (local >> 1) & 1);
+        write_antidiagonal_scores<kRows, kGroups>(p, cta.group_sums, cta.tile_maxima, smem.row_max[slot],
+                                                  smem.row_sum[slot], p.bh_begin + item_head_slot(item),
+                                                  cta.first_block, cta.n_tiles, thread, Shape::kFinisherThreads,
+                                                  finishers_sync);
+        Barrier::arrive(&smem.rows_free[slot]);
       }
-      Barrier::arrive(&smem.full[stage]);
+      return;
+    }
+    // ================= Producer (one thread) =================
+    if (lane != 0) return;
+    constexpr uint32_t kStageBytes = sizeof(smem.q[0]) + sizeof(smem.k[0]);
+    int step_base = 0;  // steps of the earlier items: the ring runs on across items
+    for (int item = blockIdx.x; item < items; item += gridDim.x) {
+      const auto cta = item_cta(item);
+      const int bh = p.bh_begin + item_head_slot(item), b = bh / p.q_heads, h = bh % p.q_heads;
+      const int kv_head = h / (p.q_heads / p.kv_heads);
+      const int steps = cta.n_tiles * steps_per_tile;
+      for (int step = 0; step < steps; ++step) {
+        const int ring_step = step_base + step, stage = ring_step % kStages;
+        const int tile = step / steps_per_tile, member = (step % steps_per_tile) / kPanels, panel = step % kPanels;
+        Barrier::wait(&smem.empty[stage], ((ring_step / kStages) & 1) ^ 1);
+        TxBarrier::expect_transaction(&smem.full[stage], kStageBytes);
+        if constexpr (kFp8) {
+          const int column = (step % steps_per_tile) * kPanelRowBytes;
+          cute::SM90_TMA_LOAD_4D::copy(&params.q_maps[0], &smem.full[stage], 0, &smem.q[stage][0][0], column,
+                                       cta.first_row, h, b);
+          cute::SM90_TMA_LOAD_4D::copy(&params.k_maps[0], &smem.full[stage], 0, &smem.k[stage][0][0], column,
+                                       tile * kTileN, kv_head, b);
+        } else {
+          cute::SM90_TMA_LOAD_4D::copy(&params.q_maps[S - 1 - member], &smem.full[stage], 0, &smem.q[stage][0][0],
+                                       panel * kPanelColumns, cta.first_row, h, b);
+          cute::SM90_TMA_LOAD_4D::copy(&params.k_maps[member], &smem.full[stage], 0, &smem.k[stage][0][0],
+                                       panel * kPanelColumns, tile * kTileN, kv_head, b);
+        }
+        Barrier::arrive(&smem.full[stage]);
+      }
+      step_base += steps;
     }
     return;
   }
@@ -127,138 +175,157 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
   cutlass::arch::warpgroup_reg_alloc<Shape::kConsumerRegisters>();
   const int consumer = __shfl_sync(0xffffffffu, warp / 4 - 1, 0), warp_in_group = warp % 4;
   const int g = lane >> 2, t = lane & 3;
-  // A thread holds rows g and g + 8 of its warp's 16 anti-rows.
-  int local_row[2], visible_end[2];  // anti-columns [0, visible_end) are visible to the row
-  float run_max[2], run_sum[2];
-  // |scale_log2|, times the row's group scale under FP8 scoring; FLT_MIN for 0 (a zero softmax scale):
-  // an exponent |acc| * FLT_MIN is then below float32's resolution of 1, as acc * 0 is, and -inf stays
-  // -inf.
-  float row_magnitude[2];
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    local_row[r] = consumer * 64 + warp_in_group * 16 + g + 8 * r;
-    visible_end[r] = cta.visible_end(first_row + local_row[r]);
-    run_max[r] = -INFINITY;
-    run_sum[r] = 0.f;
-    row_magnitude[r] = fabsf(p.scale_log2);
-    if constexpr (kFp8) {
-      const int row = first_row + local_row[r];
-      if (row < p.q_tiles) row_magnitude[r] *= __ldg(p.q_scales + static_cast<int64_t>(bh) * p.q_tiles + row);
-    }
-    row_magnitude[r] = fmaxf(row_magnitude[r], FLT_MIN);
-  }
-  // FP8 scoring: the tile's column scales, this thread's columns 8j + 2t + {0, 1} as float2 (the rows of
-  // k_scales are padded to whole tiles, so no load needs a bound).
-  const float* column_scales =
-      kFp8 ? p.k_scales + static_cast<int64_t>(b * p.kv_heads + kv_head) * p.k_scale_stride + 2 * t : nullptr;
-
   float acc[kTileN / 2];  // m64n256: column of element 4j + e is 8j + 2t + (e & 1), row g + 8 (e >> 1)
   const auto q_desc = SmemDescriptor::of(&smem.q[0][consumer * 64][0], 16, kSwizzleAtomBytes);
   const auto k_desc = SmemDescriptor::of(&smem.k[0][0][0], 16, kSwizzleAtomBytes);
   constexpr uint32_t kQStageBytes = sizeof(smem.q[0]), kKStageBytes = sizeof(smem.k[0]);
-
-  // The tile's anti-logits are complete in acc: mask, online softmax, group sums into the table. An
-  // anti-logit is acc * column scale * row factor: acc is multiplied by the column's scale and the
-  // softmax scale's sign (uniform over the kernel), the row maxima are taken over that and multiplied by
-  // |row factor| once, and each exponent is one FFMA. Only a tile that reaches past one of the thread's
-  // rows' visible end masks (to -inf; row_magnitude is never 0, so no -inf * 0 in the FFMA).
-  const bool negative_scale = p.scale_log2 < 0.f;
-  const auto reduce_tile = [&](int tile) {
-    if constexpr (kFp8) {
-#pragma unroll
-      for (int j = 0; j < kTileN / 8; ++j) {
-        float2 column_scale = __ldg(reinterpret_cast<const float2*>(column_scales + tile * kTileN + 8 * j));
-        if (negative_scale) column_scale = make_float2(-column_scale.x, -column_scale.y);
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[4 * j + e] *= (e & 1) ? column_scale.y : column_scale.x;
-      }
-    } else if (negative_scale) {
-#pragma unroll
-      for (int i = 0; i < kTileN / 2; ++i) acc[i] = -acc[i];
-    }
-    int bound[2];  // column 8j + 2t + (e & 1) of the tile is visible to row r if 8j + (e & 1) < bound[r]
-#pragma unroll
-    for (int r = 0; r < 2; ++r) bound[r] = visible_end[r] - tile * kTileN - 2 * t;
-    if (min(bound[0], bound[1]) <= kTileN - 7) {  // some column 8j + (e & 1) <= kTileN - 7 is not visible
-#pragma unroll
-      for (int j = 0; j < kTileN / 8; ++j) {
-#pragma unroll
-        for (int e = 0; e < 4; ++e) acc[4 * j + e] = 8 * j + (e & 1) < bound[e >> 1] ? acc[4 * j + e] : -INFINITY;
-      }
-    }
-    float tile_max[2] = {-INFINITY, -INFINITY};
-#pragma unroll
-    for (int i = 0; i < kTileN / 2; ++i) tile_max[(i >> 1) & 1] = max_nan(tile_max[(i >> 1) & 1], acc[i]);
-    float base[2];
+  int step_base = 0, local = 0;
+  for (int item = blockIdx.x; item < items; item += gridDim.x, ++local) {
+    const auto cta = item_cta(item);
+    const int first_row = cta.first_row, steps = cta.n_tiles * steps_per_tile;
+    const int bh = p.bh_begin + item_head_slot(item), b = bh / p.q_heads, h = bh % p.q_heads;
+    const int kv_head = h / (p.q_heads / p.kv_heads);
+    // A thread holds rows g and g + 8 of its warp's 16 anti-rows.
+    int local_row[2], visible_end[2];  // anti-columns [0, visible_end) are visible to the row
+    float run_max[2], run_sum[2];
+    // |scale_log2|, times the row's group scale under FP8 scoring; FLT_MIN for 0 (a zero softmax scale):
+    // an exponent |acc| * FLT_MIN is then below float32's resolution of 1, as acc * 0 is, and -inf stays
+    // -inf.
+    float row_magnitude[2];
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      const float new_max = max_nan(run_max[r], quad_max(tile_max[r]) * row_magnitude[r]);
-      base[r] = new_max == -INFINITY ? 0.f : new_max;  // a NaN logit poisons its row
-      run_sum[r] *= exp2f(run_max[r] - base[r]);
-      run_max[r] = new_max;
+      local_row[r] = consumer * 64 + warp_in_group * 16 + g + 8 * r;
+      visible_end[r] = cta.visible_end(first_row + local_row[r]);
+      run_max[r] = -INFINITY;
+      run_sum[r] = 0.f;
+      row_magnitude[r] = fabsf(p.scale_log2);
+      if constexpr (kFp8) {
+        const int row = first_row + local_row[r];
+        if (row < p.q_tiles) row_magnitude[r] *= __ldg(p.q_scales + static_cast<int64_t>(bh) * p.q_tiles + row);
+      }
+      row_magnitude[r] = fmaxf(row_magnitude[r], FLT_MIN);
     }
+    // FP8 scoring: the key groups' scales (rows padded to whole tiles, so no load needs a bound). Each
+    // thread loads two of a tile's 256 at its first step and stores them to shared memory at its last,
+    // so the epilogue reads them there: loaded in the epilogue they stalled it on L2's latency.
+    const float* column_scales =
+        kFp8 ? p.k_scales + static_cast<int64_t>(b * p.kv_heads + kv_head) * p.k_scale_stride : nullptr;
+    float2 staged_scales = make_float2(0.f, 0.f);
+
+    // The tile's anti-logits are complete in acc: mask, online softmax, group sums into the table. An
+    // anti-logit is acc * column scale * row factor: acc is multiplied by the column's scale and the
+    // softmax scale's sign (uniform over the kernel), the row maxima are taken over that and multiplied by
+    // |row factor| once, and each exponent is one FFMA. Only a tile that reaches past one of the thread's
+    // rows' visible end masks (to -inf; row_magnitude is never 0, so no -inf * 0 in the FFMA).
+    const bool negative_scale = p.scale_log2 < 0.f;
+    const auto reduce_tile = [&](int tile, int parity) {
+      if constexpr (kFp8) {
+#pragma unroll
+        for (int j = 0; j < kTileN / 8; ++j) {
+          float2 column_scale = *reinterpret_cast<const float2*>(&smem.column_scales[consumer][parity][8 * j + 2 * t]);
+          if (negative_scale) column_scale = make_float2(-column_scale.x, -column_scale.y);
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[4 * j + e] *= (e & 1) ? column_scale.y : column_scale.x;
+        }
+      } else if (negative_scale) {
+#pragma unroll
+        for (int i = 0; i < kTileN / 2; ++i) acc[i] = -acc[i];
+      }
+      int bound[2];  // column 8j + 2t + (e & 1) of the tile is visible to row r if 8j + (e & 1) < bound[r]
+#pragma unroll
+      for (int r = 0; r < 2; ++r) bound[r] = visible_end[r] - tile * kTileN - 2 * t;
+      if (min(bound[0], bound[1]) <= kTileN - 7) {  // some column 8j + (e & 1) <= kTileN - 7 is not visible
+#pragma unroll
+        for (int j = 0; j < kTileN / 8; ++j) {
+#pragma unroll
+          for (int e = 0; e < 4; ++e) acc[4 * j + e] = 8 * j + (e & 1) < bound[e >> 1] ? acc[4 * j + e] : -INFINITY;
+        }
+      }
+      float tile_max[2] = {-INFINITY, -INFINITY};
+#pragma unroll
+      for (int i = 0; i < kTileN / 2; ++i) tile_max[(i >> 1) & 1] = max_nan(tile_max[(i >> 1) & 1], acc[i]);
+      float base[2];
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        const float new_max = max_nan(run_max[r], quad_max(tile_max[r]) * row_magnitude[r]);
+        base[r] = new_max == -INFINITY ? 0.f : new_max;  // a NaN logit poisons its row
+        run_sum[r] *= exp2f(run_max[r] - base[r]);
+        run_max[r] = new_max;
+      }
+#pragma unroll
+      for (int r = 0; r < 2; ++r) {
+        float groups[kGroups];
+#pragma unroll
+        for (int j = 0; j < kGroups; ++j) {
+          groups[j] = exp2f(fmaf(acc[4 * j + 2 * r], row_magnitude[r], -base[r])) +
+                      exp2f(fmaf(acc[4 * j + 2 * r + 1], row_magnitude[r], -base[r]));
+          run_sum[r] += groups[j];
+        }
+        float owned[kGroups / 4];
+        quad_reduce_scatter(groups, owned, t, [](float x, float y) { return x + y; });
+#pragma unroll
+        for (int m = 0; m < kGroups / 4; ++m) {
+          cta.group_sums[static_cast<int64_t>(tile * kGroups + 4 * m + t) * kRows + local_row[r]] = owned[m];
+        }
+        if (t == 0) cta.tile_maxima[tile * kRows + local_row[r]] = run_max[r];
+      }
+    };
+
+    for (int step = 0; step < steps; ++step) {
+      const int ring_step = step_base + step, stage = ring_step % kStages, in_tile = step % steps_per_tile;
+      Barrier::wait(&smem.full[stage], (ring_step / kStages) & 1);
+      cute::warpgroup_arrive();
+      // A step's 128-byte rows: four k16 MMAs of 16-bit values or four k32 MMAs of e4m3, 32 bytes each.
+#pragma unroll
+      for (int kk = 0; kk < kPanelRowBytes / 32; ++kk) {
+        mma_ss<T, kTileN>(q_desc.at(stage * kQStageBytes + kk * 32), k_desc.at(stage * kKStageBytes + kk * 32), acc,
+                          in_tile > 0 || kk > 0);
+      }
+      cute::warpgroup_commit_batch();
+      // The tile within the item, and its parity counted across items (the scales' buffer).
+      const int tile = step / steps_per_tile, parity = (ring_step / steps_per_tile) & 1;
+      if constexpr (kFp8) {
+        const int pair = tid % 128;  // this thread's columns 2 pair, 2 pair + 1 of the tile
+        if (in_tile == 0) staged_scales = __ldg(reinterpret_cast<const float2*>(column_scales + tile * kTileN) + pair);
+        if (in_tile == steps_per_tile - 1) {
+          *reinterpret_cast<float2*>(&smem.column_scales[consumer][parity][2 * pair]) = staged_scales;
+        }
+      }
+      if (in_tile == steps_per_tile - 1) {
+        cute::warpgroup_wait<0>();
+        fence_registers(acc);
+        if (lane == 0) {  // this step's stage and, within the tile, the previous step's
+          if (in_tile > 0) Barrier::arrive(&smem.empty[(ring_step - 1) % kStages]);
+          Barrier::arrive(&smem.empty[stage]);
+        }
+        // The warpgroup's scales stored (a buffer per tile parity: a warp that runs ahead stores the next
+        // tile's, of this item or the next, into the other while the rest still read these).
+        if constexpr (kFp8) cutlass::arch::NamedBarrier::sync(128, 2 + consumer);
+        reduce_tile(tile, parity);
+      } else {
+        cute::warpgroup_wait<1>();  // the previous step's MMAs are done: its stage may be refilled
+        if (lane == 0 && in_tile > 0) Barrier::arrive(&smem.empty[(ring_step - 1) % kStages]);
+      }
+    }
+    // Nothing is in flight (a tile's last step waited for all), but ptxas cannot see that across the
+    // loop's branches and would insert this wait itself (warning C7517).
+    cute::warpgroup_wait<0>();
+    step_base += steps;
+
+    // Hand the rows' final maxima and sums to the finisher warps (once they are done with this slot's
+    // item two back); each thread's arrive releases its table writes to them.
+    const int slot = local & 1;
+    Barrier::wait(&smem.rows_free[slot], ((local >> 1) & 1) ^ 1);
 #pragma unroll
     for (int r = 0; r < 2; ++r) {
-      float groups[kGroups];
-#pragma unroll
-      for (int j = 0; j < kGroups; ++j) {
-        groups[j] = exp2f(fmaf(acc[4 * j + 2 * r], row_magnitude[r], -base[r])) +
-                    exp2f(fmaf(acc[4 * j + 2 * r + 1], row_magnitude[r], -base[r]));
-        run_sum[r] += groups[j];
+      const float row_sum = quad_sum(run_sum[r]);
+      if (t == 0) {
+        smem.row_max[slot][local_row[r]] = run_max[r];
+        smem.row_sum[slot][local_row[r]] = row_sum;
       }
-      float owned[kGroups / 4];
-      quad_reduce_scatter(groups, owned, t, [](float x, float y) { return x + y; });
-#pragma unroll
-      for (int m = 0; m < kGroups / 4; ++m) {
-        cta.group_sums[static_cast<int64_t>(tile * kGroups + 4 * m + t) * kRows + local_row[r]] = owned[m];
-      }
-      if (t == 0) cta.tile_maxima[tile * kRows + local_row[r]] = run_max[r];
     }
-  };
-
-  for (int step = 0; step < steps; ++step) {
-    const int stage = step % kStages, in_tile = step % steps_per_tile;
-    Barrier::wait(&smem.full[stage], (step / kStages) & 1);
-    cute::warpgroup_arrive();
-    // A step's 128-byte rows: four k16 MMAs of 16-bit values or four k32 MMAs of e4m3, 32 bytes each.
-#pragma unroll
-    for (int kk = 0; kk < kPanelRowBytes / 32; ++kk) {
-      mma_ss<T, kTileN>(q_desc.at(stage * kQStageBytes + kk * 32), k_desc.at(stage * kKStageBytes + kk * 32), acc,
-                        in_tile > 0 || kk > 0);
-    }
-    cute::warpgroup_commit_batch();
-    if (in_tile == steps_per_tile - 1) {
-      cute::warpgroup_wait<0>();
-      fence_registers(acc);
-      if (lane == 0) {  // this step's stage and, within the tile, the previous step's
-        if (in_tile > 0) Barrier::arrive(&smem.empty[(step - 1) % kStages]);
-        Barrier::arrive(&smem.empty[stage]);
-      }
-      reduce_tile(step / steps_per_tile);
-    } else {
-      cute::warpgroup_wait<1>();  // the previous step's MMAs are done: its stage may be refilled
-      if (lane == 0 && in_tile > 0) Barrier::arrive(&smem.empty[(step - 1) % kStages]);
-    }
+    Barrier::arrive(&smem.rows_ready[slot]);
   }
-  // Nothing is in flight (a tile's last step waited for all), but ptxas cannot see that across the
-  // loop's branches and would insert this wait itself (warning C7517).
-  cute::warpgroup_wait<0>();
-
-#pragma unroll
-  for (int r = 0; r < 2; ++r) {
-    const float row_sum = quad_sum(run_sum[r]);
-    if (t == 0) {
-      smem.row_max[local_row[r]] = run_max[r];
-      smem.row_sum[local_row[r]] = row_sum;
-    }
-  }
-  // A barrier over the consumer warpgroups only (the producer has exited); it also orders the table's
-  // global writes before other threads read them.
-  const auto consumers_sync = [] { cutlass::arch::NamedBarrier::sync(Shape::kConsumers * 128, 0); };
-  consumers_sync();
-  write_antidiagonal_scores<kRows, kGroups>(p, cta.group_sums, cta.tile_maxima, smem.row_max, smem.row_sum, bh,
-                                            cta.first_block, cta.n_tiles, tid - 128, Shape::kConsumers * 128,
-                                            consumers_sync);
 #endif  // __CUDA_ARCH_FEAT_SM90_ALL
 }
 
@@ -301,8 +368,13 @@ cudaError_t launch_estimate_antidiagonal_sm90(const AntidiagonalParams& p, cudaS
   cudaError_t status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                             static_cast<int>(smem));
   if (status != cudaSuccess) return status;
-  const dim3 grid(static_cast<unsigned>(Shape::ctas_per_head(p.n_q, p.block_m / S)),
-                  static_cast<unsigned>(p.bh_count));
+  // Persistent: one CTA per SM (its shared memory allows no second), each taking work items in turn.
+  int device = 0, sms = 0;
+  status = cudaGetDevice(&device);
+  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  if (status != cudaSuccess) return status;
+  const int64_t items = Shape::ctas_per_head(p.n_q, p.block_m / S) * p.bh_count;
+  const dim3 grid(static_cast<unsigned>(std::min<int64_t>(items, sms)));
   kernel<<<grid, Shape::kThreads, smem, stream>>>(params);
   return cudaGetLastError();
 }

@@ -169,9 +169,13 @@ struct AntidiagonalSm90Shape {
   static constexpr int kMaxStride = 8;                     // one TMA descriptor per member of Q's and K's groups
   // A stage is 16 KiB of Q and 32 KiB of K: four fill 192 KiB.
   static constexpr int kStages = 4;
-  // 24 + 2 x 240 = 3 x 168 (the producer is one thread issuing TMA; a consumer holds 128 accumulators).
-  static constexpr int kProducerRegisters = 24;
-  static constexpr int kConsumerRegisters = 240;
+  // The producer warpgroup: one thread issuing TMA and three finisher warps running each item's last
+  // pass (write_antidiagonal_scores) under the next item's mainloop.
+  static constexpr int kFinisherThreads = 96;
+  // 120 + 2 x 192 = 3 x 168: the finishers' last pass (its unrolled float4 loads) spills below about
+  // 100; a consumer, its 128 accumulators included, compiles within 168 without spills.
+  static constexpr int kProducerRegisters = 120;
+  static constexpr int kConsumerRegisters = 192;
   static constexpr int kEntryRegisters = (65536 / kThreads) / 8 * 8;
   static_assert(kProducerRegisters + kConsumers * kConsumerRegisters <= (kConsumers + 1) * kEntryRegisters,
                 "setmaxnreg budgets exceed the CTA's register pool");

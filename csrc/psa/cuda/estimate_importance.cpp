@@ -201,9 +201,8 @@ at::Tensor estimate_antidiagonal(const at::Tensor& q_in, const at::Tensor& k_in,
     if (stride > Sm90Shape::kMaxStride) return "stride must be at most 8";
     if (std::min(q.size(2), k.size(2)) < stride) return "sequences shorter than stride";
     // FP8 scoring's GEMM reads the quantized copies (contiguous); the quantization reads rows of 16 bytes.
-    if (fp8 ? q.stride(3) != 1 || k.stride(3) != 1 : !(tma_compatible(q) && tma_compatible(k))) {
-      return "q/k strides are not TMA-compatible";
-    }
+    if (fp8 && (q.stride(3) != 1 || k.stride(3) != 1)) return "q/k rows are not contiguous";
+    if (!fp8 && !(tma_compatible(q) && tma_compatible(k))) return "q/k strides are not TMA-compatible";
     return "";
   });
   // FP8 scoring runs on the Hopper kernel only, whose steps are 128 bytes of an anti-row of S * D.

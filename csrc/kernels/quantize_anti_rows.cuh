@@ -74,8 +74,9 @@ __global__ void __launch_bounds__(kQuantizeThreads) quantize_anti_rows_kernel(co
     if (member == 0) op.scales[static_cast<int64_t>(bh) * op.scale_stride + group] = 1.f;
     return;
   }
-  // IEEE quotients (fast math would approximate them), as the reference's. NaN or inf makes both
-  // non-finite: the group's values become NaN or 0 and its anti-logits NaN.
+  // IEEE quotients (fast math would approximate them), as the reference's. A NaN max makes both NaN; an
+  // infinite one makes the scale inf and the multiplier 0 (values 0, inf * 0 NaN): either way the
+  // group's anti-logits are NaN.
   const float scale = peak == 0.f ? 1.f : __fdiv_rn(peak, kE4m3Max);
   float multiplier = peak == 0.f ? 1.f : __fdiv_rn(kE4m3Max, peak);
   if (multiplier > FLT_MAX) multiplier = FLT_MAX;  // a group below 448 / FLT_MAX: no inf * 0

@@ -284,13 +284,15 @@ def test_antidiagonal_fused_kernel_strides_layouts_and_head_dim_64(rng, monkeypa
 
 @pytest.mark.parametrize("precision", ["full", "fp8"])
 @pytest.mark.parametrize("causal", [False, True])
-def test_hopper_antidiagonal_runs_on_across_work_items(rng, monkeypatch, precision, causal):
-    # The Hopper kernel is persistent: a CTA per SM walks items of 128 anti-rows of one head. More items
-    # than SMs (96 heads x 3 = 288) make CTAs run on from one item to the next, through the stage ring,
-    # the finisher warps' row buffers and the FP8 scales' buffers (3 column tiles an item: an odd count,
-    # so the tile parity carries across items).
+@pytest.mark.parametrize("q_heads", [96, 64])
+def test_hopper_antidiagonal_runs_on_across_work_items(rng, monkeypatch, precision, causal, q_heads):
+    # The Hopper kernel is persistent: a CTA per SM walks items of 128 anti-rows of one head, in rounds
+    # of one item a CTA, every other round in reverse. More items than SMs (heads x 3 = 288 or 192 on
+    # 132 SMs: a last, partial round taken forwards or in reverse) make CTAs run on from one item to the
+    # next, through the stage ring, the finisher warps' row buffers and the FP8 scales' buffers (3 column
+    # tiles an item: an odd count, so the tile parity carries across items).
     use_kernel_family(monkeypatch, "sm90")
-    q = randn(rng, 1, 96, 2100, 64, dtype=torch.bfloat16, device="cuda")
+    q = randn(rng, 1, q_heads, 2100, 64, dtype=torch.bfloat16, device="cuda")
     k = randn(rng, 1, 32, 4500, 64, dtype=torch.bfloat16, device="cuda")
     config = PSAConfig(block_m=128, block_n=128, estimator="antidiagonal", causal=causal,
                        estimate_precision=precision)

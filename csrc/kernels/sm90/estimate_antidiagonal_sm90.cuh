@@ -280,19 +280,35 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
       }
     };
 
+    // If no anti-row of the item sees past the first half of its last tile (under a causal mask, every
+    // other item's diagonal tile), that tile's MMAs are m64n128 into the first half of acc: the other
+    // half keeps stale values, which the epilogue's mask replaces with -inf (a select, so not even a NaN
+    // there survives it).
+    const bool narrow_last_tile = cta.columns - (cta.n_tiles - 1) * kTileN <= kTileN / 2;
     for (int step = 0; step < steps; ++step) {
       const int ring_step = step_base + step, stage = ring_step % kStages, in_tile = step % steps_per_tile;
-      Barrier::wait(&smem.full[stage], (ring_step / kStages) & 1);
-      cute::warpgroup_arrive();
-      // A step's 128-byte rows: four k16 MMAs of 16-bit values or four k32 MMAs of e4m3, 32 bytes each.
-#pragma unroll
-      for (int kk = 0; kk < kPanelRowBytes / 32; ++kk) {
-        mma_ss<T, kTileN>(q_desc.at(stage * kQStageBytes + kk * 32), k_desc.at(stage * kKStageBytes + kk * 32), acc,
-                          in_tile > 0 || kk > 0);
-      }
-      cute::warpgroup_commit_batch();
       // The tile within the item, and its parity counted across items (the scales' buffer).
       const int tile = step / steps_per_tile, parity = (ring_step / steps_per_tile) & 1;
+      const bool narrow = narrow_last_tile && tile == cta.n_tiles - 1;
+      Barrier::wait(&smem.full[stage], (ring_step / kStages) & 1);
+      // A step's 128-byte rows: four k16 MMAs of 16-bit values or four k32 MMAs of e4m3, 32 bytes each.
+      // The width is chosen outside the loop of MMAs: chosen per MMA, ptxas injected warpgroup.arrives
+      // between them (C7519).
+      const auto issue_step = [&](auto columns) {
+        constexpr int kColumns = decltype(columns)::value;
+        cute::warpgroup_arrive();
+#pragma unroll
+        for (int kk = 0; kk < kPanelRowBytes / 32; ++kk) {
+          mma_ss<T, kColumns>(q_desc.at(stage * kQStageBytes + kk * 32), k_desc.at(stage * kKStageBytes + kk * 32),
+                              *reinterpret_cast<float(*)[kColumns / 2]>(acc), in_tile > 0 || kk > 0);
+        }
+        cute::warpgroup_commit_batch();
+      };
+      if (narrow) {
+        issue_step(std::integral_constant<int, kTileN / 2>{});
+      } else {
+        issue_step(std::integral_constant<int, kTileN>{});
+      }
       if constexpr (kFp8) {
         const int pair = tid % 128;  // this thread's columns 2 pair, 2 pair + 1 of the tile
         if (in_tile == 0) staged_scales = __ldg(reinterpret_cast<const float2*>(column_scales + tile * kTileN) + pair);

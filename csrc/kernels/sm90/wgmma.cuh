@@ -76,6 +76,7 @@ template <> struct AtomSS<__half, 128> { using Op = gmma::MMA_64x128x16_F32F16F1
 template <> struct AtomSS<__nv_bfloat16, 256> { using Op = gmma::MMA_64x256x16_F32BF16BF16_SS<gmma::Major::K, gmma::Major::K>; };
 template <> struct AtomSS<__half, 256> { using Op = gmma::MMA_64x256x16_F32F16F16_SS<gmma::Major::K, gmma::Major::K>; };
 // FP8 e4m3 (k32 steps: a step is still 32 bytes of a K-major row; FP8 wgmma takes K-major operands only).
+template <> struct AtomSS<__nv_fp8_e4m3, 128> { using Op = gmma::MMA_64x128x32_F32E4M3E4M3_SS_TN<>; };
 template <> struct AtomSS<__nv_fp8_e4m3, 256> { using Op = gmma::MMA_64x256x32_F32E4M3E4M3_SS_TN<>; };
 template <> struct AtomRS<__nv_bfloat16, 64> { using Op = gmma::MMA_64x64x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>; };
 template <> struct AtomRS<__nv_bfloat16, 128> { using Op = gmma::MMA_64x128x16_F32BF16BF16_RS<gmma::Major::K, gmma::Major::MN>; };

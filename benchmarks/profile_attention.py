@@ -56,8 +56,10 @@ def main():
         return
     if args.estimator:
         config = dataclasses.replace(estimator_config(args.estimator), causal=args.causal)
+        # As sparse_attention and bench_attention.py run it: the pooled estimator reads the pyramid's k8.
+        k8 = psa.kv_pyramid(k, v)[8][0] if args.estimator == "pooled" else None
         for _ in range(2):
-            psa.estimate_importance(q, k, config)
+            psa.estimate_importance(q, k, config, k8=k8)
         torch.cuda.synchronize()
         print(f"profiled {args.shape}, estimator {args.estimator}")
         return

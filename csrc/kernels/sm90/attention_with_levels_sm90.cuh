@@ -41,6 +41,7 @@
 #include "../level_schedule.cuh"
 #include "../params.h"
 #include "shapes_sm90.h"
+#include "sm_count.h"
 #include "tensor_map.h"
 #include "wgmma.cuh"
 
@@ -653,9 +654,8 @@ cudaError_t launch_level_map_kernel(AttentionSm90Params& params, cudaStream_t st
   status = cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, static_cast<int>(smem));
   if (status != cudaSuccess) return status;
   // Persistent grid: as many CTAs as fit on the GPU at once, each walking items gridDim.x apart.
-  int device = 0, sms = 0, per_sm = 0;
-  status = cudaGetDevice(&device);
-  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int sms = 0, per_sm = 0;
+  status = current_sm_count(&sms);
   if (status == cudaSuccess) {
     status = cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, Shape::kThreads, smem);
   }

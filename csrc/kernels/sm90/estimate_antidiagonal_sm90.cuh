@@ -39,6 +39,7 @@
 #include "../estimate_antidiagonal.cuh"
 #include "../params.h"
 #include "shapes_sm90.h"
+#include "sm_count.h"
 #include "tensor_map.h"
 #include "wgmma.cuh"
 
@@ -96,6 +97,14 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
   const int ctas_per_head = (p.n_q * (p.block_m / S) + kRows - 1) / kRows;  // Shape::ctas_per_head
   const int items = ctas_per_head * p.bh_count;
   const auto item_head_slot = [&](int item) { return p.causal ? item % p.bh_count : item / ctas_per_head; };
+  // An item's head: bh (batch * q_heads + head), its batch, head and kv head (what the TMA boxes index).
+  struct ItemHead {
+    int bh, b, h, kv_head;
+  };
+  const auto item_head = [&](int item) {
+    const int bh = p.bh_begin + item_head_slot(item), h = bh % p.q_heads;
+    return ItemHead{bh, bh / p.q_heads, h, h / (p.q_heads / p.kv_heads)};
+  };
   const auto item_cta = [&](int item) {
     const int row_cta = ctas_per_head - 1 - (p.causal ? item / p.bh_count : item % ctas_per_head);
     return AntidiagonalCta<kRows, kTileN, kGroups>(p, row_cta, item_head_slot(item), ctas_per_head);
@@ -153,8 +162,7 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
     int step_base = 0;  // steps of the earlier items: the ring runs on across items
     for (int local = 0, item = cta_item(0); item < items; item = cta_item(++local)) {
       const auto cta = item_cta(item);
-      const int bh = p.bh_begin + item_head_slot(item), b = bh / p.q_heads, h = bh % p.q_heads;
-      const int kv_head = h / (p.q_heads / p.kv_heads);
+      const auto [bh, b, h, kv_head] = item_head(item);
       const int steps = cta.n_tiles * steps_per_tile;
       for (int step = 0; step < steps; ++step) {
         const int ring_step = step_base + step, stage = ring_step % kStages;
@@ -192,8 +200,7 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
   for (int local = 0, item = cta_item(0); item < items; item = cta_item(++local)) {
     const auto cta = item_cta(item);
     const int first_row = cta.first_row, steps = cta.n_tiles * steps_per_tile;
-    const int bh = p.bh_begin + item_head_slot(item), b = bh / p.q_heads, h = bh % p.q_heads;
-    const int kv_head = h / (p.q_heads / p.kv_heads);
+    const auto [bh, b, h, kv_head] = item_head(item);
     // A thread holds rows g and g + 8 of its warp's 16 anti-rows.
     int local_row[2], visible_end[2];  // anti-columns [0, visible_end) are visible to the row
     float run_max[2], run_sum[2];
@@ -394,9 +401,8 @@ cudaError_t launch_estimate_antidiagonal_sm90(const AntidiagonalParams& p, cudaS
                                             static_cast<int>(smem));
   if (status != cudaSuccess) return status;
   // Persistent: one CTA per SM (its shared memory allows no second), each taking work items in turn.
-  int device = 0, sms = 0;
-  status = cudaGetDevice(&device);
-  if (status == cudaSuccess) status = cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, device);
+  int sms = 0;
+  status = current_sm_count(&sms);
   if (status != cudaSuccess) return status;
   const int64_t items = Shape::ctas_per_head(p.n_q, p.block_m / S) * p.bh_count;
   const dim3 grid(static_cast<unsigned>(std::min<int64_t>(items, sms)));

@@ -113,8 +113,9 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
   // in serpentine order, CTA c the c-th of an even round and the c-th from the end of an odd one. Under
   // a causal mask a round's items shrink from first to last, so the CTA with a round's longest item takes
   // the next round's shortest. Counting tiles (plus one per item) at 32k tokens (Qwen2.5-VL's 28 heads,
-  // 132 SMs), the busiest CTA takes 12% more than the mean round-robin, 2% in serpentine order. Without a mask all items are
-  // alike and the order only changes which CTA takes which.
+  // 132 SMs), the busiest CTA takes 12% more than the mean round-robin, 2% in serpentine order (5.1 ->
+  // 4.9% of causal cuDNN, H200). Without a mask all items are alike and the order only changes which CTA
+  // takes which.
   const auto cta_item = [&](int local) {
     return local * static_cast<int>(gridDim.x) +
            ((local & 1) ? static_cast<int>(gridDim.x - 1 - blockIdx.x) : static_cast<int>(blockIdx.x));

@@ -150,7 +150,7 @@ __global__ void __launch_bounds__(AntidiagonalSm90Shape<kHeadDim>::kThreads, 1)
         const auto cta = item_cta(item);
         Barrier::wait(&smem.rows_ready[slot], (local >> 1) & 1);
         write_antidiagonal_scores<kRows, kGroups>(p, cta.group_sums, cta.tile_maxima, smem.row_max[slot],
-                                                  smem.row_sum[slot], p.bh_begin + item_head_slot(item),
+                                                  smem.row_sum[slot], item_head(item).bh,
                                                   cta.first_block, cta.n_tiles, thread, Shape::kFinisherThreads,
                                                   finishers_sync);
         Barrier::arrive(&smem.rows_free[slot]);

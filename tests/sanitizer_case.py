@@ -48,12 +48,14 @@ def main():
         config = psa.PSAConfig(estimator="antidiagonal", causal=causal, estimate_precision="fp8")
         psa.estimate_importance(rand(1, 2, 2100, 128, dtype=torch.bfloat16), rand(1, 1, 4500, 128, dtype=torch.bfloat16),
                                 config)
-    # The pooled kernels over several CTAs and passes (35 query blocks, 16 a CTA; 141 key blocks, 64 a pass).
+    # The pooled kernels over several CTAs and passes (35 query blocks, 16 a CTA; 141 or 282 key blocks, 64
+    # a pass): the scores kernel's logits in its ring (141 at head_dim 64) and in the output (the rest).
     for causal in (False, True):
-        q, k = rand(1, 2, 1100, 128, dtype=torch.float16), rand(1, 1, 4500, 128, dtype=torch.float16)
-        config = psa.PSAConfig(block_m=32, block_n=32, estimator="pooled", causal=causal)
-        psa.estimate_importance(q, k, config)
-        psa.estimate_importance(q, k, config, k8=psa.kv_pyramid(k, k)[8][0])
+        for head_dim, k_len in ((128, 4500), (64, 4500), (64, 9000)):
+            q, k = rand(1, 2, 1100, head_dim, dtype=torch.float16), rand(1, 1, k_len, head_dim, dtype=torch.float16)
+            config = psa.PSAConfig(block_m=32, block_n=32, estimator="pooled", causal=causal)
+            psa.estimate_importance(q, k, config)
+            psa.estimate_importance(q, k, config, k8=psa.kv_pyramid(k, k)[8][0])
     # The sampled kernels over several CTAs and key tiles: on Hopper, rows read in place (default offsets)
     # beside the copied rows of the partial last blocks.
     for causal in (False, True):

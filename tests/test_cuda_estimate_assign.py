@@ -128,14 +128,24 @@ def test_sampled_default_offsets_read_in_place(rng, monkeypatch, family, causal,
 
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("head_dim", CUDA_HEAD_DIMS)
-def test_pooled_many_blocks(rng, causal, head_dim):
+@pytest.mark.parametrize("k_len", [4500, 9000])
+def test_pooled_many_blocks(rng, causal, head_dim, k_len):
     # More query blocks than one scores CTA takes (32 against 16) and more key blocks than one pass of
-    # its MMAs (141 against 64), with a strided [B, L, H, D] view and GQA.
+    # its MMAs (141 or 282 against 64), with a strided [B, L, H, D] view and GQA. The scores kernel keeps
+    # the logits in its ring of key means when the ring holds every pass (141 keys at head_dim 64), and in
+    # the output when it is refilled (the rest).
     q = randn(rng, 1, 2001, 4, head_dim, dtype=torch.float16, device="cuda").transpose(1, 2)
-    k = randn(rng, 1, 4500, 2, head_dim, dtype=torch.float16, device="cuda").transpose(1, 2)
+    k = randn(rng, 1, k_len, 2, head_dim, dtype=torch.float16, device="cuda").transpose(1, 2)
     config = PSAConfig(block_m=64, block_n=32, estimator="pooled", causal=causal)
     scores = psa.estimate_importance(q, k, config)
     check_scores(scores, q, k, causal, method="pooled", block_m=64, block_n=32)
+
+
+def test_pooled_rejects_a_batch_past_its_grid():
+    # The scores kernel's grid takes the batch on z (at most 65535): a clear error, not a failed launch.
+    q = torch.zeros(65536, 1, 8, 64, dtype=torch.bfloat16, device="cuda")
+    with pytest.raises(RuntimeError, match="batch of at most 65535"):
+        psa.estimate_importance(q, q, PSAConfig(block_m=32, block_n=32, estimator="pooled"))
 
 
 @pytest.mark.parametrize("dtype", CUDA_DTYPES)

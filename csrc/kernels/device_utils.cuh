@@ -96,20 +96,19 @@ __device__ __forceinline__ void mma_16816<__half>(float (&c)[4], const uint32_t 
       : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 
-// fp32 through the tf32 tensor cores at about fp32's precision ("3xTF32"): x = hi + lo, two tf32 values,
-// and a product taken as lo*hi + hi*lo + hi*hi (lo*lo lies below fp32's resolution). A non-finite x has a
-// NaN lo (inf - inf), so its products come out NaN.
+// fp32 through the tf32 tensor cores at about fp32's precision ("3xTF32"): x = hi + lo exactly, hi being x
+// with its mantissa cut to tf32's 10 bits (a mask) and lo the rest (a subtraction, exact), and a product
+// taken as lo*hi + hi*lo + hi*hi. The tensor cores read only a tf32 operand's top 19 bits, so lo passes
+// as it is and loses its low bits there: |lo| < 2^-10 |x|, so an operand is off by less than 2^-20 |x|
+// (and the dropped lo*lo by less than that again). Two instructions a value: cvt.rna.tf32.f32, with
+// which a split took seven on sm90, bound the pooled scores kernel by instruction issue (ncu, H200). A
+// non-finite x has a NaN lo (inf - inf), so its products come out NaN.
 struct Tf32Pair {
   uint32_t hi, lo;
 };
-__device__ __forceinline__ uint32_t to_tf32(float x) {
-  uint32_t r;
-  asm("cvt.rna.tf32.f32 %0, %1;\n" : "=r"(r) : "f"(x));
-  return r;
-}
 __device__ __forceinline__ Tf32Pair split_tf32(float x) {
-  const uint32_t hi = to_tf32(x);
-  return {hi, to_tf32(x - __uint_as_float(hi))};
+  const uint32_t hi = __float_as_uint(x) & 0xffffe000u;
+  return {hi, __float_as_uint(x - __uint_as_float(hi))};
 }
 __device__ __forceinline__ void mma_1688_tf32(float (&c)[4], uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
                                               uint32_t b0, uint32_t b1) {

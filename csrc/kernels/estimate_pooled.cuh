@@ -11,11 +11,12 @@
 //   - pooled_scores_kernel: the logits of 16 query blocks per CTA against every key block on the
 //     tensor cores (3xTF32 mma.sync: fp32 operands split into two tf32 values each, about fp32's
 //     precision), each row's softmax kept online per lane and combined over the CTA, so no pass walks a
-//     row in a dependent loop.
+//     row in a dependent loop. Latency-bound: built to issue few instructions (see the kernel).
 #pragma once
 
 #include <cfloat>
 #include <cstdint>
+#include <type_traits>
 
 #include "candidate_blocks.cuh"
 #include "device_utils.cuh"
@@ -182,104 +183,181 @@ __global__ void __launch_bounds__(PooledMeansShape::kThreads, PooledMeansShape::
   }
 }
 
-// scores[bh][i][j] for the CTA's 16 query blocks i (non-candidates 0; a row with no candidate all 0): the
-// logits of the fp32 means on the tensor cores (mma.sync m16n8k8 in 3xTF32, about fp32's precision), the
-// query means as the A operand (split once, held in registers), each warp taking kTilesPerWarp n8 tiles
-// of keys per pass, their B fragments loaded straight from k_means, all before the pass's first MMA. A
-// tile's three 3xTF32 products go to three accumulators, so the warp runs 3 kTilesPerWarp independent
-// MMA chains: with one accumulator a tile, its 48 MMAs (head_dim 128) were one dependent chain, and the
-// kernel was bound by their latency (18.5 -> 16.4 us on wan1.3b, H200). The k order of the MMAs is a
-// permutation of the columns: lane (g, t) feeds columns 16 c + 4 t + {0, 1} to k step 2 c and
-// 16 c + 4 t + {2, 3} to k step 2 c + 1, the same for A and B, so each of its loads is one float4. A
-// lane keeps the online softmax (max, rescaled sum) of its two rows over the keys it saw; the CTA
-// combines them, then every lane turns the logits it stored into probabilities. No pass walks a row in a
-// dependent loop.
+// A [rows][kHeadDim] fp32 tile in shared memory without padding: float4 slot s of row r sits at slot
+// s ^ 4 (r & 1), so that the two rows a quarter warp reads with one float4 load each (fragment rows g and
+// g + 1 at the same column) fall in different halves of the 32 banks.
 template <int kHeadDim>
-__global__ void __launch_bounds__(PooledScoresShape::kThreads) pooled_scores_kernel(const PooledParams p) {
+__device__ __forceinline__ int mean_tile_offset(int row, int slot) {
+  return row * kHeadDim + 4 * (slot ^ ((row & 1) << 2));
+}
+
+// scores[bh][i][j] for the CTA's 16 query blocks i (non-candidates 0; a row with no candidate all 0): the
+// logits of the fp32 means on the tensor cores (mma.sync m16n8k8 in 3xTF32, about fp32's precision), then
+// the rows' softmax.
+//
+// The kernel is short and bound by latency, not work (0.12 GFLOP on cogvideox): each warp's instruction
+// stream is its critical path (ncu, H200: ~7 cycles between a warp's instructions, a third of the issue
+// slots busy), so the kernel is built to issue few instructions and to wait for L2 few times.
+//   - The first kStages passes' key means go out as cp.async before anything waits (each warp reads only
+//     its own 16 keys of a pass, so each warp copies those itself), and the ring is refilled a pass
+//     ahead. The query means, which every warp reads, are loaded once and stored to shared memory as A
+//     fragments: one float4 load gives a k step's four A registers. A warp syncs with the others once,
+//     for them.
+//   - The A fragments are re-read from shared memory every pass rather than held (head_dim registers),
+//     so the kernel fits 128 registers: four CTAs an SM at head_dim 64.
+//   - Each warp runs kTilesPerWarp n8 tiles of keys a pass, each tile's three 3xTF32 products in three
+//     accumulators (3 kTilesPerWarp independent MMA chains). The k order of the MMAs is a permutation of
+//     the columns: lane (g, t) feeds columns 16 c + 4 t + {0, 1} to k step 2 c and 16 c + 4 t + {2, 3} to
+//     k step 2 c + 1, the same for A and B, so each operand load is one float4.
+//   - A lane keeps the online softmax (max, rescaled sum) of its two rows over the keys it saw, one
+//     rescale a pass; the CTA combines them. The logits are stored as they come (-inf for non-candidates),
+//     and the last pass rewrites them as probabilities, each warp whole rows (coalesced), with no test of
+//     the candidates: exp2(-inf) is 0.
+template <int kHeadDim>
+__global__ void __launch_bounds__(PooledScoresShape::kThreads, PooledScoresShape::min_ctas_per_sm(kHeadDim))
+    pooled_scores_kernel(const PooledParams p) {
   using Shape = PooledScoresShape;
   constexpr int kRows = Shape::kRowsPerCta, kWarps = Shape::kThreads / 32, kTiles = Shape::kTilesPerWarp;
-  constexpr int kKeysPerPass = kWarps * kTiles * 8;
-  constexpr int kChunks = kHeadDim / 16;     // 16-column chunks: two k8 steps each
-  constexpr int kRowStride = kHeadDim + 16;  // floats, 16 mod 32: a quarter warp's float4 loads hit distinct banks
-  static_assert(kRows == 16, "one m16 tile of query blocks");
-  __shared__ __align__(16) float query_means[kRows * kRowStride];
-  __shared__ int row_last[kRows];
+  constexpr int kKeysPerWarp = kTiles * 8, kKeysPerPass = Shape::kKeysPerPass;
+  constexpr int kStages = Shape::stages(kHeadDim);
+  constexpr int kSlots = kHeadDim / 4;    // float4 slots of a row
+  constexpr int kChunks = kHeadDim / 16;  // 16-column chunks: two k8 steps each
+  constexpr int kKeysPerCopy = 32 / kSlots;
+  static_assert(kRows == 16 && kKeysPerPass == kWarps * kKeysPerWarp, "one m16 tile of query blocks");
+  extern __shared__ __align__(16) float shared[];
+  // The query means as A fragments: float4 [chunk][k step][g][t] holds rows g, g + 8 at columns
+  // 16 chunk + 4 t + 2 step, + 1, in a0..a3 order.
+  float4* a_fragments = reinterpret_cast<float4*>(shared);
+  float* key_ring = shared + kRows * kHeadDim;  // [kStages][kWarps][kKeysPerWarp][kHeadDim]
   __shared__ float warp_peak[kWarps][kRows], warp_total[kWarps][kRows];
-  const int bh = blockIdx.x, first_row = blockIdx.y * kRows;
-  const int kv_bh = (bh / p.q_heads) * p.kv_heads + (bh % p.q_heads) / (p.q_heads / p.kv_heads);
+  // Grid (query head, group of kRows query blocks, batch): one division for the key head.
+  const int bh = blockIdx.z * p.q_heads + blockIdx.x, first_row = blockIdx.y * kRows;
+  const int kv_bh = blockIdx.z * p.kv_heads + blockIdx.x / (p.q_heads / p.kv_heads);
   const int tid = threadIdx.x, lane = tid & 31, warp = tid >> 5, g = lane >> 2, t = lane & 3;
   const CandidateBlocks candidates(p.n_k, p.block_m, p.block_n, p.q_len, p.k_len, p.causal);
   const int rows = min(kRows, p.n_q - first_row);
-  if (tid < kRows) row_last[tid] = tid < rows ? candidates.last(first_row + tid) : -1;
-  for (int index = tid; index < kRows * kHeadDim / 4; index += Shape::kThreads) {
-    const int r = index / (kHeadDim / 4), d = 4 * (index % (kHeadDim / 4));
-    *reinterpret_cast<float4*>(&query_means[r * kRowStride + d]) =
-        r < rows ? *reinterpret_cast<const float4*>(p.q_means +
-                                                    (static_cast<int64_t>(bh) * p.n_q + first_row + r) * kHeadDim + d)
-                 : make_float4(0.f, 0.f, 0.f, 0.f);
-  }
-  __syncthreads();
-  // A fragments of both k steps of every chunk: [chunk][k step][a0..a3] = rows g, g + 8 at column +0 / +1.
-  Tf32Pair a[kChunks][2][4];
+  // Candidates are a prefix of the key blocks that grows with the query block: the last row has the most.
+  const int active = candidates.last(first_row + rows - 1) + 1;
+  const int passes = (active + kKeysPerPass - 1) / kKeysPerPass;
+
+  // The query means, into registers, then to shared memory as A fragments once the key copies are on
+  // their way.
+  constexpr int kLoads = kRows * kSlots / Shape::kThreads;
+  static_assert(kRows * kSlots % Shape::kThreads == 0, "whole loads a thread");
+  float4 mean[kLoads];
 #pragma unroll
-  for (int c = 0; c < kChunks; ++c) {
-    const float4 top = *reinterpret_cast<const float4*>(&query_means[g * kRowStride + 16 * c + 4 * t]);
-    const float4 bottom = *reinterpret_cast<const float4*>(&query_means[(g + 8) * kRowStride + 16 * c + 4 * t]);
-    a[c][0][0] = split_tf32(top.x), a[c][0][1] = split_tf32(bottom.x);
-    a[c][0][2] = split_tf32(top.y), a[c][0][3] = split_tf32(bottom.y);
-    a[c][1][0] = split_tf32(top.z), a[c][1][1] = split_tf32(bottom.z);
-    a[c][1][2] = split_tf32(top.w), a[c][1][3] = split_tf32(bottom.w);
+  for (int u = 0; u < kLoads; ++u) {
+    const int index = u * Shape::kThreads + tid, r = index / kSlots, slot = index % kSlots;
+    mean[u] = r < rows ? *reinterpret_cast<const float4*>(
+                             p.q_means + (static_cast<int64_t>(bh) * p.n_q + first_row + r) * kHeadDim + 4 * slot)
+                       : make_float4(0.f, 0.f, 0.f, 0.f);
   }
-  const int last[2] = {row_last[g], row_last[g + 8]};  // -1 for rows past `rows`: no candidate
-  int active = 0;  // key blocks any of these rows may see
+  // Lane l copies slot l % kSlots of keys l / kSlots, + kKeysPerCopy, ... of the warp's share of a pass,
+  // keys past n_k as zeros (they only reach columns nobody reads).
+  const int copy_key = lane / kSlots, copy_slot = lane % kSlots;
+  const float* copy_source =
+      p.k_means + (static_cast<int64_t>(kv_bh) * p.n_k + warp * kKeysPerWarp + copy_key) * kHeadDim + 4 * copy_slot;
+  float* const warp_ring = key_ring + warp * kKeysPerWarp * kHeadDim;
+  // Into ring stage pass % kStages; zeros where `enabled` is false, so the prologue's copies need no
+  // branch.
+  auto copy_keys = [&](int pass, bool enabled) {
+    float* stage = warp_ring + (pass % kStages) * kKeysPerPass * kHeadDim;
+    const int first_key = pass * kKeysPerPass + warp * kKeysPerWarp + copy_key;
+    const float* source = copy_source + static_cast<int64_t>(pass) * kKeysPerPass * kHeadDim;
 #pragma unroll
-  for (int r = 0; r < kRows; ++r) active = max(active, row_last[r] + 1);
+    for (int u = 0; u < kKeysPerWarp / kKeysPerCopy; ++u) {
+      // A key past n_k copies no byte from its address (past the keys of its head, maybe past k_means).
+      cp_async_16(&stage[mean_tile_offset<kHeadDim>(u * kKeysPerCopy + copy_key, copy_slot)],
+                  source + u * kKeysPerCopy * kHeadDim, enabled && first_key + u * kKeysPerCopy < p.n_k);
+    }
+  };
+#pragma unroll
+  for (int pass = 0; pass < kStages; ++pass) {
+    copy_keys(pass, pass < passes);  // a stage past the passes is never read, nor takes logits
+    cp_async_commit();
+  }
+#pragma unroll
+  for (int u = 0; u < kLoads; ++u) {
+    const unsigned index = u * Shape::kThreads + tid, r = index / kSlots, slot = index % kSlots;
+    float* top = reinterpret_cast<float*>(&a_fragments[((slot / 4 * 2) * 8 + r % 8) * 4 + slot % 4]) + r / 8;
+    top[0] = mean[u].x, top[2] = mean[u].y;                    // k step 2 chunk
+    top[32 * 4 + 0] = mean[u].z, top[32 * 4 + 2] = mean[u].w;  // k step 2 chunk + 1: 32 float4 on
+  }
+  // Rows g and g + 8 of this lane's C fragments: last candidate, -1 for rows past `rows`.
+  const int last[2] = {g < rows ? candidates.last(first_row + g) : -1,
+                       g + 8 < rows ? candidates.last(first_row + g + 8) : -1};
   float* scores = p.scores + (static_cast<int64_t>(bh) * p.n_q + first_row) * p.n_k;
+  // Where the logits wait for the last pass: key j of row r at logits + (j / 16) region + r row + j % 16.
+  // If the ring is never refilled (passes <= kStages: at head_dim 64 up to 192 key blocks), a warp's part
+  // of a stage is its own once its MMAs have read it, and the logits of its 16 keys go there (16 rows of
+  // 16 floats), so the last pass reads shared memory; else they go to scores itself and are read back
+  // from L2.
+  const bool logits_in_ring = passes <= kStages;
+  float* const logits = logits_in_ring ? key_ring : scores;
+  const int region = logits_in_ring ? kKeysPerWarp * kHeadDim : kKeysPerWarp;
+  const int row_stride = logits_in_ring ? kKeysPerWarp : p.n_k;
+  // This lane's logits of rows g and g + 8, advanced a pass at a time (a row past `rows`: its stores are
+  // skipped).
+  float* out[2] = {logits + warp * region + g * row_stride + 2 * t,
+                   logits + warp * region + (g + 8) * row_stride + 2 * t};
+  const bool row_real[2] = {g < rows, g + 8 < rows};
   // This lane's softmax state of rows g and g + 8 over the candidates it has seen (log2 domain).
   float peak[2] = {-INFINITY, -INFINITY}, total[2] = {0.f, 0.f};
 
-  for (int key_base = 0; key_base < active; key_base += kKeysPerPass) {
-    // Every B fragment of the pass is loaded before the first MMA; then the k steps run across the tiles,
-    // each tile's three products in their own accumulators: 3 kTiles independent MMA chains.
-    float4 b[kTiles][kChunks];
-#pragma unroll
-    for (int tile = 0; tile < kTiles; ++tile) {
-      const int key = key_base + (warp * kTiles + tile) * 8 + g;  // this lane's B fragment column
-      const float* key_mean = p.k_means + (static_cast<int64_t>(kv_bh) * p.n_k + key) * kHeadDim + 4 * t;
-#pragma unroll
-      for (int c = 0; c < kChunks; ++c) {
-        b[tile][c] = key < p.n_k ? *reinterpret_cast<const float4*>(key_mean + 16 * c) : make_float4(0.f, 0.f, 0.f, 0.f);
-      }
+  for (int pass = 0, stage = 0; pass < passes; ++pass, stage = stage + 1 == kStages ? 0 : stage + 1) {
+    cp_async_wait<kStages - 1>();  // this thread's copies of the pass are in
+    if (pass == 0) {
+      __syncthreads();  // and the query means every thread stored
+    } else {
+      __syncwarp();     // the pass's keys are the warp's own
     }
+    const float* keys = warp_ring + stage * kKeysPerPass * kHeadDim;
     float products[kTiles][3][4] = {};  // rows g, g + 8 x keys first_key + 2 t, + 1; lo*hi, hi*lo, hi*hi
 #pragma unroll
     for (int c = 0; c < kChunks; ++c) {
+      Tf32Pair a[2][4];
+#pragma unroll
+      for (int step = 0; step < 2; ++step) {
+        const float4 fragment = a_fragments[((2 * c + step) * 8 + g) * 4 + t];
+        a[step][0] = split_tf32(fragment.x), a[step][1] = split_tf32(fragment.y);
+        a[step][2] = split_tf32(fragment.z), a[step][3] = split_tf32(fragment.w);
+      }
 #pragma unroll
       for (int tile = 0; tile < kTiles; ++tile) {
-        mma_1688_3xtf32(products[tile], a[c][0], split_tf32(b[tile][c].x), split_tf32(b[tile][c].y));
-        mma_1688_3xtf32(products[tile], a[c][1], split_tf32(b[tile][c].z), split_tf32(b[tile][c].w));
+        const float4 b = *reinterpret_cast<const float4*>(&keys[mean_tile_offset<kHeadDim>(tile * 8 + g, 4 * c + t)]);
+        mma_1688_3xtf32(products[tile], a[0], split_tf32(b.x), split_tf32(b.y));
+        mma_1688_3xtf32(products[tile], a[1], split_tf32(b.z), split_tf32(b.w));
       }
     }
+    __syncwarp();  // every lane's reads of the stage are done before it is refilled or takes logits
+    if (pass + kStages < passes) copy_keys(pass + kStages, true);
+    cp_async_commit();  // empty groups keep the count per pass uniform
 #pragma unroll
-    for (int tile = 0; tile < kTiles; ++tile) {
-      const int first_key = key_base + (warp * kTiles + tile) * 8;
+    for (int h = 0; h < 2; ++h) {
+      float logit[kTiles][2], pass_peak = -INFINITY;
 #pragma unroll
-      for (int h = 0; h < 2; ++h) {
+      for (int tile = 0; tile < kTiles; ++tile) {
 #pragma unroll
         for (int e = 0; e < 2; ++e) {
-          const int j = first_key + 2 * t + e;
-          if (j > last[h]) continue;  // past the row's candidates, past n_k, or a row past `rows`
+          const int j = pass * kKeysPerPass + warp * kKeysPerWarp + tile * 8 + 2 * t + e;
           const int i = 2 * h + e;
-          const float logit = ((products[tile][0][i] + products[tile][1][i]) + products[tile][2][i]) * p.scale_log2;
-          scores[static_cast<int64_t>(g + 8 * h) * p.n_k + j] = logit;
-          const float next = max_nan(peak[h], logit);
-          const float base = next == -INFINITY ? 0.f : next;  // -inf - -inf would be NaN
-          total[h] = total[h] * exp2f(peak[h] - base) + exp2f(logit - base);
-          peak[h] = next;
+          const float value = ((products[tile][0][i] + products[tile][1][i]) + products[tile][2][i]) * p.scale_log2;
+          logit[tile][e] = j <= last[h] ? value : -INFINITY;
+          if (row_real[h] && j < p.n_k) out[h][tile * 8 + e] = logit[tile][e];
+          pass_peak = max_nan(pass_peak, logit[tile][e]);
         }
       }
+      const float next = max_nan(peak[h], pass_peak);
+      const float base = next == -INFINITY ? 0.f : next;  // -inf - -inf would be NaN
+      float sum = total[h] * exp2f(peak[h] - base);
+#pragma unroll
+      for (int tile = 0; tile < kTiles; ++tile) sum += exp2f(logit[tile][0] - base) + exp2f(logit[tile][1] - base);
+      total[h] = sum;
+      peak[h] = next;
+      out[h] += kWarps * region;
     }
   }
+  cp_async_wait<0>();  // no copy outlives the kernel (the trailing groups are empty)
 
   // The rows' softmax over the CTA: peaks, then totals rescaled to them (quads, then across warps).
 #pragma unroll
@@ -288,66 +366,67 @@ __global__ void __launch_bounds__(PooledScoresShape::kThreads) pooled_scores_ker
     if (t == 0) warp_peak[warp][g + 8 * h] = m;
   }
   __syncthreads();
-  float base[2];  // what each row's exp2 subtracts: its peak, or 0 for a row without candidates
+  // What a row's exp2 subtracts: its peak, or 0 for a row without candidates.
+  auto row_base = [&](int r) {
+    float m = warp_peak[0][r];
+#pragma unroll
+    for (int w = 1; w < kWarps; ++w) m = max_nan(m, warp_peak[w][r]);
+    return m == -INFINITY ? 0.f : m;
+  };
 #pragma unroll
   for (int h = 0; h < 2; ++h) {
-    float m = warp_peak[0][g + 8 * h];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) m = max_nan(m, warp_peak[w][g + 8 * h]);
-    base[h] = m == -INFINITY ? 0.f : m;
-    const float sum = quad_sum(total[h] * exp2f(peak[h] - base[h]));  // a lane without candidates adds 0
+    const float sum = quad_sum(total[h] * exp2f(peak[h] - row_base(g + 8 * h)));  // no candidates: adds 0
     if (t == 0) warp_total[warp][g + 8 * h] = sum;
   }
-  __syncthreads();
-  float inverse[2];
-#pragma unroll
-  for (int h = 0; h < 2; ++h) {
-    float sum = warp_total[0][g + 8 * h];
-#pragma unroll
-    for (int w = 1; w < kWarps; ++w) sum += warp_total[w][g + 8 * h];
-    inverse[h] = sum == 0.f ? 0.f : 1.f / sum;  // NaN stays NaN: the row runs dense
-  }
+  __syncthreads();  // also orders every thread's logit stores before the reads below
 
-  // This lane's entries, logits to probabilities, kPassesPerBatch passes at a time: all loads of a batch
-  // are issued before its first store (the compiler may not sink them, see below), so a batch costs one
-  // round trip to L2, not one per load. A non-candidate is 0 * inverse: 0, or NaN in a NaN row, as the
-  // reference's softmax gives.
-  constexpr int kPassesPerBatch = 4;
-  for (int batch_base = 0; batch_base < p.n_k; batch_base += kPassesPerBatch * kKeysPerPass) {
-    float logit[kPassesPerBatch][kTiles][2][2];
+  // Warp w writes rows w, w + kWarps, ...: logits to probabilities, lanes along a row, all of a batch's
+  // loads before its first store. A non-candidate's -inf gives 0 * inverse: 0, or NaN in a NaN row, as
+  // the reference's softmax gives. Keys past the CTA's active ones have no logit: zeros.
+  constexpr int kRowsPerWarp = kRows / kWarps, kPerBatch = 8;
+  for (int rr = 0; rr < kRowsPerWarp; ++rr) {
+    const int r = warp + rr * kWarps;
+    if (r >= rows) break;
+    const float base = row_base(r);
+    float sum = warp_total[0][r];
 #pragma unroll
-    for (int pass = 0; pass < kPassesPerBatch; ++pass) {
+    for (int w = 1; w < kWarps; ++w) sum += warp_total[w][r];
+    const float inverse = sum == 0.f ? 0.f : 1.f / sum;  // NaN stays NaN: the row runs dense
+    float* row = scores + static_cast<int64_t>(r) * p.n_k;
+    const int written = min(passes * kKeysPerPass, p.n_k);  // keys with a logit
+    // The logits' place is a compile-time choice here, so ring reads are shared loads with constant
+    // offsets rather than generic loads behind 64-bit address arithmetic.
+    const auto rewrite = [&](auto in_ring) {
+      constexpr bool kInRing = decltype(in_ring)::value;
+      constexpr int kRegion = kKeysPerWarp * kHeadDim;
+      // In the ring, key j = 32 u + lane of a batch lies in region j / 16 = 2 u + lane / 16, at j % 16.
+      static_assert(kKeysPerWarp == 16, "two regions of logits a warp-wide row segment");
+      const float* lane_ring = key_ring + r * kKeysPerWarp + (lane >> 4) * kRegion + (lane & 15);
+      for (int batch = 0; batch < p.n_k; batch += 32 * kPerBatch) {
+        float logit[kPerBatch];
 #pragma unroll
-      for (int tile = 0; tile < kTiles; ++tile) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int j = batch_base + pass * kKeysPerPass + (warp * kTiles + tile) * 8 + 2 * t + e;
-            logit[pass][tile][h][e] = j <= last[h] ? scores[static_cast<int64_t>(g + 8 * h) * p.n_k + j] : 0.f;
+        for (int u = 0; u < kPerBatch; ++u) {
+          const int j = batch + 32 * u + lane;
+          if constexpr (kInRing) {
+            logit[u] = j < written ? lane_ring[(batch / 16 + 2 * u) * kRegion] : -INFINITY;
+          } else {
+            logit[u] = j < written ? row[j] : -INFINITY;
           }
         }
-      }
-    }
-    // Without this the compiler interleaved loads and stores whose addresses it could tell apart, and
-    // each load's wait held up the rest (a third of the kernel's stall samples, ncu on the H200).
-    asm volatile("" ::: "memory");
+        // Without this the compiler interleaved loads and stores whose addresses it could tell apart, and
+        // each load's wait held up the rest.
+        asm volatile("" ::: "memory");
 #pragma unroll
-    for (int pass = 0; pass < kPassesPerBatch; ++pass) {
-#pragma unroll
-      for (int tile = 0; tile < kTiles; ++tile) {
-#pragma unroll
-        for (int h = 0; h < 2; ++h) {
-#pragma unroll
-          for (int e = 0; e < 2; ++e) {
-            const int j = batch_base + pass * kKeysPerPass + (warp * kTiles + tile) * 8 + 2 * t + e;
-            if (g + 8 * h < rows && j < p.n_k) {
-              scores[static_cast<int64_t>(g + 8 * h) * p.n_k + j] =
-                  (j <= last[h] ? exp2f(logit[pass][tile][h][e] - base[h]) : 0.f) * inverse[h];
-            }
-          }
+        for (int u = 0; u < kPerBatch; ++u) {
+          const int j = batch + 32 * u + lane;
+          if (j < p.n_k) row[j] = exp2f(logit[u] - base) * inverse;
         }
       }
+    };
+    if (logits_in_ring) {
+      rewrite(std::true_type{});
+    } else {
+      rewrite(std::false_type{});
     }
   }
 }
@@ -365,8 +444,15 @@ cudaError_t launch_estimate_pooled(const PooledParams& p, cudaStream_t stream) {
   } else {
     pooled_means_kernel<T, kHeadDim, false><<<means_grid, Means::kThreads, 0, stream>>>(p);
   }
-  const dim3 grid(p.batch * p.q_heads, (p.n_q + PooledScoresShape::kRowsPerCta - 1) / PooledScoresShape::kRowsPerCta);
-  pooled_scores_kernel<kHeadDim><<<grid, PooledScoresShape::kThreads, 0, stream>>>(p);
+  const cudaError_t means_status = cudaGetLastError();
+  if (means_status != cudaSuccess) return means_status;
+  using Scores = PooledScoresShape;
+  const auto scores_kernel = pooled_scores_kernel<kHeadDim>;
+  const int smem = Scores::shared_bytes(kHeadDim);
+  const cudaError_t status = cudaFuncSetAttribute(scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  if (status != cudaSuccess) return status;
+  const dim3 grid(p.q_heads, (p.n_q + Scores::kRowsPerCta - 1) / Scores::kRowsPerCta, p.batch);
+  scores_kernel<<<grid, Scores::kThreads, smem, stream>>>(p);
   return cudaGetLastError();
 }
 

@@ -117,15 +117,24 @@ struct PooledMeansShape {
 };
 
 // The pooled estimator's logits (estimate_pooled.cuh): one m16 tile of query blocks per CTA against n8
-// tiles of key blocks, mma.sync in 3xTF32.
+// tiles of key blocks, mma.sync in 3xTF32, the key means streamed through a ring of shared memory.
 struct PooledScoresShape {
   static constexpr int kThreads = 128;
   static constexpr int kRowsPerCta = 16;   // query blocks: one m16 tile
-  // n8 tiles of key blocks a warp takes per pass (64 keys a CTA). All their B fragments (head_dim / 4
-  // registers a tile) are loaded before the first MMA, beside the A fragments (head_dim registers): at
-  // head_dim 128 four tiles would not fit, and at 64 they took 162 registers (3 CTAs an SM, not 4) and
-  // were slower on the H200 (22.7 us against 16.5 on cogvideox).
+  // n8 tiles of key blocks a warp takes per pass (64 keys a CTA). At head_dim 64 four tiles took more
+  // registers and were slower on the H200 (the fifteenth session's kernel: 22.7 us against 16.5 on
+  // cogvideox).
   static constexpr int kTilesPerWarp = 2;
+  static constexpr int kKeysPerPass = kThreads / 32 * kTilesPerWarp * 8;
+  // Passes of key means in flight. Three at head_dim 64 cover cogvideox's whole rows (139 key blocks) with
+  // one wait, at 52 KiB a CTA: four CTAs an SM, so its 432 CTAs are one wave on an H100 / H200. Two at
+  // 128 (72 KiB, under the 99 KiB an sm86 / sm89 block may take).
+  static constexpr int stages(int head_dim) { return head_dim == 64 ? 3 : 2; }
+  static constexpr int min_ctas_per_sm(int head_dim) { return head_dim == 64 ? 4 : 3; }
+  // The query means' tile and the ring, fp32.
+  static constexpr int shared_bytes(int head_dim) {
+    return (kRowsPerCta + stages(head_dim) * kKeysPerPass) * head_dim * static_cast<int>(sizeof(float));
+  }
 };
 
 }  // namespace psa::kernels

@@ -283,6 +283,8 @@ at::Tensor estimate_pooled(const at::Tensor& q_in, const at::Tensor& k_in, const
   constexpr int64_t kMaxQueryBlocks = int64_t{65535} * kernels::PooledScoresShape::kRowsPerCta;
   PSA_CHECK(n_q <= kMaxQueryBlocks, kOp, ": the pooled estimator takes at most ", kMaxQueryBlocks,
             " query blocks on CUDA, got ", n_q);
+  PSA_CHECK(batch <= 65535, kOp, ": the pooled estimator takes a batch of at most 65535 on CUDA (grid.z), got ",
+            batch);
   auto scores = at::empty({batch, q_heads, n_q, n_k}, q.options().dtype(at::kFloat));
   if (scores.numel() == 0) return scores;
   auto q_means = at::empty({batch, q_heads, n_q, dim}, scores.options());

@@ -22,13 +22,18 @@ The pooled estimate is timed as sparse_attention runs it: reading the pyramid's 
 
 Usage: python benchmarks/bench_attention.py [--shapes wan1.3b_480p,...] [--densities 0.15,0.3,1.0]
            [--estimators sampled,pooled,antidiagonal[,antidiagonal-fp8]] [--no-stages] [--no-densities] [--kernels] [--site DIR]
-           [--backward]
+           [--backward] [--gemm-floor]
 
 --site adds a site directory before looking for FA4 (benchmarks/fa4_wheels.sh installs it into one on a
 machine without a registry).
 
 --kernels also lists the device time of every kernel each stage launches (torch.profiler), to see
 where a stage's time goes (with --backward, of one psa forward + backward too).
+
+--gemm-floor adds, per shape, cuBLAS's time for the antidiagonal estimator's GEMM alone (anti-rows
+[H, L/S, S*D] by anti-columns, S = 8): bf16 `torch.bmm`, and FP8 e4m3 `torch._scaled_mm` over the heads
+stacked (the same FLOPs), each writing its bf16 output, beside cuDNN dense. The fused estimate is this GEMM
+plus an epilogue (and FP8's quantization), so these bound it from below unless it outruns cuBLAS.
 
 --backward adds forward + backward times at the default config (density ~0.15): psa (`sparse_attention`,
 gradients through attention_over_pyramid and the pyramid) against cuDNN's dense forward + backward and
@@ -203,6 +208,41 @@ def print_stage_table(shapes, estimators, kernels=False):
         torch.cuda.empty_cache()
 
 
+def print_gemm_floor_table(shapes, stride):
+    """Per shape: cuBLAS's bf16 and FP8 GEMMs of the antidiagonal estimator's shape, in ms and % of cuDNN."""
+    header = ["shape", "cudnn ms", "gemm bf16 (bmm)", "gemm fp8 (_scaled_mm)", "est antidiagonal",
+              "est antidiagonal-fp8"]
+    print_row(header)
+    print_row(["---"] * len(header))
+    for name in shapes:
+        shape = SHAPES[name]
+        q, k, v = (torch.randn(1, shape.heads, shape.tokens, shape.head_dim, device="cuda", dtype=torch.bfloat16)
+                   for _ in range(3))
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            cudnn_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        # Anti-rows (and anti-columns): ceil(L / S), rounded up to 16 for _scaled_mm.
+        rows = ((shape.tokens + stride - 1) // stride + 15) // 16 * 16
+        inner = stride * shape.head_dim
+        anti_rows = torch.randn(shape.heads, rows, inner, device="cuda", dtype=torch.bfloat16)
+        anti_columns = torch.randn(shape.heads, inner, rows, device="cuda", dtype=torch.bfloat16)
+        times = [bench(lambda: torch.bmm(anti_rows, anti_columns))]
+        try:
+            a8 = anti_rows.reshape(-1, inner).to(torch.float8_e4m3fn)
+            b8 = anti_columns[0].t().contiguous().to(torch.float8_e4m3fn).t()  # column-major, as cuBLAS takes it
+            one = torch.ones((), device="cuda")
+            times.append(bench(lambda: torch._scaled_mm(a8, b8, scale_a=one, scale_b=one, out_dtype=torch.bfloat16)))
+        except (RuntimeError, TypeError) as error:  # an FP8 GEMM this torch / GPU does not run
+            print(f"  FP8 GEMM on {name}: {type(error).__name__}: {str(error).splitlines()[0]}")
+            times.append(None)
+        anti_rows = anti_columns = a8 = b8 = None
+        for estimator in ("antidiagonal", "antidiagonal-fp8"):
+            times.append(bench(functools.partial(psa.estimate_importance, q, k, estimator_config(estimator))))
+        print_row([name, f"{cudnn_ms:.2f}"] +
+                  ["n/a" if t is None else f"{t:.3f} ({100 * t / cudnn_ms:.2f}%)" for t in times])
+        q = k = v = None
+        torch.cuda.empty_cache()
+
+
 def forward_backward_ms(forward, inputs) -> float:
     """Median ms of forward + backward (gradients of q, k and v for a fixed random output gradient)."""
     grad_out = torch.randn_like(inputs[0])
@@ -254,6 +294,8 @@ def main():
     parser.add_argument("--kernels", action="store_true", help="per-kernel device times of each stage (and of psa's backward)")
     parser.add_argument("--site", action="append", default=[], help="extra site directory (for FA4)")
     parser.add_argument("--backward", action="store_true", help="forward + backward table at the default config")
+    parser.add_argument("--gemm-floor", action="store_true",
+                        help="cuBLAS's GEMMs of the antidiagonal estimator's shape beside its estimate")
     args = parser.parse_args()
     for directory in args.site:
         site.addsitedir(directory)
@@ -266,6 +308,8 @@ def main():
           f"{datetime.date.today().isoformat()}, FA4: {'yes' if fa4.available else 'no (' + fa4.reason + ')'}")
     if not args.no_stages:
         print_stage_table(shapes, args.estimators.split(","), args.kernels)
+    if args.gemm_floor:
+        print_gemm_floor_table(shapes, psa.PSAConfig().stride)
     if args.backward:
         print_backward_table(shapes, flex, args.kernels)
     if not densities:

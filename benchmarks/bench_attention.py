@@ -171,6 +171,15 @@ def estimator_config(name: str) -> psa.PSAConfig:
     return psa.PSAConfig(estimator=estimator, estimate_precision=precision or "full")
 
 
+def inputs_and_cudnn_ms(shape):
+    """Random bf16 q, k, v of a model shape (B = 1) and dense cuDNN's median ms on them."""
+    q, k, v = (torch.randn(1, shape.heads, shape.tokens, shape.head_dim, device="cuda", dtype=torch.bfloat16)
+               for _ in range(3))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        cudnn_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+    return q, k, v, cudnn_ms
+
+
 def print_stage_table(shapes, estimators, kernels=False):
     """Per shape: each stage of the default config (topk, density ~0.15) in ms and in % of dense cuDNN."""
     header = ["shape", "cudnn ms", "pyramid"] + [f"est {e}" for e in estimators] + ["assign", "kernel", "psa total"]
@@ -178,10 +187,7 @@ def print_stage_table(shapes, estimators, kernels=False):
     print_row(["---"] * len(header))
     for name in shapes:
         shape = SHAPES[name]
-        q, k, v = (torch.randn(1, shape.heads, shape.tokens, shape.head_dim, device="cuda", dtype=torch.bfloat16)
-                   for _ in range(3))
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            cudnn_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        q, k, v, cudnn_ms = inputs_and_cudnn_ms(shape)
         config = psa.PSAConfig()
         scores = psa.estimate_importance(q, k, config)
         levels = psa.assign_levels(scores, config, k=k, q_len=shape.tokens)
@@ -216,10 +222,7 @@ def print_gemm_floor_table(shapes, stride):
     print_row(["---"] * len(header))
     for name in shapes:
         shape = SHAPES[name]
-        q, k, v = (torch.randn(1, shape.heads, shape.tokens, shape.head_dim, device="cuda", dtype=torch.bfloat16)
-                   for _ in range(3))
-        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-            cudnn_ms = bench(lambda: F.scaled_dot_product_attention(q, k, v))
+        q, k, _, cudnn_ms = inputs_and_cudnn_ms(shape)
         # Anti-rows (and anti-columns): ceil(L / S), rounded up to 16 for _scaled_mm.
         rows = ((shape.tokens + stride - 1) // stride + 15) // 16 * 16
         inner = stride * shape.head_dim
@@ -239,7 +242,7 @@ def print_gemm_floor_table(shapes, stride):
             times.append(bench(functools.partial(psa.estimate_importance, q, k, estimator_config(estimator))))
         print_row([name, f"{cudnn_ms:.2f}"] +
                   ["n/a" if t is None else f"{t:.3f} ({100 * t / cudnn_ms:.2f}%)" for t in times])
-        q = k = v = None
+        q = k = None
         torch.cuda.empty_cache()
 
 

@@ -57,7 +57,6 @@ __global__ void __launch_bounds__(kQuantizeThreads) quantize_anti_rows_kernel(co
   const int b = bh / op.heads, h = bh % op.heads;
   const T* x = static_cast<const T*>(op.x) + b * op.x_stride[0] + h * op.x_stride[1];
   uint4 raw[kQuantizeChunksPerLane];
-  float peak = 0.f;
 #pragma unroll
   for (int u = 0; u < kQuantizeChunksPerLane; ++u) {
     const int chunk = member + kTeam * u;
@@ -67,20 +66,15 @@ __global__ void __launch_bounds__(kQuantizeThreads) quantize_anti_rows_kernel(co
                                                         (chunk & within_token) * 8))
                  : make_uint4(0, 0, 0, 0);  // the partial last group's padding: zeros
   }
-  {
-    // max |x| on packed pairs (exact in the 16-bit type, NaN kept): only the products below unpack to fp32.
-    using Pair = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, __nv_bfloat162, __half2>;
-    Pair pair_peak = reinterpret_cast<const Pair*>(&raw[0])[0];
-    pair_peak = __habs2(pair_peak);
+  // max |x| on packed pairs (exact in the 16-bit type, NaN kept): only the products below unpack to fp32.
+  using Pair = std::conditional_t<std::is_same_v<T, __nv_bfloat16>, __nv_bfloat162, __half2>;
+  Pair pair_peak = __habs2(reinterpret_cast<const Pair*>(&raw[0])[0]);
 #pragma unroll
-    for (int u = 0; u < kQuantizeChunksPerLane; ++u) {
+  for (int u = 0; u < kQuantizeChunksPerLane; ++u) {
 #pragma unroll
-      for (int e = 0; e < 4; ++e) {
-        pair_peak = __hmax2_nan(pair_peak, __habs2(reinterpret_cast<const Pair*>(&raw[u])[e]));
-      }
-    }
-    peak = max_nan(to_float(pair_peak.x), to_float(pair_peak.y));
+    for (int e = 0; e < 4; ++e) pair_peak = __hmax2_nan(pair_peak, __habs2(reinterpret_cast<const Pair*>(&raw[u])[e]));
   }
+  float peak = max_nan(to_float(pair_peak.x), to_float(pair_peak.y));
 #pragma unroll
   for (int delta = kTeam / 2; delta > 0; delta >>= 1) peak = max_nan(peak, __shfl_xor_sync(0xffffffffu, peak, delta));
   if (!active) return;

@@ -263,25 +263,9 @@ def _attention_over_pyramid_backward_fake(grad_out, grad_lse, q, k, v, k2, v2, k
 # --------------------------------------------------------------------------------------------------
 # Autograd: the two stages of attention differentiate through their backward ops
 # (attention_over_pyramid_backward, kv_pyramid_backward), so attention_with_levels and sparse_attention
-# do through them; the stages that decide the level map give outputs without gradient
+# do through them; the stages that decide the level map give outputs without gradient (their autograd
+# kernel is C++: csrc/psa/autograd.cpp)
 # --------------------------------------------------------------------------------------------------
-
-def _register_not_differentiable(name: str) -> None:
-    """The op's outputs do not require grad (as `torch.argmax`'s): calling backward on them raises
-    PyTorch's "does not require grad", and they contribute no gradient to the inputs."""
-    def setup_context(ctx, inputs, output, keyword_only_inputs=None):
-        ctx.num_inputs = len(inputs)
-        ctx.mark_non_differentiable(*(output if isinstance(output, tuple) else (output,)))
-
-    def backward(ctx, *grads):
-        return (None,) * ctx.num_inputs
-
-    torch.library.register_autograd(f"psa::{name}", backward, setup_context=setup_context)
-
-
-for _name in ("estimate_importance", "assign_levels"):
-    _register_not_differentiable(_name)
-
 
 def _kv_pyramid_setup(ctx, inputs, output, keyword_only_inputs=None):
     # The backward needs k's shape only: saving k and v would keep them alive.

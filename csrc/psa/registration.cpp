@@ -1,6 +1,6 @@
 // The psa operator family: every schema, once, and the composite ops. Each backend registers its kernels
 // under its own dispatch key (cpu/registration.cpp, cuda/registration.cpp); fake (meta) kernels and
-// autograd live in psa/ops.py.
+// autograd live in psa/ops.py (the non-differentiable stages' autograd kernel in autograd.cpp).
 #include <torch/library.h>
 
 #include "ops.h"

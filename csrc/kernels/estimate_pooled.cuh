@@ -7,11 +7,16 @@
 // launches, no host synchronisation:
 //   - pooled_means_kernel: the fp32 means of every query block and every key block, one launch for
 //     both (a CTA takes whole blocks of one side). Memory-bound on q: a CTA per query block, every
-//     thread's loads issued before its first add (one block, up to 32 KiB, in flight a CTA).
+//     thread's loads issued before its first add (one block, up to 32 KiB, in flight a CTA), each load
+//     asking L2 for its whole 256-byte span (H200, after do_bench's L2 flush: the kernel 37.8 -> 33.8
+//     us on cogvideox, 34.9 -> 31.7 on wan1.3b).
 //   - pooled_scores_kernel: the logits of 16 query blocks per CTA against every key block on the
 //     tensor cores (3xTF32 mma.sync: fp32 operands split into two tf32 values each, about fp32's
 //     precision), each row's softmax kept online per lane and combined over the CTA, so no pass walks a
-//     row in a dependent loop. Latency-bound: built to issue few instructions (see the kernel).
+//     row in a dependent loop. Latency-bound: built to issue few instructions (see the kernel). On sm90
+//     it is the means kernel's programmatic dependent, launched as the means CTAs exit rather than after
+//     the grid's completion (H200: ~1 us less wall on cogvideox, ~1.5 on wan1.3b). Letting it launch
+//     as soon as every means CTA has started gained cogvideox another ~0.6 us but cost wan1.3b ~2.4 us.
 #pragma once
 
 #include <cfloat>
@@ -42,7 +47,7 @@ __device__ __forceinline__ void query_block_mean(const PooledParams& p, int bh, 
 #pragma unroll
   for (int u = 0; u < kMaxRows; ++u) {
     const int row = row_group + u * kRowGroups;
-    raw[u] = row < count ? __ldg(reinterpret_cast<const uint4*>(base + static_cast<int64_t>(row) * p.q_stride[2]))
+    raw[u] = row < count ? load_global_256b_prefetch(base + static_cast<int64_t>(row) * p.q_stride[2])
                          : make_uint4(0, 0, 0, 0);
   }
   float sum[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -85,7 +90,7 @@ __device__ __forceinline__ void key_block_means_from_level8(const PooledParams& 
     for (int g = 0; g < kBatch; ++g) {
       const int group = first_group + batch + g;
       const bool real = batch + g < groups && 8 * group < p.k_len;
-      raw[g] = real ? __ldg(reinterpret_cast<const uint4*>(base + static_cast<int64_t>(group) * p.k8_stride[2]))
+      raw[g] = real ? load_global_256b_prefetch(base + static_cast<int64_t>(group) * p.k8_stride[2])
                     : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
@@ -124,7 +129,7 @@ __device__ __forceinline__ void key_block_means_from_keys(const PooledParams& p,
     uint4 raw[8];
 #pragma unroll
     for (int t = 0; t < 8; ++t) {
-      raw[t] = t < count ? __ldg(reinterpret_cast<const uint4*>(base + static_cast<int64_t>(first + t) * p.k_stride[2]))
+      raw[t] = t < count ? load_global_256b_prefetch(base + static_cast<int64_t>(first + t) * p.k_stride[2])
                          : make_uint4(0, 0, 0, 0);
     }
     if (count > 0) {
@@ -239,6 +244,8 @@ __global__ void __launch_bounds__(PooledScoresShape::kThreads, PooledScoresShape
   // Candidates are a prefix of the key blocks that grows with the query block: the last row has the most.
   const int active = candidates.last(first_row + rows - 1) + 1;
   const int passes = (active + kKeysPerPass - 1) / kKeysPerPass;
+  // Launched as the means kernel's dependent on sm90: nothing above reads what it writes.
+  wait_for_prerequisite_grids();
 
   // The query means, into registers, then to shared memory as A fragments once the key copies are on
   // their way.
@@ -451,9 +458,22 @@ cudaError_t launch_estimate_pooled(const PooledParams& p, cudaStream_t stream) {
   const int smem = Scores::shared_bytes(kHeadDim);
   const cudaError_t status = cudaFuncSetAttribute(scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (status != cudaSuccess) return status;
-  const dim3 grid(p.q_heads, (p.n_q + Scores::kRowsPerCta - 1) / Scores::kRowsPerCta, p.batch);
-  scores_kernel<<<grid, Scores::kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(p.q_heads, (p.n_q + Scores::kRowsPerCta - 1) / Scores::kRowsPerCta, p.batch);
+  config.blockDim = dim3(Scores::kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  cudaLaunchAttribute dependent{};
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  cudaFuncAttributes attributes{};
+  const cudaError_t query = cudaFuncGetAttributes(&attributes, scores_kernel);
+  if (query != cudaSuccess) return query;
+  if (attributes.binaryVersion >= kFirstArchWithDependentLaunch) {
+    config.attrs = &dependent;
+    config.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&config, scores_kernel, p);
 }
 
 }  // namespace psa::kernels

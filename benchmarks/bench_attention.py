@@ -22,7 +22,7 @@ The pooled estimate is timed as sparse_attention runs it: reading the pyramid's 
 
 Usage: python benchmarks/bench_attention.py [--shapes wan1.3b_480p,...] [--densities 0.15,0.3,1.0]
            [--estimators sampled,pooled,antidiagonal[,antidiagonal-fp8]] [--no-stages] [--no-densities] [--kernels] [--site DIR]
-           [--backward] [--gemm-floor]
+           [--backward] [--gemm-floor] [--pooled-floor]
 
 --site adds a site directory before looking for FA4 (benchmarks/fa4_wheels.sh installs it into one on a
 machine without a registry).
@@ -34,6 +34,10 @@ where a stage's time goes (with --backward, of one psa forward + backward too).
 [H, L/S, S*D] by anti-columns, S = 8): bf16 `torch.bmm`, and FP8 e4m3 `torch._scaled_mm` over the heads
 stacked (the same FLOPs), each writing its bf16 output, beside cuDNN dense. The fused estimate is this GEMM
 plus an epilogue (and FP8's quantization), so these bound it from below unless it outruns cuBLAS.
+
+--pooled-floor adds, per shape, the pooled estimate beside the reads it cannot avoid, under the same
+do_bench L2 flush: its CUDA-graph replay (no host path), torch's `q.sum()` and block sums of q (q is ~90%
+of what it reads), and its kernels' device times after a flush.
 
 --backward adds forward + backward times at the default config (density ~0.15): psa (`sparse_attention`,
 gradients through attention_over_pyramid and the pyramid) against cuDNN's dense forward + backward and
@@ -246,6 +250,56 @@ def print_gemm_floor_table(shapes, stride):
         torch.cuda.empty_cache()
 
 
+def graph_of(fn):
+    """`fn` captured in a CUDA graph (warmed up on a side stream first): its replay has no host path."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph
+
+
+def print_pooled_floor_table(shapes):
+    """Per shape: the pooled estimate beside the reads it cannot avoid, all timed as do_bench times them
+    (L2 flushed before each call, so its dirty lines are written back under the timed work): the
+    estimate, its CUDA-graph replay (no host path), torch's sum of q and block sums of q (q alone is most
+    of what the estimate reads: k8 is an eighth of k), and the estimate's kernels under the same flush."""
+    from torch.profiler import ProfilerActivity, profile
+    header = ["shape", "cudnn ms", "q + k8 MB", "est pooled", "est pooled (graph)", "q.sum()", "q block sums",
+              "kernels after a flush (us)"]
+    print_row(header)
+    print_row(["---"] * len(header))
+    flush_buffer = triton.runtime.driver.active.get_empty_cache_for_benchmark()
+    for name in shapes:
+        shape = SHAPES[name]
+        q, k, v, cudnn_ms = inputs_and_cudnn_ms(shape)
+        k8 = psa.kv_pyramid(k, v)[8][0]
+        estimate = functools.partial(psa.estimate_importance, q, k, estimator_config("pooled"), k8=k8)
+        graph = graph_of(estimate)
+        whole_blocks = q[:, :, :shape.tokens // 128 * 128].reshape(shape.heads, -1, 128, shape.head_dim)
+        times = [bench(estimate), bench(graph.replay), bench(lambda: q.sum(dtype=torch.float32)),
+                 bench(lambda: whole_blocks.sum(dim=2, dtype=torch.float32))]
+        repeats = 20
+        with profile(activities=[ProfilerActivity.CUDA]) as prof:
+            for _ in range(repeats):
+                triton.runtime.driver.active.clear_cache(flush_buffer)
+                estimate()
+            torch.cuda.synchronize()
+        kernels = " + ".join(f"{e.key.split('<')[0].split('::')[-1]} {e.device_time_total / repeats:.1f}"
+                             for e in prof.key_averages()
+                             if e.device_type == torch.autograd.DeviceType.CUDA and "psa::" in e.key)
+        megabytes = (q.numel() + k8.numel()) * q.element_size() / 1e6
+        print_row([name, f"{cudnn_ms:.2f}", f"{megabytes:.0f}"] +
+                  [f"{1000 * t:.1f} us ({100 * t / cudnn_ms:.3f}%)" for t in times] + [kernels])
+        q = k = v = k8 = whole_blocks = graph = None
+        torch.cuda.empty_cache()
+
+
 def forward_backward_ms(forward, inputs) -> float:
     """Median ms of forward + backward (gradients of q, k and v for a fixed random output gradient)."""
     grad_out = torch.randn_like(inputs[0])
@@ -299,6 +353,8 @@ def main():
     parser.add_argument("--backward", action="store_true", help="forward + backward table at the default config")
     parser.add_argument("--gemm-floor", action="store_true",
                         help="cuBLAS's GEMMs of the antidiagonal estimator's shape beside its estimate")
+    parser.add_argument("--pooled-floor", action="store_true",
+                        help="the pooled estimate beside its CUDA-graph replay and torch's reads of q")
     args = parser.parse_args()
     for directory in args.site:
         site.addsitedir(directory)
@@ -313,6 +369,8 @@ def main():
         print_stage_table(shapes, args.estimators.split(","), args.kernels)
     if args.gemm_floor:
         print_gemm_floor_table(shapes, psa.PSAConfig().stride)
+    if args.pooled_floor:
+        print_pooled_floor_table(shapes)
     if args.backward:
         print_backward_table(shapes, flex, args.kernels)
     if not densities:

@@ -81,7 +81,7 @@ __device__ __forceinline__ void wait_for_prerequisite_grids() {
 // streaming passes, fewer and larger DRAM requests than the 32-byte sectors alone.
 __device__ __forceinline__ uint4 load_global_256b_prefetch(const void* p) {
   uint4 r;
-  asm("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
+  asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
       : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
       : "l"(p));
   return r;

@@ -64,26 +64,13 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
-// Programmatic dependent launch (sm90): a kernel launched with programmatic stream serialization may
-// start before the kernel ahead of it in the stream has finished (here: once its CTAs have all run to
-// their exit, before the grid's completion is processed), and must call wait_for_prerequisite_grids
-// before it reads what that kernel writes. Before sm90 the wait is a no-op and the launcher launches
-// without the attribute (kFirstArchWithDependentLaunch against the binary's
-// cudaFuncAttributes::binaryVersion), so the stream orders the kernels as usual.
-constexpr int kFirstArchWithDependentLaunch = 90;
-__device__ __forceinline__ void wait_for_prerequisite_grids() {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-  asm volatile("griddepcontrol.wait;\n" ::: "memory");
-#endif
-}
-
 // A 16-byte read-only global load that lets L2 fetch the whole 256-byte span around it from DRAM: for
 // streaming passes, fewer and larger DRAM requests than the 32-byte sectors alone.
 __device__ __forceinline__ uint4 load_global_256b_prefetch(const void* p) {
   uint4 r;
   asm volatile("ld.global.nc.L1::no_allocate.L2::256B.v4.u32 {%0, %1, %2, %3}, [%4];\n"
-      : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
-      : "l"(p));
+               : "=r"(r.x), "=r"(r.y), "=r"(r.z), "=r"(r.w)
+               : "l"(p));
   return r;
 }
 

@@ -13,10 +13,9 @@
 //   - pooled_scores_kernel: the logits of 16 query blocks per CTA against every key block on the
 //     tensor cores (3xTF32 mma.sync: fp32 operands split into two tf32 values each, about fp32's
 //     precision), each row's softmax kept online per lane and combined over the CTA, so no pass walks a
-//     row in a dependent loop. Latency-bound: built to issue few instructions (see the kernel). On sm90
-//     it is the means kernel's programmatic dependent, launched as the means CTAs exit rather than after
-//     the grid's completion (H200: ~1 us less wall on cogvideox, ~1.5 on wan1.3b). Letting it launch
-//     as soon as every means CTA has started gained cogvideox another ~0.6 us but cost wan1.3b ~2.4 us.
+//     row in a dependent loop. Latency-bound: built to issue few instructions (see the kernel). (As the
+//     means kernel's programmatic dependent on sm90 it took ~1 us off the wall: branch
+//     wip/pooled-pdl-exit, kept off main until a fuzz failure seen in the same H200 run is explained.)
 #pragma once
 
 #include <cfloat>
@@ -244,8 +243,6 @@ __global__ void __launch_bounds__(PooledScoresShape::kThreads, PooledScoresShape
   // Candidates are a prefix of the key blocks that grows with the query block: the last row has the most.
   const int active = candidates.last(first_row + rows - 1) + 1;
   const int passes = (active + kKeysPerPass - 1) / kKeysPerPass;
-  // Launched as the means kernel's dependent on sm90: nothing above reads what it writes.
-  wait_for_prerequisite_grids();
 
   // The query means, into registers, then to shared memory as A fragments once the key copies are on
   // their way.
@@ -458,22 +455,9 @@ cudaError_t launch_estimate_pooled(const PooledParams& p, cudaStream_t stream) {
   const int smem = Scores::shared_bytes(kHeadDim);
   const cudaError_t status = cudaFuncSetAttribute(scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (status != cudaSuccess) return status;
-  cudaLaunchConfig_t config{};
-  config.gridDim = dim3(p.q_heads, (p.n_q + Scores::kRowsPerCta - 1) / Scores::kRowsPerCta, p.batch);
-  config.blockDim = dim3(Scores::kThreads);
-  config.dynamicSmemBytes = smem;
-  config.stream = stream;
-  cudaLaunchAttribute dependent{};
-  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
-  dependent.val.programmaticStreamSerializationAllowed = 1;
-  cudaFuncAttributes attributes{};
-  const cudaError_t query = cudaFuncGetAttributes(&attributes, scores_kernel);
-  if (query != cudaSuccess) return query;
-  if (attributes.binaryVersion >= kFirstArchWithDependentLaunch) {
-    config.attrs = &dependent;
-    config.numAttrs = 1;
-  }
-  return cudaLaunchKernelEx(&config, scores_kernel, p);
+  const dim3 grid(p.q_heads, (p.n_q + Scores::kRowsPerCta - 1) / Scores::kRowsPerCta, p.batch);
+  scores_kernel<<<grid, Scores::kThreads, smem, stream>>>(p);
+  return cudaGetLastError();
 }
 
 }  // namespace psa::kernels

@@ -72,7 +72,13 @@ run_step() {
   case "$step" in
     tests) [ -d .whl_e2e ] && diffusers_wheels  # then tests/test_diffusers*.py run instead of skipping
            $limit python3 -m pytest -q -x -p no:cacheprovider "${args[@]:-tests}" 2>&1 | tee "$(step_log tests)" \
-             | tail -25 ;;
+             | tail -25
+           # What the tail cuts: which test failed first, its first assertion lines, and hypothesis's
+           # falsifying example; so the call's output alone says what failed.
+           if grep -q "^FAILED" "$(step_log tests)"; then
+             grep -m 1 -E "^_{5,} .* _{5,}$" "$(step_log tests)"; grep -m 20 "^E " "$(step_log tests)"
+             grep -m 1 -A 40 "Falsifying example" "$(step_log tests)"
+           fi ;;
     sanitizer) sanitize memcheck; sanitize racecheck ;;
     racecheck) sanitize racecheck ;;
     bench)

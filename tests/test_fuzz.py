@@ -107,7 +107,11 @@ def test_cuda_backend_matches_the_reference(p, dtype):
     q, k, v = make_inputs(p, dtype, "cuda")
     q64, k64 = q.double().cpu(), k.double().cpu()
     scores = psa.estimate_importance(q, k, c)
-    expected_scores = reference.estimate_importance(q64, k64, method=c.estimator, block_m=c.block_m,
+    # The pooled estimator's reference takes k in its own dtype: the kernels round the level-8 keys to it
+    # (kv_pyramid's k8), which a float64 k would not (against a float64 k, the CPU backend's bf16 scores
+    # of one drawn example came to 1.13 times the tolerance).
+    k_ref = k.cpu() if c.estimator == "pooled" else k64
+    expected_scores = reference.estimate_importance(q64, k_ref, method=c.estimator, block_m=c.block_m,
                                                     block_n=c.block_n, causal=c.causal, stride=c.stride)
     # The kernels multiply bf16/fp16 values exactly and sum in fp32 (test_cuda_estimate_assign's rule).
     torch.testing.assert_close(scores.cpu().double(), expected_scores.double(), atol=2e-5, rtol=1e-3)

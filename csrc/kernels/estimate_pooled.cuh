@@ -13,9 +13,7 @@
 //   - pooled_scores_kernel: the logits of 16 query blocks per CTA against every key block on the
 //     tensor cores (3xTF32 mma.sync: fp32 operands split into two tf32 values each, about fp32's
 //     precision), each row's softmax kept online per lane and combined over the CTA, so no pass walks a
-//     row in a dependent loop. Latency-bound: built to issue few instructions (see the kernel). (As the
-//     means kernel's programmatic dependent on sm90 it took ~1 us off the wall: branch
-//     wip/pooled-pdl-exit, off main until a whole CUDA suite has passed with it.)
+//     row in a dependent loop. Latency-bound: built to issue few instructions (see the kernel).
 #pragma once
 
 #include <cfloat>

@@ -50,6 +50,16 @@ def randn(rng, *shape, dtype=torch.float32, device="cpu"):
     return torch.randn(*shape, generator=rng, dtype=torch.float64).to(device=device, dtype=dtype)
 
 
+def reference_scores(q, k, **kwargs):
+    """psa.reference's estimate_importance in float64 on the CPU for the kernels' bf16/fp16 q and k. The
+    pooled estimator's takes k in its own dtype: the kernels round its level-8 keys to it (kv_pyramid's
+    k8), which a float64 k would not (against a float64 k, the CPU backend's bf16 pooled scores of one
+    drawn example came to 1.13 times the CUDA tests' tolerance)."""
+    from psa import reference
+    k_ref = k.cpu() if kwargs["method"] == "pooled" else k.double().cpu()
+    return reference.estimate_importance(q.double().cpu(), k_ref, **kwargs).double()
+
+
 def reference_attention_pair(q, k, v, levels, **kwargs):
     """psa.reference attention on the CPU in float64 (out, lse) and in the inputs' dtype (out): the
     references of the FlashAttention error rule."""

@@ -5,17 +5,15 @@ import torch
 
 import psa
 from psa import PSAConfig, reference
-from conftest import CUDA_DTYPES, CUDA_HEAD_DIMS, randn, requires_cuda
+from conftest import CUDA_DTYPES, CUDA_HEAD_DIMS, randn, reference_scores, requires_cuda
 
 pytestmark = [pytest.mark.cuda, requires_cuda]
 
 
 def check_scores(scores, q, k, causal, **kwargs):
-    """Scores against the float64 reference on the same (rounded) inputs: the kernels multiply
-    bf16/fp16 values exactly and sum in fp32, so only fp32 rounding separates them. The pooled
-    estimator's reference takes k in its dtype, to round the level-8 keys as the kernels do."""
-    k_ref = k.cpu() if kwargs["method"] == "pooled" else k.double().cpu()
-    expected = reference.estimate_importance(q.double().cpu(), k_ref, causal=causal, **kwargs).double()
+    """Scores against the float64 reference on the same (rounded) inputs (conftest.reference_scores): the
+    kernels multiply bf16/fp16 values exactly and sum in fp32, so only fp32 rounding separates them."""
+    expected = reference_scores(q, k, causal=causal, **kwargs)
     assert scores.is_cuda and scores.dtype == torch.float32 and scores.shape == expected.shape
     torch.testing.assert_close(scores.cpu().double(), expected, atol=2e-5, rtol=1e-3)
     candidates = reference.candidate_blocks(q.shape[2], k.shape[2], kwargs["block_m"], kwargs["block_n"], causal)

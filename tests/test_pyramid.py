@@ -73,6 +73,29 @@ def test_cuda_pyramid_matches_naive_means(rng, dtype, head_dim, length):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not has_cuda_kernel("kv_pyramid"), reason="needs a GPU and psa's CUDA kv_pyramid")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("head_dim", [64, 128])
+@pytest.mark.parametrize("length", [1, 13, 4099])
+def test_cuda_pyramid_vector_and_scalar_kernels_agree_bit_for_bit(rng, dtype, head_dim, length):
+    # Rows one element off 16-byte alignment take the scalar kernel; the same values aligned take the
+    # 16-byte one (kv_pyramid.cuh). Both add each feature's tokens in the same pairs.
+    def off_by_one(x):
+        storage = torch.empty(x.numel() + 1, dtype=dtype, device="cuda")
+        view = storage[1:].view(x.shape)
+        view.copy_(x)
+        return view
+    k = randn(rng, 2, 3, length, head_dim, dtype=dtype, device="cuda")
+    v = randn(rng, 2, 3, length, head_dim, dtype=dtype, device="cuda")
+    k_odd, v_odd = off_by_one(k), off_by_one(v)
+    assert k_odd.data_ptr() % 16 != 0 and torch.equal(k_odd, k)
+    aligned, scalar = psa.kv_pyramid(k, v), psa.kv_pyramid(k_odd, v_odd)
+    for level in (2, 4, 8):
+        for got, expected in zip(aligned[level], scalar[level]):
+            assert torch.equal(got, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not has_cuda_kernel("kv_pyramid"), reason="needs a GPU and psa's CUDA kv_pyramid")
 def test_cuda_pyramid_rejects_float32():
     k = torch.randn(1, 1, 16, 64, device="cuda")
     with pytest.raises(RuntimeError, match="k must be bfloat16 or float16 on CUDA"):

@@ -64,6 +64,24 @@ __device__ __forceinline__ void cp_async_wait() {
   asm volatile("cp.async.wait_group %0;\n" ::"n"(kPending));
 }
 
+// Programmatic dependent launch (sm90). A kernel launched with programmatic stream serialization may
+// start before the kernel ahead of it in the stream has finished: once every CTA of that kernel has called
+// allow_dependent_launch (or exited). It must call wait_for_prerequisite_grids before it reads what that
+// kernel writes; the wait returns once that grid has completed and its writes are visible. Before sm90 both
+// are no-ops and the launcher launches without the attribute (kFirstArchWithDependentLaunch against the
+// binary's cudaFuncAttributes::binaryVersion), so the stream orders the kernels as usual.
+constexpr int kFirstArchWithDependentLaunch = 90;
+__device__ __forceinline__ void allow_dependent_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void wait_for_prerequisite_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
 // A 16-byte read-only global load that lets L2 fetch the whole 256-byte span around it from DRAM: for
 // streaming passes, fewer and larger DRAM requests than the 32-byte sectors alone.
 __device__ __forceinline__ uint4 load_global_256b_prefetch(const void* p) {

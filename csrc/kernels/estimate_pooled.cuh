@@ -2,18 +2,22 @@
 // scale * qbar_i . kbar_j, qbar_i the mean of query block i, kbar_j key block j's level-8 keys weighted by
 // their counts.
 //
-// Its arithmetic is tiny (n_q x n_k dot products of head_dim); its cost is reading the inputs once. In
-// the pipeline the pyramid has already written k8 (an eighth of k), so what is left to read is q. Two
-// launches, no host synchronisation:
-//   - pooled_means_kernel: the fp32 means of every query block and every key block, one launch for
-//     both (a CTA takes whole blocks of one side). Memory-bound on q: a CTA per query block, every
-//     thread's loads issued before its first add (one block, up to 32 KiB, in flight a CTA), each load
-//     asking L2 for its whole 256-byte span (H200, after do_bench's L2 flush: the kernel 37.8 -> 33.8
-//     us on cogvideox, 34.9 -> 31.7 on wan1.3b).
-//   - pooled_scores_kernel: the logits of 16 query blocks per CTA against every key block on the
-//     tensor cores (3xTF32 mma.sync: fp32 operands split into two tf32 values each, about fp32's
-//     precision), each row's softmax kept online per lane and combined over the CTA, so no pass walks a
-//     row in a dependent loop. Latency-bound: built to issue few instructions (see the kernel).
+// Its arithmetic is tiny (n_q x n_k dot products of head_dim); its cost is reading q once. In the pipeline
+// the pyramid has already written k8 (an eighth of k). Two launches, no host synchronisation:
+//   - pooled_key_means_from_level8_kernel (or _from_keys_kernel, pooling k itself when no k8 is given):
+//     the fp32 means of every key block. On sm90 each CTA lets the scores kernel launch as it starts.
+//   - pooled_scores_kernel: 16 query blocks per CTA. It first reads those blocks of q and leaves their
+//     means in shared memory (no round trip through global memory; on sm90 this read, the bulk of the
+//     bytes, may start before the key means kernel ends), then waits for the key means and takes the
+//     logits on the tensor cores
+//     (3xTF32 mma.sync: fp32 operands split into two tf32 values each, about fp32's precision), each row's
+//     softmax kept online per lane and combined over the CTA, so no pass walks a row in a dependent loop.
+//     The logit part is latency-bound: built to issue few instructions (see the kernel).
+// Before, a means kernel wrote the query means too and the scores kernel read them back once it had ended.
+// H200, the estimate under do_bench's L2 flush, before -> now: cogvideox 47.8 -> 46.6 us, wan14b 340.8 ->
+// 321.7, but wan1.3b 48.6 -> 54.2: its 192 scores CTAs (1.5 an SM) read q more slowly than the old means
+// kernel's thousands of small ones. The dependent launch gains cogvideox 2.5 us and costs wan1.3b 3.2
+// (51.0 without it): launched while key CTAs hold SMs, its CTAs are spread less evenly.
 #pragma once
 
 #include <cfloat>
@@ -28,55 +32,16 @@
 
 namespace psa::kernels {
 
-// The mean of query block `block` of head `bh` (one block per CTA): thread (chunk, row group) adds the
-// block's rows row_group, row_group + kRowGroups, ... of its 8 columns, every load issued before the first
-// add; the row groups are then added through shared memory.
-template <typename T, int kHeadDim>
-__device__ __forceinline__ void query_block_mean(const PooledParams& p, int bh, int block, float* partial) {
-  constexpr int kChunks = kHeadDim / 8, kRowGroups = PooledMeansShape::kThreads / kChunks;
-  constexpr int kMaxRows = 128 / kRowGroups;  // rows per thread at the largest block
-  const int chunk = threadIdx.x % kChunks, row_group = threadIdx.x / kChunks;
-  const int first = block * p.block_m, count = min(p.block_m, p.q_len - first);
-  const int b = bh / p.q_heads, h = bh % p.q_heads;
-  const T* base = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] +
-                  static_cast<int64_t>(first) * p.q_stride[2] + chunk * 8;
-  uint4 raw[kMaxRows];
-#pragma unroll
-  for (int u = 0; u < kMaxRows; ++u) {
-    const int row = row_group + u * kRowGroups;
-    raw[u] = row < count ? load_global_256b_prefetch(base + static_cast<int64_t>(row) * p.q_stride[2])
-                         : make_uint4(0, 0, 0, 0);
-  }
-  float sum[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
-#pragma unroll
-  for (int u = 0; u < kMaxRows; ++u) {
-#pragma unroll
-    for (int e = 0; e < 8; ++e) sum[e] += to_float(reinterpret_cast<const T*>(&raw[u])[e]);
-  }
-  // partial[row group][kHeadDim + 1]: a column's row groups sit in different banks.
-#pragma unroll
-  for (int e = 0; e < 8; ++e) partial[row_group * (kHeadDim + 1) + chunk * 8 + e] = sum[e];
-  __syncthreads();
-  if (threadIdx.x < kHeadDim) {
-    float total = 0.f;
-#pragma unroll
-    for (int g = 0; g < kRowGroups; ++g) total += partial[g * (kHeadDim + 1) + threadIdx.x];
-    p.q_means[(static_cast<int64_t>(bh) * p.n_q + block) * kHeadDim + threadIdx.x] = total / static_cast<float>(count);
-  }
-}
-
 // The contribution of level-8 key `group` (a real one) of a key block to its mean: the key, times the
 // number of keys it covers (exact in fp32). The two key paths below add these in group order, so reading
 // k8 and pooling k give the same sums bit for bit.
 __device__ __forceinline__ float level8_contribution(float key, int count) { return static_cast<float>(count) * key; }
 
-// The means of key blocks [first_block, first_block + kThreads / kChunks) of head `bh` from the pyramid's
-// k8: thread (block, chunk) adds the block's level-8 keys in order, loading kBatch of them before adding.
+// The mean of 8 columns (chunk) of key block `block` of head `bh` from the pyramid's k8: the block's
+// level-8 keys added in order, kBatch of them loaded before adding.
 template <typename T, int kHeadDim>
-__device__ __forceinline__ void key_block_means_from_level8(const PooledParams& p, int bh, int first_block) {
-  constexpr int kChunks = kHeadDim / 8, kBatch = 8;  // 8 loads in flight: the query path's register budget
-  const int chunk = threadIdx.x % kChunks, block = first_block + threadIdx.x / kChunks;
-  if (block >= p.n_k) return;
+__device__ __forceinline__ void key_block_mean_from_level8(const PooledParams& p, int bh, int block, int chunk) {
+  constexpr int kBatch = 8;  // 8 loads in flight: 64 registers
   const int groups = p.block_n / 8, first_group = block * groups;
   const int b = bh / p.kv_heads, h = bh % p.kv_heads;
   const T* base = static_cast<const T*>(p.k8) + b * p.k8_stride[0] + h * p.k8_stride[1] + chunk * 8;
@@ -114,7 +79,7 @@ __device__ __forceinline__ void key_block_means_from_keys(const PooledParams& p,
                                                           float* partial) {
   constexpr int kChunks = kHeadDim / 8;
   const int groups = p.block_n / 8;
-  const int blocks_here = min(PooledMeansShape::key_blocks_per_cta(kHeadDim, p.block_n, false), p.n_k - first_block);
+  const int blocks_here = min(PooledKeyMeansShape::key_blocks_per_cta(kHeadDim, p.block_n), p.n_k - first_block);
   const int tid = threadIdx.x, chunk = tid % kChunks, group = tid / kChunks % groups,
             local_block = tid / (kChunks * groups);
   float contribution[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
@@ -147,7 +112,7 @@ __device__ __forceinline__ void key_block_means_from_keys(const PooledParams& p,
   reinterpret_cast<float4*>(partial + 8 * tid)[1] =
       make_float4(contribution[4], contribution[5], contribution[6], contribution[7]);
   __syncthreads();
-  for (int index = tid; index < blocks_here * kHeadDim; index += PooledMeansShape::kThreads) {
+  for (int index = tid; index < blocks_here * kHeadDim; index += PooledKeyMeansShape::kThreads) {
     const int block_local = index / kHeadDim, d = index % kHeadDim, block = first_block + block_local;
     const float* column = partial + block_local * groups * kHeadDim + d;
     float sum = 0.f;
@@ -157,32 +122,35 @@ __device__ __forceinline__ void key_block_means_from_keys(const PooledParams& p,
   }
 }
 
-// CTAs [0, key_ctas) average key blocks (from k8 when kKeysFromLevel8, else from k), the rest one query
-// block each: one launch for both sides. The key CTAs go first: each thread's loads are a few dependent
-// batches, longer than a query CTA's one, so at the end of the grid they would be its tail.
-template <typename T, int kHeadDim, bool kKeysFromLevel8>
-__global__ void __launch_bounds__(PooledMeansShape::kThreads, PooledMeansShape::kMinCtasPerSm)
-    pooled_means_kernel(const PooledParams p) {
-  using Shape = PooledMeansShape;
-  // The query path's [row groups][kHeadDim + 1] or the key path's [items][8].
-  constexpr int kRowGroupFloats = Shape::kThreads / (kHeadDim / 8) * (kHeadDim + 1);
-  __shared__ __align__(16) float partial[Shape::kThreads * 8 > kRowGroupFloats ? Shape::kThreads * 8 : kRowGroupFloats];
-  const int per_cta = Shape::key_blocks_per_cta(kHeadDim, p.block_n, kKeysFromLevel8);
+// The key means from k8, the pipeline's path: a thread per (head, block, 8-column chunk), the chunks of a
+// block in consecutive threads (a warp's loads cover whole 128-byte lines of a key row at head_dim 64).
+// Wide, so that its few dependent loads a thread end early: measured on the H200 against one CTA an SM
+// looping over items (so that four scores CTAs would fit beside it), whose 13 us (against 7.6) made the
+// estimate 3.7 us slower on cogvideox.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(PooledKeyMeansShape::kLevel8Threads, PooledKeyMeansShape::kLevel8MinCtasPerSm)
+    pooled_key_means_from_level8_kernel(const PooledParams p) {
+  allow_dependent_launch();  // sm90: the scores kernel may launch now
+  constexpr int kChunks = kHeadDim / 8;
+  const int64_t item = static_cast<int64_t>(blockIdx.x) * PooledKeyMeansShape::kLevel8Threads + threadIdx.x;
+  if (item >= static_cast<int64_t>(p.batch) * p.kv_heads * p.n_k * kChunks) return;
+  const int64_t block_of_all = item / kChunks;
+  key_block_mean_from_level8<T, kHeadDim>(p, static_cast<int>(block_of_all / p.n_k),
+                                          static_cast<int>(block_of_all % p.n_k), static_cast<int>(item % kChunks));
+}
+
+// The key means pooling k itself (no k8 given): reads all of k, so a wide launch; each CTA averages
+// key_blocks_per_cta key blocks of one head.
+template <typename T, int kHeadDim>
+__global__ void __launch_bounds__(PooledKeyMeansShape::kThreads, PooledKeyMeansShape::kMinCtasPerSm)
+    pooled_key_means_from_keys_kernel(const PooledParams p) {
+  using Shape = PooledKeyMeansShape;
+  allow_dependent_launch();  // sm90: the scores kernel may launch as the last wave starts
+  __shared__ __align__(16) float partial[Shape::kThreads * 8];  // [items][8]
+  const int per_cta = Shape::key_blocks_per_cta(kHeadDim, p.block_n);
   const int per_head = (p.n_k + per_cta - 1) / per_cta;
-  const int64_t key_ctas = static_cast<int64_t>(p.batch) * p.kv_heads * per_head;
-  const int64_t cta = blockIdx.x;
-  if (cta >= key_ctas) {
-    const int64_t query_cta = cta - key_ctas;
-    query_block_mean<T, kHeadDim>(p, static_cast<int>(query_cta / p.n_q), static_cast<int>(query_cta % p.n_q),
-                                  partial);
-    return;
-  }
-  const int bh = static_cast<int>(cta / per_head), first_block = static_cast<int>(cta % per_head) * per_cta;
-  if constexpr (kKeysFromLevel8) {
-    key_block_means_from_level8<T, kHeadDim>(p, bh, first_block);
-  } else {
-    key_block_means_from_keys<T, kHeadDim>(p, bh, first_block, partial);
-  }
+  key_block_means_from_keys<T, kHeadDim>(p, static_cast<int>(blockIdx.x / per_head),
+                                         static_cast<int>(blockIdx.x % per_head) * per_cta, partial);
 }
 
 // A [rows][kHeadDim] fp32 tile in shared memory without padding: float4 slot s of row r sits at slot
@@ -193,18 +161,75 @@ __device__ __forceinline__ int mean_tile_offset(int row, int slot) {
   return row * kHeadDim + 4 * (slot ^ ((row & 1) << 2));
 }
 
+// The fp32 means of query blocks first_row .. first_row + kRowsPerCta - 1 of head `bh` (zeros past `rows`),
+// stored as the scores kernel's A fragments: float4 [chunk][k step][g][t] holds rows g, g + 8 at columns
+// 16 chunk + 4 t + 2 step, + 1, in a0..a3 order. Warp w takes blocks w, w + kWarps, ...; lane (row_sub,
+// chunk) adds rows row_sub, row_sub + kRowSubs, ... of a block's 8 columns chunk * 8 .. + 7, kBatch 16-byte
+// loads issued before the first add (each asking L2 for its whole 256-byte span), then the row_subs' sums
+// are added by shuffles. Memory-bound: the CTAs of a wave keep kBatch loads a lane in flight.
+template <typename T, int kHeadDim>
+__device__ __forceinline__ void query_block_means_to_fragments(const PooledParams& p, int bh, int first_row, int rows,
+                                                               float4* a_fragments) {
+  using Shape = PooledScoresShape;
+  constexpr int kChunks = kHeadDim / 8, kRowSubs = 32 / kChunks, kWarps = Shape::kThreads / 32;
+  constexpr int kBatch = Shape::query_loads_in_flight(kHeadDim), kRowsPerBatch = kBatch * kRowSubs;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5, chunk = lane % kChunks, row_sub = lane / kChunks;
+  const int b = bh / p.q_heads, h = bh % p.q_heads;
+  // A lane's rows are kRowSubs rows apart: one pointer step and one compare with a constant a load.
+  const int64_t row_step = static_cast<int64_t>(kRowSubs) * p.q_stride[2];
+  const T* head = static_cast<const T*>(p.q) + b * p.q_stride[0] + h * p.q_stride[1] +
+                  static_cast<int64_t>(row_sub) * p.q_stride[2] + chunk * 8;
+#pragma unroll 1
+  for (int r = warp; r < Shape::kRowsPerCta; r += kWarps) {
+    const int first = (first_row + r) * p.block_m, count = r < rows ? min(p.block_m, p.q_len - first) : 0;
+    const T* rows_at = head + static_cast<int64_t>(first) * p.q_stride[2];
+    float sum[8] = {0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f, 0.f};
+#pragma unroll 1
+    for (int batch = 0; batch < count; batch += kRowsPerBatch, rows_at += kBatch * row_step) {
+      const int left = count - batch - row_sub;  // this lane's rows of the block from the batch's first on
+      uint4 raw[kBatch];
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+        raw[u] = u * kRowSubs < left ? load_global_256b_prefetch(rows_at + u * row_step) : make_uint4(0, 0, 0, 0);
+      }
+#pragma unroll
+      for (int u = 0; u < kBatch; ++u) {
+#pragma unroll
+        for (int e = 0; e < 8; ++e) sum[e] += to_float(reinterpret_cast<const T*>(&raw[u])[e]);
+      }
+    }
+#pragma unroll
+    for (int offset = kChunks; offset < 32; offset *= 2) {
+#pragma unroll
+      for (int e = 0; e < 8; ++e) sum[e] += __shfl_xor_sync(0xffffffffu, sum[e], offset);
+    }
+    if (row_sub == 0) {
+      const float inverse = count > 0 ? 1.f / static_cast<float>(count) : 0.f;
+      // Columns 8 chunk .. + 7 are float4 slots 2 chunk and 2 chunk + 1: slot s of row r holds its four
+      // columns in k steps 2 (s / 4) (.x, .y) and 2 (s / 4) + 1 (.z, .w), at t = s % 4.
+#pragma unroll
+      for (int half = 0; half < 2; ++half) {
+        const int slot = 2 * chunk + half;
+        float* top = reinterpret_cast<float*>(&a_fragments[((slot / 4 * 2) * 8 + r % 8) * 4 + slot % 4]) + r / 8;
+        top[0] = sum[4 * half + 0] * inverse, top[2] = sum[4 * half + 1] * inverse;
+        top[32 * 4 + 0] = sum[4 * half + 2] * inverse, top[32 * 4 + 2] = sum[4 * half + 3] * inverse;
+      }
+    }
+  }
+}
+
 // scores[bh][i][j] for the CTA's 16 query blocks i (non-candidates 0; a row with no candidate all 0): the
-// logits of the fp32 means on the tensor cores (mma.sync m16n8k8 in 3xTF32, about fp32's precision), then
-// the rows' softmax.
+// means of those blocks of q (query_block_means_to_fragments), then the logits of the fp32 means on the
+// tensor cores (mma.sync m16n8k8 in 3xTF32, about fp32's precision), then the rows' softmax.
 //
-// The kernel is short and bound by latency, not work (0.12 GFLOP on cogvideox): each warp's instruction
-// stream is its critical path (ncu, H200: ~7 cycles between a warp's instructions, a third of the issue
-// slots busy), so the kernel is built to issue few instructions and to wait for L2 few times.
-//   - The first kStages passes' key means go out as cp.async before anything waits (each warp reads only
-//     its own 16 keys of a pass, so each warp copies those itself), and the ring is refilled a pass
-//     ahead. The query means, which every warp reads, are loaded once and stored to shared memory as A
-//     fragments: one float4 load gives a k step's four A registers. A warp syncs with the others once,
-//     for them.
+// Past the read of q the kernel is short and bound by latency, not work (0.12 GFLOP on cogvideox): each
+// warp's instruction stream is its critical path (ncu, H200: ~7 cycles between a warp's instructions, a
+// third of the issue slots busy), so that part is built to issue few instructions and to wait for L2 few
+// times.
+//   - The first kStages passes' key means go out as cp.async right after the wait for them (each warp reads
+//     only its own 16 keys of a pass, so each warp copies those itself), and the ring is refilled a pass
+//     ahead. The query means, which every warp reads, sit in shared memory as A fragments: one float4
+//     load gives a k step's four A registers. A warp syncs with the others once, for them.
 //   - The A fragments are re-read from shared memory every pass rather than held (head_dim registers),
 //     so the kernel fits 128 registers: four CTAs an SM at head_dim 64.
 //   - Each warp runs kTilesPerWarp n8 tiles of keys a pass, each tile's three 3xTF32 products in three
@@ -215,7 +240,7 @@ __device__ __forceinline__ int mean_tile_offset(int row, int slot) {
 //     rescale a pass; the CTA combines them. The logits are stored as they come (-inf for non-candidates),
 //     and the last pass rewrites them as probabilities, each warp whole rows (coalesced), with no test of
 //     the candidates: exp2(-inf) is 0.
-template <int kHeadDim>
+template <typename T, int kHeadDim>
 __global__ void __launch_bounds__(PooledScoresShape::kThreads, PooledScoresShape::min_ctas_per_sm(kHeadDim))
     pooled_scores_kernel(const PooledParams p) {
   using Shape = PooledScoresShape;
@@ -227,8 +252,7 @@ __global__ void __launch_bounds__(PooledScoresShape::kThreads, PooledScoresShape
   constexpr int kKeysPerCopy = 32 / kSlots;
   static_assert(kRows == 16 && kKeysPerPass == kWarps * kKeysPerWarp, "one m16 tile of query blocks");
   extern __shared__ __align__(16) float shared[];
-  // The query means as A fragments: float4 [chunk][k step][g][t] holds rows g, g + 8 at columns
-  // 16 chunk + 4 t + 2 step, + 1, in a0..a3 order.
+  // The query means as A fragments (the layout: query_block_means_to_fragments).
   float4* a_fragments = reinterpret_cast<float4*>(shared);
   float* key_ring = shared + kRows * kHeadDim;  // [kStages][kWarps][kKeysPerWarp][kHeadDim]
   __shared__ float warp_peak[kWarps][kRows], warp_total[kWarps][kRows];
@@ -242,18 +266,10 @@ __global__ void __launch_bounds__(PooledScoresShape::kThreads, PooledScoresShape
   const int active = candidates.last(first_row + rows - 1) + 1;
   const int passes = (active + kKeysPerPass - 1) / kKeysPerPass;
 
-  // The query means, into registers, then to shared memory as A fragments once the key copies are on
-  // their way.
-  constexpr int kLoads = kRows * kSlots / Shape::kThreads;
-  static_assert(kRows * kSlots % Shape::kThreads == 0, "whole loads a thread");
-  float4 mean[kLoads];
-#pragma unroll
-  for (int u = 0; u < kLoads; ++u) {
-    const int index = u * Shape::kThreads + tid, r = index / kSlots, slot = index % kSlots;
-    mean[u] = r < rows ? *reinterpret_cast<const float4*>(
-                             p.q_means + (static_cast<int64_t>(bh) * p.n_q + first_row + r) * kHeadDim + 4 * slot)
-                       : make_float4(0.f, 0.f, 0.f, 0.f);
-  }
+  // The query means, read from q straight into shared memory as A fragments; then the wait for the key
+  // means kernel (sm90; elsewhere the stream has already ordered the two launches).
+  query_block_means_to_fragments<T, kHeadDim>(p, bh, first_row, rows, a_fragments);
+  wait_for_prerequisite_grids();
   // Lane l copies slot l % kSlots of keys l / kSlots, + kKeysPerCopy, ... of the warp's share of a pass,
   // keys past n_k as zeros (they only reach columns nobody reads).
   const int copy_key = lane / kSlots, copy_slot = lane % kSlots;
@@ -277,13 +293,6 @@ __global__ void __launch_bounds__(PooledScoresShape::kThreads, PooledScoresShape
   for (int pass = 0; pass < kStages; ++pass) {
     copy_keys(pass, pass < passes);  // a stage past the passes is never read, nor takes logits
     cp_async_commit();
-  }
-#pragma unroll
-  for (int u = 0; u < kLoads; ++u) {
-    const unsigned index = u * Shape::kThreads + tid, r = index / kSlots, slot = index % kSlots;
-    float* top = reinterpret_cast<float*>(&a_fragments[((slot / 4 * 2) * 8 + r % 8) * 4 + slot % 4]) + r / 8;
-    top[0] = mean[u].x, top[2] = mean[u].y;                    // k step 2 chunk
-    top[32 * 4 + 0] = mean[u].z, top[32 * 4 + 2] = mean[u].w;  // k step 2 chunk + 1: 32 float4 on
   }
   // Rows g and g + 8 of this lane's C fragments: last candidate, -1 for rows past `rows`.
   const int last[2] = {g < rows ? candidates.last(first_row + g) : -1,
@@ -435,27 +444,42 @@ __global__ void __launch_bounds__(PooledScoresShape::kThreads, PooledScoresShape
 
 template <typename T, int kHeadDim>
 cudaError_t launch_estimate_pooled(const PooledParams& p, cudaStream_t stream) {
-  using Means = PooledMeansShape;
-  const bool from_level8 = p.k8 != nullptr;
-  const int64_t key_ctas_per_head = (p.n_k + Means::key_blocks_per_cta(kHeadDim, p.block_n, from_level8) - 1) /
-                                    Means::key_blocks_per_cta(kHeadDim, p.block_n, from_level8);
-  const dim3 means_grid(static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.q_heads * p.n_q +
-                                              static_cast<int64_t>(p.batch) * p.kv_heads * key_ctas_per_head));
-  if (from_level8) {
-    pooled_means_kernel<T, kHeadDim, true><<<means_grid, Means::kThreads, 0, stream>>>(p);
+  using Means = PooledKeyMeansShape;
+  if (p.k8 != nullptr) {
+    const int64_t items = static_cast<int64_t>(p.batch) * p.kv_heads * p.n_k * (kHeadDim / 8);
+    const dim3 grid(static_cast<unsigned>((items + Means::kLevel8Threads - 1) / Means::kLevel8Threads));
+    pooled_key_means_from_level8_kernel<T, kHeadDim><<<grid, Means::kLevel8Threads, 0, stream>>>(p);
   } else {
-    pooled_means_kernel<T, kHeadDim, false><<<means_grid, Means::kThreads, 0, stream>>>(p);
+    const int per_cta = Means::key_blocks_per_cta(kHeadDim, p.block_n);
+    const dim3 grid(static_cast<unsigned>(static_cast<int64_t>(p.batch) * p.kv_heads * ((p.n_k + per_cta - 1) / per_cta)));
+    pooled_key_means_from_keys_kernel<T, kHeadDim><<<grid, Means::kThreads, 0, stream>>>(p);
   }
   const cudaError_t means_status = cudaGetLastError();
   if (means_status != cudaSuccess) return means_status;
+
   using Scores = PooledScoresShape;
-  const auto scores_kernel = pooled_scores_kernel<kHeadDim>;
+  const auto scores_kernel = pooled_scores_kernel<T, kHeadDim>;
   const int smem = Scores::shared_bytes(kHeadDim);
-  const cudaError_t status = cudaFuncSetAttribute(scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  cudaError_t status = cudaFuncSetAttribute(scores_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
   if (status != cudaSuccess) return status;
-  const dim3 grid(p.q_heads, (p.n_q + Scores::kRowsPerCta - 1) / Scores::kRowsPerCta, p.batch);
-  scores_kernel<<<grid, Scores::kThreads, smem, stream>>>(p);
-  return cudaGetLastError();
+  cudaFuncAttributes attributes{};
+  status = cudaFuncGetAttributes(&attributes, scores_kernel);
+  if (status != cudaSuccess) return status;
+  cudaLaunchConfig_t config{};
+  config.gridDim = dim3(p.q_heads, (p.n_q + Scores::kRowsPerCta - 1) / Scores::kRowsPerCta, p.batch);
+  config.blockDim = dim3(Scores::kThreads);
+  config.dynamicSmemBytes = smem;
+  config.stream = stream;
+  // The key means kernel's programmatic dependent where the binary has griddepcontrol (sm90): its reads of
+  // q may start before that kernel ends. Elsewhere an ordinary launch, ordered after it by the stream.
+  cudaLaunchAttribute dependent{};
+  dependent.id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  dependent.val.programmaticStreamSerializationAllowed = 1;
+  if (attributes.binaryVersion >= kFirstArchWithDependentLaunch) {
+    config.attrs = &dependent;
+    config.numAttrs = 1;
+  }
+  return cudaLaunchKernelEx(&config, scores_kernel, p);
 }
 
 }  // namespace psa::kernels

@@ -156,7 +156,6 @@ struct PooledParams {
   int64_t q_stride[3];
   int64_t k_stride[3];
   int64_t k8_stride[3];
-  float* q_means;                     // scratch [B, Hq, n_q, D]
   float* k_means;                     // scratch [B, Hkv, n_k, D]
   float* scores;                      // [B, Hq, n_q, n_k], contiguous
   int batch, q_heads, kv_heads, q_len, k_len;

@@ -104,23 +104,29 @@ struct SampledShape {
 // Largest n_k (key blocks per row) level assignment handles: threads x items of its biggest variant.
 constexpr int kAssignMaxBlocks = 4096;
 
-// The pooled estimator's means (estimate_pooled.cuh): one query block per CTA; key blocks from k8 one
-// (block, 8-column chunk) per thread; key blocks pooled from k one (block, group of 8 keys, chunk) per thread.
-struct PooledMeansShape {
+// The pooled estimator's key means (estimate_pooled.cuh). From k8: one (head, block, 8-column chunk) per
+// thread. Pooled from k: one (block, group of 8 keys, chunk) per thread.
+struct PooledKeyMeansShape {
+  static constexpr int kLevel8Threads = 128;
+  static constexpr int kLevel8MinCtasPerSm = 8;  // caps registers at 64
   static constexpr int kThreads = 256;
-  // A memory-bound pass: enough CTAs resident (each with 32 KiB of loads in flight) to cover DRAM latency.
+  // A memory-bound pass: enough CTAs resident to cover DRAM latency.
   static constexpr int kMinCtasPerSm = 4;
-  static constexpr int key_blocks_per_cta(int head_dim, int block_n, bool from_level8) {
-    return from_level8 ? kThreads / (head_dim / 8)
-                       : (block_n / 8 * (head_dim / 8) >= kThreads ? 1 : kThreads / (block_n / 8 * (head_dim / 8)));
+  static constexpr int key_blocks_per_cta(int head_dim, int block_n) {
+    return block_n / 8 * (head_dim / 8) >= kThreads ? 1 : kThreads / (block_n / 8 * (head_dim / 8));
   }
 };
 
-// The pooled estimator's logits (estimate_pooled.cuh): one m16 tile of query blocks per CTA against n8
-// tiles of key blocks, mma.sync in 3xTF32, the key means streamed through a ring of shared memory.
+// The pooled estimator's query means and logits (estimate_pooled.cuh): one m16 tile of query blocks per CTA
+// against n8 tiles of key blocks, mma.sync in 3xTF32, the key means streamed through a ring of shared
+// memory.
 struct PooledScoresShape {
   static constexpr int kThreads = 128;
   static constexpr int kRowsPerCta = 16;   // query blocks: one m16 tile
+  // 16-byte loads of q a lane issues before its first add: 8 or 16 KiB a warp in flight (64 or 128
+  // registers, while the logits' registers are not yet live), so that one wave of CTAs (cogvideox's 432 at
+  // four an SM, wan1.3b's 192) keeps DRAM busy.
+  static constexpr int query_loads_in_flight(int head_dim) { return head_dim == 64 ? 16 : 32; }
   // n8 tiles of key blocks a warp takes per pass (64 keys a CTA). At head_dim 64 four tiles took more
   // registers and were slower on the H200 (the fifteenth session's kernel: 22.7 us against 16.5 on
   // cogvideox).

@@ -287,12 +287,10 @@ at::Tensor estimate_pooled(const at::Tensor& q_in, const at::Tensor& k_in, const
             batch);
   auto scores = at::empty({batch, q_heads, n_q, n_k}, q.options().dtype(at::kFloat));
   if (scores.numel() == 0) return scores;
-  auto q_means = at::empty({batch, q_heads, n_q, dim}, scores.options());
   auto k_means = at::empty({batch, k.size(1), n_k, dim}, scores.options());
 
   kernels::PooledParams params{};
   fill_common_params(params, q, k, scores, block_m, block_n, scale, causal);
-  params.q_means = q_means.data_ptr<float>();
   params.k_means = k_means.data_ptr<float>();
   if (k8.defined()) {
     params.k8 = k8.data_ptr();
